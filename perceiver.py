@@ -1,0 +1,139 @@
+"""The two Flamingo pieces that connect vision to language.
+
+1. PerceiverResampler: turns each picture's patch tokens (257 -> 256 after dropping CLS) into a fixed set of
+   64 latent vectors, so the language model always attends to the same small number of keys per picture.
+2. GatedCrossAttentionBlock: inserted before some LLaMA layers; text tokens cross-attend to the latents of
+   ONE picture, chosen by the media-masking rule (media_index), and the result is added through tanh gates
+   that start at zero, so an untrained block leaves the language model exactly as it was.
+
+Parameter names mirror OpenFlamingo's (`layers.{l}.0.to_kv`, `ff.1`, `attn_gate`, ...) so that its
+checkpoint.pt loads without renaming. The math is the reference's, written with scaled_dot_product_attention
+(the reference's explicit max-subtraction before softmax changes nothing numerically that matters).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+    # Indices 0, 1, 3 carry weights: the checkpoint keys are ff.0 (LayerNorm), ff.1 and ff.3 (Linears).
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., n, heads * d) -> (..., heads, n, d)"""
+    *lead, n, hd = x.shape
+    return x.view(*lead, n, heads, hd // heads).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., heads, n, d) -> (..., n, heads * d)"""
+    *lead, h, n, d = x.shape
+    return x.transpose(-3, -2).reshape(*lead, n, h * d)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [media; latents]: the latents can also look at themselves."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=-2)).chunk(2, dim=-1)
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        return self.to_out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, dim: int, depth: int = 6, num_latents: int = 64, heads: int = 8, dim_head: int = 64,
+                 ff_mult: int = 4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)]) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        """media: (B, N, patches, dim) -> latents (B, N, num_latents, dim); each picture on its own."""
+        latents = self.latents.expand(*media.shape[:2], *self.latents.shape)
+        for attn, ff in self.layers:
+            latents = latents + attn(media, latents)
+            latents = latents + ff(latents)
+        return self.norm(latents)
+
+
+def media_index(input_ids: torch.Tensor, image_id: int, attend_previous: bool = False,
+                images_before: int = 0, images_total: int | None = None) -> torch.Tensor:
+    """Which picture (1-based; 0 = none) each token cross-attends to. (B, T) -> (B, T) long.
+
+    c(t) = number of <image> tokens at positions <= t. Default rule (OpenFlamingo v1, what the released
+    weights were trained with): an <image> token belongs to picture c(t), every other token to c(t) + 1, the
+    picture that FOLLOWS it, and a number above the sequence's picture count means none. So text after the last
+    picture sees no picture at all. attend_previous=True is the other rule: every token belongs to c(t).
+
+    images_before / images_total let a KV-cached continuation number its tokens as part of a longer sequence:
+    images_before pictures precede input_ids, and images_total (default: all that are known) is the count
+    the "exceeds" test uses.
+    """
+    is_image = input_ids == image_id
+    count = is_image.cumsum(-1) + images_before
+    if attend_previous:
+        return count
+    index = torch.where(is_image, count, count + 1)
+    total = is_image.sum(-1, keepdim=True) + images_before if images_total is None else images_total
+    return index.masked_fill(index > total, 0)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries, keys/values from the latents of the picture each token belongs to."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int = 8, dim_head: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (B, N, n, dv) -> keys, values (B, heads, N, n, d). Computed once per picture when decoding."""
+        k, v = self.to_kv(latents).chunk(2, dim=-1)
+        return split_heads(k, self.heads).transpose(1, 2), split_heads(v, self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        k, v = (t.flatten(2, 3) for t in kv)                      # (B, heads, N * n, d)
+        n_images, n_latents = kv[0].shape[2:4]
+        key_image = torch.arange(1, n_images + 1, device=x.device).repeat_interleave(n_latents)
+        q = split_heads(self.to_q(self.norm(x)), self.heads)
+        has_image = (index > 0)[:, None, :, None]
+        # Tokens with no picture may attend anywhere (a fully masked row would give NaN); their output is
+        # zeroed below, which is what the reference's masked_fill of the attention weights amounts to.
+        mask = (index[:, None, :, None] == key_image) | ~has_image
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * has_image
+        return self.to_out(merge_heads(out))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, dim: int, dim_visual: int, heads: int = 8, dim_head: int = 64, ff_mult: int = 4):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, kv, index) * self.attn_gate.tanh()
+        return x + self.ff(x) * self.ff_gate.tanh()
