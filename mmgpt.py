@@ -40,9 +40,10 @@ class Config:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    # Flamingo. xattn_layers: decoder layers that get a gated cross-attention block BEFORE them.
+    # Flamingo. xattn_layers: decoder layers that get a gated cross-attention block BEFORE them; by default
+    # every 4th, layer i when (i + 1) % 4 == 0 (OpenFlamingo-9B: 3, 7, ..., 31).
     image_id: int = 32001
-    xattn_layers: tuple = tuple(range(3, 32, 4))
+    xattn_layers: tuple | None = None
     xattn_heads: int = 8
     xattn_dim_head: int = 64
     ff_mult: int = 4
@@ -52,6 +53,11 @@ class Config:
     perceiver_dim_head: int = 64
     # open_clip model config ({"embed_dim", "vision_cfg", optional "quick_gelu"}); only the vision tower is built.
     vision: dict = field(default_factory=lambda: dict(VIT_L_14, quick_gelu=True))
+
+    def __post_init__(self):
+        if self.xattn_layers is None:
+            self.xattn_layers = tuple(i for i in range(self.n_layers) if (i + 1) % 4 == 0)
+        self.xattn_layers = tuple(self.xattn_layers)
 
     @property
     def vision_dim(self) -> int:
@@ -112,12 +118,21 @@ class Tokenizer:
                 ids.append(self.special[p])
                 spans.append((start, pos))
                 continue
-            # sentencepiece reports byte offsets into the UTF-8 of p; turn them into character offsets.
-            raw = p.encode("utf-8")
-            for piece in self.sp.encode(p, out_type="immutable_proto").pieces:
-                ids.append(piece.id)
-                spans.append((start + len(raw[:piece.begin].decode("utf-8", "ignore")),
-                              start + len(raw[:piece.end].decode("utf-8", "ignore"))))
+            # Rebuild each piece's bytes (▁ = space, <0xNN> = a byte) to find where in p it came from. With
+            # LLaMA's identity normalisation the pieces spell out the dummy-prefix space followed by p exactly.
+            pieces = self.sp.encode(p, out_type=str)
+            raw = [bytes([int(x[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", x) else x.replace("▁", " ").encode()
+                   for x in pieces]
+            text_bytes = p.encode("utf-8")
+            skip = len(b"".join(raw)) - len(text_bytes)  # the dummy prefix
+            if skip not in (0, 1) or b"".join(raw)[skip:] != text_bytes:
+                raise ValueError("encode_spans needs a sentencepiece model with identity normalisation (as LLaMA's)")
+            end = -skip
+            for x, r in zip(pieces, raw):
+                begin, end = max(end, 0), end + len(r)
+                ids.append(self.sp.piece_to_id(x))
+                spans.append((start + len(text_bytes[:begin].decode("utf-8", "ignore")),
+                              start + len(text_bytes[:max(end, 0)].decode("utf-8", "ignore"))))
         return ids, spans
 
     def decode(self, ids) -> str:
@@ -748,3 +763,36 @@ def save_openflamingo(model: MMGPT, path: str):
         else:
             sd[n] = t
     torch.save(sd, path)
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file under `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
+    """This project's lora.pt: the LoRA tensors, any parameters trained in full (names in `unfrozen`), and the
+    settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets; llama, openflamingo,
+    vision, vision_weights: paths relative to the file's folder or absolute)."""
+    weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+               if n.endswith((".lora_A", ".lora_B")) or n in set(unfrozen)}
+    atomic_save({"format": "mmgpt-lora", "weights": weights, "settings": settings}, path)
+
+
+def load_run(path: str, device="cpu", dtype=torch.float32):
+    """A train.py output folder (or its lora.pt): load the base it was trained on, then its weights."""
+    file = os.path.join(path, "lora.pt") if os.path.isdir(path) else path
+    settings = read_lora(file).settings
+    if not settings:
+        raise CheckpointError(f"{file}: not a train.py output (it names no base model); "
+                              f"pass --llama, --openflamingo and --lora instead")
+    here = os.path.dirname(os.path.abspath(file))
+
+    def where(p):  # paths are stored relative to the run folder when they lie inside it
+        return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
+
+    return load(llama=where(settings["llama"]), openflamingo=where(settings.get("openflamingo")), lora=file,
+                vision=where(settings["vision"]), vision_weights=where(settings.get("vision_weights")),
+                device=device, dtype=dtype)

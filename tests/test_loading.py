@@ -1,0 +1,317 @@
+"""Loaders: files written here in the documented layouts (HF LLaMA, OpenFlamingo checkpoint.pt, the MultiModal-GPT
+LoRA release) load back into the same numbers; bad files give one clear error naming the file and the keys."""
+import io
+import json
+import os
+import pickle
+import re
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lora
+import mmgpt
+from conftest import TINY_VISION, tiny_model
+
+
+def hf_tensors(model):
+    """The language model under HF names as LLaMA-7B's files have it: V embedding and lm_head rows (no added
+    tokens), and the rotary buffers 2023 checkpoints carry."""
+    sd = {mmgpt._hf_name(n): p.detach().clone() for n, p in model.named_parameters() if mmgpt.is_llama_param(n)}
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[k] = sd[k][:-3]
+    for i in range(model.cfg.n_layers):
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(model.cfg.head_dim // 2)
+    return sd
+
+
+def write_llama(model, directory, sp_model, fmt="safetensors", shards=1):
+    mmgpt.save_llama(model, directory, sp_model)
+    os.remove(os.path.join(directory, "model.safetensors"))
+    sd = hf_tensors(model)
+    names = sorted(sd)
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for s in range(shards):
+        part = {k: sd[k].contiguous() for k in names[s::shards]}
+        fname = f"{stem}.{ext}" if shards == 1 else f"{stem}-{s + 1:05d}-of-{shards:05d}.{ext}"
+        if fmt == "safetensors":
+            save_file(part, os.path.join(directory, fname), metadata={"format": "pt"})
+        else:
+            torch.save(part, os.path.join(directory, fname))
+        weight_map.update({k: fname for k in part})
+    if shards > 1:
+        with open(os.path.join(directory, f"{stem}.{ext}.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+def write_vision(model, tmp_path, full_clip=True):
+    cfg_path = tmp_path / "tiny-vit.json"
+    cfg_path.write_text(json.dumps(dict(TINY_VISION, text_cfg={"context_length": 8, "vocab_size": 50, "width": 32,
+                                                               "heads": 2, "layers": 1})))
+    sd = {k: v.clone() for k, v in model.vision.visual.state_dict().items()}
+    if full_clip:  # a whole CLIP state dict: the text tower's keys are ignored
+        sd = {f"visual.{k}": v for k, v in sd.items()}
+        sd.update({"token_embedding.weight": torch.zeros(50, 32), "logit_scale": torch.ones([])})
+    weights = tmp_path / "tiny-vit.pt"
+    torch.save(sd, weights)
+    return str(cfg_path), str(weights)
+
+
+def install_fake_mmengine():
+    """Classes with mmengine's ConfigDict / addict's Dict names and pickling, to write a release-like file."""
+    class Dict(dict):
+        def __getstate__(self):
+            return self
+
+        def __setstate__(self, state):
+            self.update(state)
+
+    class ConfigDict(Dict):
+        pass
+
+    Dict.__module__, Dict.__qualname__ = "addict.addict", "Dict"
+    ConfigDict.__module__, ConfigDict.__qualname__ = "mmengine.config.config", "ConfigDict"
+    mods = {name: types.ModuleType(name) for name in ("addict", "addict.addict", "mmengine", "mmengine.config",
+                                                       "mmengine.config.config")}
+    mods["addict.addict"].Dict = Dict
+    mods["mmengine.config.config"].ConfigDict = ConfigDict
+    sys.modules.update(mods)
+    return ConfigDict, list(mods)
+
+
+def peft_name(name):
+    """Our name -> the release's key (DDP `module.`, peft `base_model.model.`, FlamingoLayer wrapping)."""
+    m = re.match(r"layers\.(\d+)\.(xattn\.)?(.*)\.(lora_[AB])$", name)
+    i, xattn, path, ab = m.groups()
+    inner = f"gated_cross_attn_layer.{path}" if xattn else f"decoder_layer.{path}"
+    return f"module.lang_encoder.base_model.model.model.layers.{i}.{inner}.{ab}.default.weight"
+
+
+def write_release(model, path, r, alpha):
+    sd = {peft_name(n): t.clone() for n, t in lora.lora_state_dict(model).items()}
+    for n, t in list(sd.items()):  # the alias of the cross-attention blocks carries the same tensors
+        if ".gated_cross_attn_layer." in n:
+            alias = re.sub(r"model\.model\.layers\.(\d+)\.gated_cross_attn_layer\.",
+                           r"model.gated_cross_attn_layers.\1.", n)
+            sd[alias] = t.clone()
+    for i in model.cfg.xattn_layers:  # ... and the frozen block weights
+        for k, t in model.layers[i].xattn.state_dict().items():
+            if ".lora_" not in k:
+                sd[f"module.lang_encoder.base_model.model.gated_cross_attn_layers.{i}.{k}"] = t.clone()
+    sd["module.lang_encoder.base_model.model.model.layers.0.decoder_layer.self_attn.rotary_emb.inv_freq"] = \
+        torch.ones(model.cfg.head_dim // 2)
+    ConfigDict, names = install_fake_mmengine()
+    try:
+        config = ConfigDict(lora=True, lora_r=r, lora_alpha=alpha, lora_dropout=0.0, vis=True, unfrozen=[],
+                            lora_target_modules=list(lora.DEFAULT_TARGETS))
+        torch.save({"model_state_dict": sd, "tuning_config": config}, path)
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sp_model, tokenizer):
+    """A tiny model with LoRA, and its files in every layout."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    model = tiny_model(tokenizer, seed=3)
+    with torch.no_grad():  # no checkpoint holds the added tokens' lm_head rows: they load as zeros
+        model.lm_head.weight[-3:] = 0
+    lora.inject(model, r=4, alpha=8, within="layers.")
+    with torch.no_grad():
+        for m in lora.lora_layers(model):
+            m.lora_B.normal_(0, 0.3)
+    out = {"model": model, "tmp": tmp}
+    for name, fmt, shards in [("st", "safetensors", 1), ("bin", "bin", 1), ("st2", "safetensors", 2),
+                              ("bin3", "bin", 3)]:
+        write_llama(model, tmp / name, sp_model, fmt, shards)
+        out[name] = str(tmp / name)
+    out["vision"], out["vision_weights"] = write_vision(model, tmp)
+    out["openflamingo"] = str(tmp / "checkpoint.pt")
+    mmgpt.save_openflamingo(model, out["openflamingo"])
+    out["release"] = str(tmp / "mmgpt-lora-release.pt")
+    write_release(model, out["release"], r=4, alpha=8)
+    return out
+
+
+def inputs(tokenizer):
+    torch.manual_seed(5)
+    ids = tokenizer.encode("Below is a picture.\n\n### Image:\n<image>\n\n### Instruction:\nwhat is <image> red?")
+    return torch.randn(1, 2, 3, 28, 28), torch.tensor([ids])
+
+
+@pytest.mark.parametrize("llama", ["st", "bin", "st2", "bin3"])
+def test_release_layouts_round_trip(files, tokenizer, llama):
+    model, tok, transform = mmgpt.load(llama=files[llama], openflamingo=files["openflamingo"],
+                                       lora=files["release"], vision=files["vision"],
+                                       vision_weights=files["vision_weights"])
+    images, ids = inputs(tokenizer)
+    assert tok.encode("a <image> b") == tokenizer.encode("a <image> b")
+    torch.testing.assert_close(model(images, ids), files["model"](images, ids), rtol=1e-5, atol=1e-5)
+    # The layout was read off the keys.
+    assert model.cfg.xattn_layers == (1, 3) and model.cfg.perceiver_depth == 2 and model.cfg.perceiver_latents == 4
+    assert {m.r for m in lora.lora_layers(model)} == {4} and {m.scale for m in lora.lora_layers(model)} == {2.0}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_without_lora_and_without_openflamingo(files, tokenizer):
+    source = dict(files["model"].named_parameters())
+    model, _, _ = mmgpt.load(llama=files["st"], openflamingo=files["openflamingo"], vision=files["vision"],
+                             vision_weights=files["vision_weights"])
+    for n, p in model.named_parameters():  # every weight, and no LoRA
+        torch.testing.assert_close(p, source[n], msg=n)
+    assert not lora.lora_layers(model)
+    plain, _, _ = mmgpt.load(llama=files["st"], vision=files["vision"], vision_weights=files["vision_weights"])
+    assert plain.cfg.xattn_layers == (3,)  # default placement for 4 layers: before layer 3
+    assert all(float(layer.xattn.attn_gate) == 0 for layer in plain.layers if layer.xattn is not None)
+    assert (plain.lm_head.weight[-3:] == 0).all()
+
+
+def test_own_lora_file_round_trip(files, tokenizer, tmp_path):
+    model = files["model"]
+    settings = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
+                "llama": files["st"], "openflamingo": files["openflamingo"], "vision": files["vision"],
+                "vision_weights": files["vision_weights"]}
+    mmgpt.save_lora(model, str(tmp_path / "lora.pt"), settings)
+    loaded, _, _ = mmgpt.load_run(str(tmp_path))
+    images, ids = inputs(tokenizer)
+    torch.testing.assert_close(loaded(images, ids), model(images, ids), rtol=1e-5, atol=1e-5)
+    # It is a plain file: weights_only loading reads it.
+    assert torch.load(tmp_path / "lora.pt", weights_only=True)["format"] == "mmgpt-lora"
+
+
+def test_frozen_weights_are_held_in_the_requested_dtype(files):
+    model, _, _ = mmgpt.load(llama=files["st"], openflamingo=files["openflamingo"], lora=files["release"],
+                             vision=files["vision"], vision_weights=files["vision_weights"], dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".lora_" not in n)
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
+
+
+def test_vision_features_skip_ln_post(files):
+    """open_clip 3's output_tokens applies ln_post; the perceiver was trained on tokens without it."""
+    model = files["model"]
+    visual = model.vision.visual
+    pixels = torch.randn(2, 3, 28, 28)
+    ours = model.vision(pixels)
+    visual.output_tokens = True
+    try:
+        _, open_clip_tokens = visual(pixels)
+    finally:
+        visual.output_tokens = False
+    assert ours.shape == (2, 4, 64)
+    torch.testing.assert_close(visual.ln_post(ours), open_clip_tokens)
+    assert (ours - open_clip_tokens).abs().max() > 0.1
+
+
+def test_visual_only_weights_and_pixels(files, tmp_path):
+    cfg, weights = write_vision(files["model"], tmp_path, full_clip=False)
+    model, _, transform = mmgpt.load(llama=files["st"], vision=cfg, vision_weights=weights)
+    torch.testing.assert_close(model.vision.visual.conv1.weight, files["model"].vision.visual.conv1.weight)
+    from PIL import Image
+    pixels = transform(Image.new("RGB", (40, 30), (255, 0, 0)))
+    assert pixels.shape == (3, 28, 28)
+    mean, std = 0.48145466, 0.26862954  # open_clip's OpenAI normalisation, red channel
+    torch.testing.assert_close(pixels[0], torch.full((28, 28), (1 - mean) / std))
+
+
+# -- bad files: one clear error naming the file and the keys ------------------------------------------------------
+
+def copy_dir(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_wrong_shape_unknown_and_missing_keys(files, tmp_path):
+    path = copy_dir(files["st"], tmp_path / "llama")
+    st = os.path.join(path, "model.safetensors")
+    from safetensors.torch import load_file
+    sd = load_file(st)
+    sd["model.norm.weight"] = torch.ones(7)
+    sd["model.layers.0.self_attn.q_proj.bias"] = torch.ones(64)
+    del sd["model.layers.2.mlp.up_proj.weight"]
+    save_file(sd, st)
+    with pytest.raises(mmgpt.CheckpointError) as e:
+        mmgpt.load(llama=path, vision=files["vision"], vision_weights=None)
+    msg = str(e.value)
+    assert st in msg and "norm.weight (7,)" in msg and "layers.0.self_attn.q_proj.bias" in msg
+    # the missing key is reported once every shard was read
+    sd["model.norm.weight"] = torch.ones(64)
+    del sd["model.layers.0.self_attn.q_proj.bias"]
+    save_file(sd, st)
+    with pytest.raises(mmgpt.CheckpointError, match=r"llama: missing keys: model\.layers\.2\.mlp\.up_proj\.weight"):
+        mmgpt.load(llama=path, vision=files["vision"], vision_weights=None)
+
+
+def test_openflamingo_bad_keys(files, tmp_path):
+    sd = torch.load(files["openflamingo"], weights_only=True)
+    sd["perceiver.layers.0.0.to_q.weight"] = torch.zeros(3, 3)
+    sd["lang_encoder.something_else.weight"] = torch.zeros(1)
+    bad = str(tmp_path / "checkpoint.pt")
+    torch.save(sd, bad)
+    with pytest.raises(mmgpt.CheckpointError) as e:
+        mmgpt.load(llama=files["st"], openflamingo=bad, vision=files["vision"], vision_weights=None)
+    assert bad in str(e.value) and "something_else.weight" in str(e.value) \
+        and "perceiver.layers.0.0.to_q.weight (3, 3)" in str(e.value)
+
+
+def test_release_with_missing_lora_tensors(files, tmp_path):
+    ConfigDict, names = install_fake_mmengine()
+    try:
+        ckpt = torch.load(files["release"], weights_only=False)
+    finally:
+        for name in names:
+            del sys.modules[name]
+    sd = ckpt["model_state_dict"]
+    for k in [k for k in sd if "layers.1.decoder_layer.self_attn.v_proj.lora_B" in k]:
+        del sd[k]
+    bad = str(tmp_path / "release.pt")
+    torch.save({"model_state_dict": sd}, bad)  # no tuning_config: alpha defaults to 16
+    with pytest.raises(mmgpt.CheckpointError, match=r"missing keys: layers\.1\.self_attn\.v_proj\.lora_B"):
+        mmgpt.load(llama=files["st"], openflamingo=files["openflamingo"], lora=bad, vision=files["vision"],
+                   vision_weights=None)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_nothing_arbitrary_is_unpickled(tmp_path, files):
+    bad = str(tmp_path / "evil.pt")
+    torch.save({"model_state_dict": {}, "tuning_config": Exploit()}, bad)
+    with pytest.raises(mmgpt.CheckpointError, match=r"evil\.pt: cannot be read safely: refusing to unpickle"):
+        mmgpt.read_checkpoint(bad)
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(mmgpt.CheckpointError):
+        mmgpt.read_checkpoint(str(tmp_path / "plain.pkl"))
+
+
+def test_release_config_is_read_without_mmengine(files):
+    weights = mmgpt.read_lora(files["release"])
+    assert (weights.r, weights.alpha, weights.dropout) == (4, 8.0, 0.0)
+    assert weights.targets == lora.DEFAULT_TARGETS
+    assert "mmengine" not in sys.modules
+
+
+def test_missing_files_are_named(files, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        mmgpt.load(llama=str(empty), vision=files["vision"], vision_weights=None)
+    d = copy_dir(files["st"], tmp_path / "noweights")
+    os.remove(os.path.join(d, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="noweights: no LLaMA weights"):
+        mmgpt.load(llama=d, vision=files["vision"], vision_weights=None)
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
+        mmgpt.load(llama=files["st"], openflamingo=str(tmp_path / "nope.pt"), vision=files["vision"],
+                   vision_weights=None)
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
+        mmgpt.load(llama=files["st"], vision="ViT-Nope", vision_weights=None)
