@@ -192,19 +192,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, pos=0):
+    def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this step's keys/values, attend over everything so far
+        if cache is not None:
+            # Write this step's keys/values at input_pos and attend over the whole preallocated cache (the mask
+            # hides what lies beyond): every decode step has the same shapes, so it compiles/graphs once.
             k_all, v_all = cache
-            k_all[:, :, pos:pos + T] = k
-            v_all[:, :, pos:pos + T] = v
-            k, v = k_all[:, :, :pos + T], v_all[:, :, :pos + T]
-        if mask is None:  # plain causal (no padding, no cache offset)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            k, v = k_all.index_copy_(2, input_pos, k), v_all.index_copy_(2, input_pos, v)
+        if mask is None:  # plain causal (no padding, no cache)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -233,11 +233,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, media=None, cache=None, pos=0):
+    def forward(self, x, cos, sin, mask, media=None, cache=None, input_pos=None):
         if self.xattn is not None and media is not None:
             kv, index = media
             x = self.xattn(x, kv, index)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -317,17 +317,18 @@ class MMGPT(nn.Module):
             mask = causal & attention_mask.bool()[:, None, None, :]
         return self._decode(input_ids, kv, index, mask)
 
-    def _decode(self, input_ids, kv, index, mask, cache=None, pos=0):
-        T = input_ids.shape[1]
+    def _decode(self, input_ids, kv, index, mask, cache=None, input_pos=None):
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        T = input_ids.shape[1]
+        cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if input_pos is None
+                    else (self.rope_cos[input_pos], self.rope_sin[input_pos]))
         for i, layer in enumerate(self.layers):
             media = (kv[i], index) if kv is not None and layer.xattn is not None else None
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, media, layer_cache, pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, media, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, media, layer_cache, pos)
+                x = layer(x, cos, sin, mask, media, layer_cache, input_pos)
         return self.lm_head(self.norm(x))
 
     # -- KV-cached decoding -----------------------------------------------------------------------------------
@@ -345,6 +346,9 @@ class MMGPT(nn.Module):
         n_new = ids.count(self.cfg.image_id)
         if n_new != (0 if images is None else images.shape[1]):
             raise ValueError(f"{n_new} <image> tokens but {0 if images is None else images.shape[1]} pictures")
+        if not ids or len(cache.ids) + len(ids) > cache.max_len:  # checked before the cache changes
+            raise ValueError(f"cannot extend a context of {len(cache.ids)} tokens by {len(ids)} "
+                             f"(the cache holds {cache.max_len})")
         if n_new:
             kv = self.media_kv(self.encode_images(images.to(self.rope_cos.device)))
             cache.media = kv if cache.media is None else {
@@ -352,17 +356,18 @@ class MMGPT(nn.Module):
             last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
             ids, cache.ids = cache.ids[last + 1:] + ids, cache.ids[:last + 1]
         pos = len(cache.ids)
-        if pos + len(ids) > cache.max_len:
-            raise ValueError(f"context of {pos + len(ids)} tokens exceeds the cache's {cache.max_len}")
-        x = torch.tensor([ids], device=self.rope_cos.device)
+        device = self.rope_cos.device
+        x = torch.tensor([ids], device=device)
         index = media_index(x, self.cfg.image_id, images_before=cache.ids.count(self.cfg.image_id))
-        T = len(ids)
-        mask = None
-        if pos > 0 and T > 1:  # causal, offset by the cached prefix
-            mask = torch.arange(pos + T, device=x.device) <= torch.arange(pos, pos + T, device=x.device)[:, None]
-        logits = self._decode(x, cache.media, index, mask, cache, pos)
+        input_pos = torch.arange(pos, pos + len(ids), device=device)
+        mask = torch.arange(cache.max_len, device=device) <= input_pos[:, None]  # causal over the cache
+        logits = self.decode_step(x, cache.media, index, mask, cache, input_pos)
         cache.ids += ids
         return logits[0, -1]
+
+    def decode_step(self, input_ids, kv, index, mask, cache, input_pos):
+        """One cached forward. A separate method so that bench.py/chat.py can torch.compile it."""
+        return self._decode(input_ids, kv, index, mask, cache, input_pos)
 
 
 class KVCache:
@@ -564,13 +569,22 @@ def read_openflamingo(path: str) -> dict[str, torch.Tensor]:
 
 
 def flamingo_layout(tensors: dict[str, torch.Tensor], path: str) -> dict:
-    """Where the cross-attention blocks sit, the perceiver's depth and latents, read off the keys."""
+    """Where the cross-attention blocks sit, the perceiver's depth and latents, and the head counts (heads of
+    64 dimensions, as OpenFlamingo's) and FFW width, read off the keys and shapes."""
     layers = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"layers\.(\d+)\.xattn\.", k))})
     depth = len({m.group(1) for k in tensors if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
     if not layers or not depth or "perceiver.latents" not in tensors:
         raise CheckpointError(f"{path}: no cross-attention blocks or perceiver found; keys look like: {_some(tensors)}")
+    try:
+        xattn_q = tensors[f"layers.{layers[0]}.xattn.attn.to_q.weight"]
+        perceiver_q = tensors["perceiver.layers.0.0.to_q.weight"]
+        ff = tensors[f"layers.{layers[0]}.xattn.ff.1.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing keys: {e}") from None
     return dict(xattn_layers=tuple(layers), perceiver_depth=depth,
-                perceiver_latents=tensors["perceiver.latents"].shape[0])
+                perceiver_latents=tensors["perceiver.latents"].shape[0],
+                xattn_heads=xattn_q.shape[0] // 64, perceiver_heads=perceiver_q.shape[0] // 64,
+                ff_mult=ff.shape[0] // ff.shape[1])
 
 
 @dataclass
@@ -613,9 +627,16 @@ def apply_lora(model: "MMGPT", weights: LoRAWeights, path: str):
 
 
 def vision_model_config(vision: str, weights: str | None) -> dict:
-    """open_clip model config by name or JSON path; QuickGELU when the pretrained tag says so (OpenAI's CLIP)."""
+    """open_clip model config by name or JSON path, with the activation the weights were trained with.
+
+    OpenAI's CLIP uses QuickGELU, and OpenFlamingo was trained on OpenAI's ViT-L/14. open_clip's own configs
+    don't say so (its 'openai' tag does), so QuickGELU is used when the tag says so, when a local file is an
+    OpenAI TorchScript archive, or when a local file is given for a model OpenAI released. A model-config JSON
+    with an explicit "quick_gelu" key is taken at its word.
+    """
     import open_clip
-    if vision.endswith(".json") or os.path.isfile(vision):
+    from_json = vision.endswith(".json") or os.path.isfile(vision)
+    if from_json:
         with open(vision) as f:
             cfg = json.load(f)
     else:
@@ -630,7 +651,15 @@ def vision_model_config(vision: str, weights: str | None) -> dict:
         tag = open_clip.get_pretrained_cfg(vision, weights)
         out["quick_gelu"] = out["quick_gelu"] or tag.get("quick_gelu", False)
         out["preprocess"] = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
+    elif weights and not (from_json and "quick_gelu" in cfg):
+        openai_model = not from_json and open_clip.get_pretrained_cfg(vision, "openai")
+        out["quick_gelu"] = out["quick_gelu"] or bool(openai_model) or is_torchscript(weights)
     return out
+
+
+def is_torchscript(path: str) -> bool:
+    import zipfile
+    return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
 
 
 def vision_weights_file(vision: str, weights: str) -> str:
@@ -649,8 +678,7 @@ def vision_weights_file(vision: str, weights: str) -> str:
 
 def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
     """A full CLIP state dict (visual.* keys) or a visual-only one; OpenAI's TorchScript archives too."""
-    import zipfile
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if is_torchscript(path):
         sd = torch.jit.load(path, map_location="cpu").state_dict()
     else:
         sd = read_checkpoint(path)

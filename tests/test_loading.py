@@ -315,3 +315,21 @@ def test_missing_files_are_named(files, tmp_path):
                    vision_weights=None)
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
         mmgpt.load(llama=files["st"], vision="ViT-Nope", vision_weights=None)
+
+
+def test_quick_gelu_follows_the_weights(tmp_path):
+    """OpenFlamingo's ViT-L/14 is OpenAI's, which uses QuickGELU; open_clip's plain config does not say so."""
+    local = tmp_path / "ViT-L-14.bin"
+    torch.save({}, local)
+    assert mmgpt.vision_model_config("ViT-L-14", "openai")["quick_gelu"]
+    assert mmgpt.vision_model_config("ViT-L-14", str(local))["quick_gelu"]      # a local copy of OpenAI's
+    assert not mmgpt.vision_model_config("ViT-L-14", None)["quick_gelu"]
+    cfg = tmp_path / "no-quick.json"
+    cfg.write_text(json.dumps(dict(TINY_VISION, quick_gelu=False)))
+    assert not mmgpt.vision_model_config(str(cfg), str(local))["quick_gelu"]    # an explicit JSON key wins
+    # OpenAI's own files are TorchScript archives: QuickGELU whatever the config says by default.
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    cfg.write_text(json.dumps({k: v for k, v in TINY_VISION.items() if k != "quick_gelu"}))
+    assert mmgpt.vision_model_config(str(cfg), str(scripted))["quick_gelu"]
+    assert not mmgpt.vision_model_config(str(cfg), str(local))["quick_gelu"]
