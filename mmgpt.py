@@ -349,20 +349,24 @@ class MMGPT(nn.Module):
         if not ids or len(cache.ids) + len(ids) > cache.max_len:  # checked before the cache changes
             raise ValueError(f"cannot extend a context of {len(cache.ids)} tokens by {len(ids)} "
                              f"(the cache holds {cache.max_len})")
+        media = cache.media
         if n_new:
             kv = self.media_kv(self.encode_images(images.to(self.rope_cos.device)))
-            cache.media = kv if cache.media is None else {
-                i: tuple(torch.cat([a, b], dim=2) for a, b in zip(cache.media[i], kv[i])) for i in kv}
+            media = kv if media is None else {i: tuple(torch.cat([a, b], dim=2) for a, b in zip(media[i], kv[i]))
+                                              for i in kv}
             last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
-            ids, cache.ids = cache.ids[last + 1:] + ids, cache.ids[:last + 1]
+            ids = cache.ids[last + 1:] + ids
+            cache.truncate(last + 1)
         pos = len(cache.ids)
         device = self.rope_cos.device
         x = torch.tensor([ids], device=device)
         index = media_index(x, self.cfg.image_id, images_before=cache.ids.count(self.cfg.image_id))
         input_pos = torch.arange(pos, pos + len(ids), device=device)
         mask = torch.arange(cache.max_len, device=device) <= input_pos[:, None]  # causal over the cache
-        logits = self.decode_step(x, cache.media, index, mask, cache, input_pos)
+        logits = self.decode_step(x, media, index, mask, cache, input_pos)
+        # Only now is the cache updated: interrupted above (Ctrl-C), it still holds a valid (shorter) context.
         cache.ids += ids
+        cache.media = media
         return logits[0, -1]
 
     def decode_step(self, input_ids, kv, index, mask, cache, input_pos):
@@ -378,12 +382,20 @@ class KVCache:
         shape = (1, cfg.n_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
+        self.max_len, self.image_id = max_len, cfg.image_id
         self.ids: list[int] = []
         self.media = None
 
     def reset(self):
         self.ids, self.media = [], None
+
+    def truncate(self, n: int):
+        """Keep the first n tokens (and the pictures among them); what lies past them is masked, then overwritten."""
+        del self.ids[n:]
+        pictures = self.ids.count(self.image_id)
+        if self.media is not None:
+            self.media = {i: (k[:, :, :pictures], v[:, :, :pictures]) for i, (k, v) in self.media.items()} \
+                if pictures else None
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

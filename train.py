@@ -39,7 +39,7 @@ WHERE = {DEFAULT_LLAMA: "LLaMA-7B converted to the HF format (config.json, weigh
 
 # The demo: defaults that differ from the paper's (nothing is pretrained, so it trains in full, faster).
 DEMO = dict(config="configs/demo.json", out="runs/demo", lr=2e-3, warmup=50, grad_accum=1, batch_size=16,
-            max_len=128, epochs=3, eval_every=100, save_every=100,
+            max_len=128, epochs=3, eval_every=250, save_every=250,
             unfreeze=["embed_tokens", "layers.", "norm.", "lm_head", "perceiver"])
 PAPER = dict(out="runs/mmgpt", lr=1e-5, warmup=100, grad_accum=16, batch_size=1, max_len=512, epochs=1,
              eval_every=0, save_every=500, unfreeze=[])
@@ -320,8 +320,8 @@ def main(argv=None):
             for micro in range(args.grad_accum):
                 for kind, it in (("lang", lang_iter), ("vl", vl_iter)):
                     batch = next(it)
-                    if batch is None:  # every picture of the batch was unreadable (--skip-bad)
-                        continue
+                    while batch is None:  # every picture was unreadable (--skip-bad): take the next batch, so
+                        batch = next(it)  # that every rank still makes the backward DDP waits for
                     # One all-reduce per optimizer step: on the last backward, which is the vision-language one
                     # (it uses every trainable parameter; the language-only forward skips the cross-attention).
                     last_backward = micro == args.grad_accum - 1 and kind == "vl"
@@ -400,6 +400,10 @@ def main(argv=None):
         final = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items, args.max_len,
                                           autocast, device)}
         metrics.write(json.dumps(final) + "\n")
+    if main_rank and args.demo:  # a few held-out pictures to chat about
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        for i, (conv, _) in enumerate(demo_items[-4:]):
+            data.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
     if main_rank:
         metrics.close()
         took = time.time() - started
@@ -409,7 +413,8 @@ def main(argv=None):
               + (f"; {bad_total} steps skipped (non-finite)" if bad_total else "")
               + (f"; {vl_stream.skipped + lang_stream.skipped} samples skipped (unreadable)"
                  if vl_stream.skipped + lang_stream.skipped else "")
-              + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}), metrics.jsonl")
+              + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
+              + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
     if distributed:
         dist.destroy_process_group()
 

@@ -246,3 +246,18 @@ def test_grad_checkpointing_gives_the_same_gradients(tokenizer):
         grads.append([p.grad.clone() for p in trainable])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_cache_overflow_and_truncate_keep_the_cache_valid(tokenizer):
+    model = tiny_model(tokenizer)
+    ids, images = two_image_input(tokenizer)
+    p1, p2 = [i for i, t in enumerate(ids) if t == tokenizer.image_id]
+    cache = model.new_cache(len(ids))
+    model.extend(cache, ids[:p2 + 1], images)
+    with pytest.raises(ValueError, match="cannot extend a context"):
+        model.extend(cache, ids[p2 + 1:] + [5])
+    assert cache.ids == ids[:p2 + 1] and cache.media[1][0].shape[2] == 2  # untouched
+    cache.truncate(p1 + 2)  # back to before the second picture: its keys/values go too
+    assert cache.media[1][0].shape[2] == 1
+    out = model.extend(cache, ids[p1 + 2:], images[:, 1:])
+    torch.testing.assert_close(out, model(images, torch.tensor([ids]))[0, -1], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,343 @@
+"""chat.py, driven as a subprocess on a tiny model saved in the real formats: its greedy answers equal a greedy
+decode that runs a full forward (no cache) over the rendered conversation at every step. In-process: the KV cache
+is kept across rounds, long conversations drop their oldest rounds, Ctrl-C ends an answer, not the session."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import chat
+import data
+import lora
+import mmgpt
+from conftest import tiny_model
+from test_loading import write_release, write_vision
+
+CHAT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "chat.py")
+Q1, Q2, Q3 = "what colour is the square?", "how many circles are there?", "and what shape is on the left?"
+IMAGE_BLOCK = "\n\n### Image:\n<image>"     # the paper's template, written out here to check chat.py against
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy machine they cost seconds per forward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sp_model, tokenizer):
+    """A tiny model with LoRA and nonzero gates, written as an HF LLaMA dir, an OpenFlamingo checkpoint.pt, the
+    MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back."""
+    tmp = tmp_path_factory.mktemp("chat")
+    model = tiny_model(tokenizer, seed=7)
+    lora.inject(model, r=4, alpha=8, within="layers.")
+    with torch.no_grad():
+        for m in lora.lora_layers(model):
+            m.lora_B.normal_(0, 0.3)
+    f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "release": str(tmp / "release.pt"),
+         "run": str(tmp / "run")}
+    mmgpt.save_llama(model, f["llama"], sp_model)
+    mmgpt.save_openflamingo(model, f["openflamingo"])
+    write_release(model, f["release"], r=4, alpha=8)
+    f["vision"], f["vision_weights"] = write_vision(model, tmp)
+    os.makedirs(f["run"])
+    mmgpt.save_lora(model, os.path.join(f["run"], "lora.pt"),
+                    {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
+                     "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
+                     "vision_weights": f["vision_weights"]})
+    g = torch.Generator().manual_seed(0)
+    for name in ("pic1", "pic2"):
+        f[name] = str(tmp / f"{name}.png")
+        Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()).save(f[name])
+    f["broken"] = str(tmp / "broken.png")
+    with open(f["broken"], "wb") as fh:
+        fh.write(b"not a picture")
+    f["model"], f["tokenizer"], f["transform"] = mmgpt.load(
+        f["llama"], f["openflamingo"], f["release"], f["vision"], f["vision_weights"])
+    return f
+
+
+def reference(files, text: str, pictures: list[str], max_new_tokens: int) -> list[int]:
+    """Greedy decoding with a full forward (no cache) over the whole sequence at every step."""
+    model, tok = files["model"], files["tokenizer"]
+    ids = tok.encode(text)
+    assert ids.count(tok.image_id) == len(pictures)
+    images = torch.stack([files["transform"](data.load_image(p)) for p in pictures])[None] if pictures else None
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(images, torch.tensor([ids + out]))[0, -1].float()
+            logits[tok.never_generate] = -float("inf")
+            token = int(logits.argmax())
+            if token == tok.eos_id:
+                break
+            out.append(token)
+    return out
+
+
+def run_chat(*args, stdin=None, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")     # a tiny model: threads only cost start-up time
+    return subprocess.run([sys.executable, CHAT, *args], input=stdin, capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def answers(result) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def no_special(files, rec):
+    tok = files["tokenizer"]
+    assert not any(s in rec["text"] for s in tok.special), rec
+    assert not set(rec["ids"]) & set(tok.never_generate + [tok.eos_id]), rec
+    assert rec["text"] == tok.decode(rec["ids"])
+
+
+def turns(*pairs):
+    return [data.Turn(q, a) for q, a in pairs]
+
+
+# -- the CLI --------------------------------------------------------------------------------------------------
+
+def test_two_greedy_rounds_equal_a_full_forward_over_the_conversation(files):
+    r = run_chat(files["pic1"], "--ckpt", files["run"], "--greedy", "--json", "--max-new-tokens", "12",
+                 "--prompt", Q1, "--prompt", Q2)
+    a1, a2 = answers(r)
+    assert (a1["prompt"], a2["prompt"]) == (Q1, Q2)
+    conv = data.Conversation(files["pic1"], turns((Q1, "")))
+    assert a1["ids"] == reference(files, data.prompt(conv), [files["pic1"]], 12)
+    # The first answer was cut at the limit and is closed all the same. Its text tokenises otherwise than the ids
+    # that were sampled: the context is the rendered text, as the reference stack (text in, text out) has it.
+    assert len(a1["ids"]) == 12 and files["tokenizer"].encode(a1["text"], bos=False) != a1["ids"]
+    conv.turns = turns((Q1, a1["text"]), (Q2, ""))
+    assert data.prompt(conv).count("</s>") == 1
+    assert a2["ids"] == reference(files, data.prompt(conv), [files["pic1"]], 12)
+    for rec in (a1, a2):
+        no_special(files, rec)
+
+
+def test_piped_rounds_new_picture_and_bad_input(files):
+    lines = [Q1, f"/image {files['pic1']}.missing", f"/image {files['broken']}", Q2, "what is <image> here?",
+             f"/image {files['pic2']}", Q3]
+    r = run_chat(files["pic1"], "--llama", files["llama"], "--openflamingo", files["openflamingo"],
+                 "--lora", files["release"], "--vision", files["vision"], "--vision-weights", files["vision_weights"],
+                 "--greedy", "--json", "--max-new-tokens", "10", stdin="\n".join(lines) + "\n")
+    a1, a2, a3 = answers(r)
+    assert "pic1.png.missing" in r.stderr and "broken.png" in r.stderr and "<image>" in r.stderr
+    pics = [files["pic1"]]
+    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, ""))))
+    assert a1["ids"] == reference(files, text, pics, 10)
+    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, a1["text"]), (Q2, ""))))
+    assert a2["ids"] == reference(files, text, pics, 10)
+    # The new picture's block goes before the next question; the tokens between the two pictures now see it.
+    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, a1["text"]), (Q2, a2["text"])))) + \
+        f"{IMAGE_BLOCK}\n\n### Instruction:\n{Q3}\n\n### Response:\n"
+    assert a3["ids"] == reference(files, text, pics + [files["pic2"]], 10)
+    assert a3["ids"] != reference(files, text, pics + [files["pic1"]], 10)     # the new picture matters
+    for rec in (a1, a2, a3):
+        no_special(files, rec)
+
+
+def link(src: str, dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.symlink(src, dst)
+
+
+def test_release_layout_is_found_and_language_only_chat_is_printed(files, tmp_path):
+    link(files["llama"], tmp_path / "checkpoints/llama-7b_hf")
+    link(files["openflamingo"], tmp_path / "checkpoints/OpenFlamingo-9B/checkpoint.pt")
+    link(files["release"], tmp_path / "checkpoints/mmgpt-lora-v0-release.pt")
+    r = run_chat("--vision", files["vision"], "--vision-weights", files["vision_weights"], "--greedy",
+                 "--max-new-tokens", "10", stdin=f"{Q1}\n\n{Q2}\n", cwd=tmp_path)
+    assert r.returncode == 0 and "using checkpoints/llama-7b_hf" in r.stderr
+    a1 = reference(files, data.prompt(data.Conversation(None, turns((Q1, "")))), [], 10)
+    t1 = files["tokenizer"].decode(a1)
+    a2 = reference(files, data.prompt(data.Conversation(None, turns((Q1, t1), (Q2, "")))), [], 10)
+    assert r.stdout == t1 + "\n" + files["tokenizer"].decode(a2) + "\n"
+
+
+def test_weights_are_looked_for_in_the_documented_places(files, tmp_path, monkeypatch):
+    args = argparse.Namespace(ckpt=None, llama=None, openflamingo=None, lora=None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        chat.find_weights(args)
+    for what in ("--ckpt", "--llama", "checkpoints/llama-7b_hf", "checkpoints/OpenFlamingo-9B/checkpoint.pt",
+                 "huggingface.co/openflamingo/OpenFlamingo-9B", "mmgpt-lora-v0-release.pt", "runs/demo"):
+        assert what in str(e.value)
+    link(files["run"], tmp_path / "runs/demo")
+    assert chat.find_weights(args) == {"run": "runs/demo"}
+    link(files["llama"], tmp_path / "checkpoints/llama-7b_hf")
+    link(files["openflamingo"], tmp_path / "checkpoints/OpenFlamingo-9B/checkpoint.pt")
+    assert chat.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
+    link(files["release"], tmp_path / "checkpoints/mmgpt-lora-v0-release.pt")
+    assert chat.find_weights(args) == chat.RELEASE
+    args.ckpt = files["run"]
+    assert chat.find_weights(args) == {"run": files["run"]}
+
+
+# -- in-process: the cache, long conversations, interruptions -------------------------------------------------
+
+def new_chat(files, model=None, max_new_tokens=8):
+    return chat.Chat(model or files["model"], files["tokenizer"], files["transform"], max_new_tokens, greedy=True)
+
+
+def budget(c: chat.Chat, tokenizer) -> int:
+    """The new tokens the last answer could take: max_new_tokens, or what the context had left."""
+    return min(c.max_new_tokens, c.cache.max_len - len(tokenizer.encode(open_text(c))))
+
+
+def open_text(c: chat.Chat) -> str:
+    """What the model saw for the last answer: the conversation with that answer open again."""
+    last = c.parts[-1].turns[-1]
+    answer, last.answer = last.answer, ""
+    try:
+        return c.text()
+    finally:
+        last.answer = answer
+
+
+def test_cache_kept_across_rounds_and_pictures_encoded_once(files, monkeypatch):
+    c = new_chat(files)
+    fed, encoded = [], []
+    extend, encode_images = c.model.extend, c.model.encode_images
+    monkeypatch.setattr(c.model, "extend", lambda cache, ids, images=None: fed.append(len(ids)) or
+                        extend(cache, ids, images))
+    monkeypatch.setattr(c.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
+                        encode_images(images))
+    c.add_picture(files["pic1"])
+    got = [c.ask(Q1)]
+    round1 = files["tokenizer"].encode(open_text(c))
+    got.append(c.ask(Q2))
+    # Round 2 feeds only what follows round 1's prompt: at most the first answer (re-tokenised) and its own text.
+    assert fed[len(got[0]) + 1] <= len(files["tokenizer"].encode(open_text(c))) - len(round1)
+    c.add_picture(files["pic2"])
+    got.append(c.ask(Q3))
+    monkeypatch.undo()
+    assert encoded == [1, 1]    # each picture's features once
+    assert got[-1] == reference(files, open_text(c), [files["pic1"], files["pic2"]], 8)
+    assert c.cache.ids[:len(ids := files["tokenizer"].encode(open_text(c)))] == ids
+
+
+def test_long_conversation_drops_the_oldest_rounds_and_keeps_the_picture(files, tokenizer, capsys):
+    model = mmgpt.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
+                       files["vision_weights"])[0]
+    model.cfg.max_seq_len = 120     # a short context (the rope tables are longer: that does not matter)
+    c = new_chat(files, model, max_new_tokens=10)
+    c.add_picture(files["pic1"])
+    for i in range(8):
+        got = c.ask(f"{Q1} {i}")
+        assert got == reference(files, open_text(c), [files["pic1"]], budget(c, tokenizer))
+    err = capsys.readouterr().err
+    assert "[context full: dropped the oldest round]" in err
+    text = c.text()
+    assert text.startswith(data.HEADER + IMAGE_BLOCK) and f"{Q1} 7" in text and f"{Q1} 0\n" not in text
+    # A second picture: once every turn about the first has gone, the first picture goes with them.
+    c.add_picture(files["pic2"])
+    for i in range(6):
+        got = c.ask(f"{Q2} {i}")
+        pictures = [files["pic1"], files["pic2"]][2 - len(c.pixels):]
+        assert got == reference(files, open_text(c), pictures, budget(c, tokenizer))
+    assert len(c.pixels) == 1 and c.text().count("<image>") == 1
+
+
+def test_long_conversation_that_started_without_a_picture(files, tokenizer):
+    model = mmgpt.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
+                       files["vision_weights"])[0]
+    model.cfg.max_seq_len = 120
+    c = new_chat(files, model, max_new_tokens=4)
+    c.ask(Q1)
+    c.add_picture(files["pic1"])
+    for i in range(4):  # the language-only round goes first, and the cached picture moves to the front
+        got = c.ask(f"{Q3} {i}")
+        assert got == reference(files, open_text(c), [files["pic1"]], 4)
+    assert c.text().startswith(data.HEADER + IMAGE_BLOCK) and Q1 not in c.text()
+
+
+def test_question_too_long_or_with_special_tokens_is_refused(files, capsys):
+    c = new_chat(files)
+    first = c.ask(Q1)
+    assert c.ask("the cat " * 200) is None
+    assert c.parts[0].turns == turns((Q1, files["tokenizer"].decode(first)))    # the conversation is kept
+    assert c.ask("what is <image>?") is None and c.ask("stop </s> here") is None
+    err = capsys.readouterr().err
+    assert "not answered" in err and "rephrase" in err
+    assert c.ask(Q2) == reference(files, open_text(c), [], 8)
+
+
+def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
+    c = new_chat(files)
+    c.add_picture(files["pic1"])
+    sample, calls = mmgpt.sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(mmgpt, "sample", interrupted)
+    partial = c.ask(Q1)
+    monkeypatch.setattr(mmgpt, "sample", sample)
+    assert len(partial) == 3 and "[stopped]" in capsys.readouterr().err
+    got = c.ask(Q2)
+    assert files["tokenizer"].decode(partial) + "</s>" in c.text()
+    assert got == reference(files, open_text(c), [files["pic1"]], 8)
+
+    # Stopped inside the prefill of a round that brings a picture: the cache keeps a valid prefix.
+    c.add_picture(files["pic2"])
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c.model, "extend", stop)
+    assert c.ask(Q3) == []
+    monkeypatch.undo()
+    assert c.cache.ids == files["tokenizer"].encode(c.text())[:len(c.cache.ids)]
+    got = c.ask(Q1)
+    assert got == reference(files, open_text(c), [files["pic1"], files["pic2"]], 8)
+
+
+def test_answer_ends_before_a_spelled_out_special_string(files, monkeypatch):
+    tok = files["tokenizer"]
+    c = new_chat(files)
+    spelled = tok.sp.encode("red <image> and </s> blue")    # ordinary pieces that spell special strings
+
+    def fake_generate(model, cache, ids, images=None, **kwargs):
+        model.extend(cache, ids, images)
+        yield from spelled
+
+    monkeypatch.setattr(mmgpt, "generate", fake_generate)
+    got = c.ask(Q1)
+    monkeypatch.undo()
+    text = tok.decode(got)
+    assert text.startswith("red") and not any(s in text for s in tok.special)
+    assert got == spelled[:len(got)] and len(got) < len(spelled)
+    assert c.ask(Q2) == reference(files, open_text(c), [], 8)
+
+
+def test_an_empty_answer_is_closed_too(files, monkeypatch):
+    c = new_chat(files)
+    c.add_picture(files["pic1"])
+
+    def eos_at_once(model, cache, ids, images=None, **kwargs):
+        model.extend(cache, ids, images)
+        yield from []
+
+    monkeypatch.setattr(mmgpt, "generate", eos_at_once)
+    assert c.ask(Q1) == []
+    monkeypatch.undo()
+    c.add_picture(files["pic2"])
+    got = c.ask(Q2)
+    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, "")))) + \
+        f"</s>{IMAGE_BLOCK}\n\n### Instruction:\n{Q2}\n\n### Response:\n"
+    assert open_text(c) == text
+    assert got == reference(files, text, [files["pic1"], files["pic2"]], 8)
+
