@@ -60,7 +60,9 @@ class Chat:
     def __init__(self, model: mmgpt.MMGPT, tokenizer: mmgpt.Tokenizer, image_transform, max_new_tokens: int = 256,
                  **sampling):
         self.model, self.tokenizer, self.image_transform = model, tokenizer, image_transform
-        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        # An answer may take at most half the context (LLaMA-7B: 2048, so 256 stands), or every round of a model
+        # with a short context would push out the one before it.
+        self.max_new_tokens, self.sampling = min(max_new_tokens, model.cfg.max_seq_len // 2), sampling
         self.cache = model.new_cache()
         self.reset()
 
