@@ -127,12 +127,13 @@ class Tokenizer:
             skip = len(b"".join(raw)) - len(text_bytes)  # the dummy prefix
             if skip not in (0, 1) or b"".join(raw)[skip:] != text_bytes:
                 raise ValueError("encode_spans needs a sentencepiece model with identity normalisation (as LLaMA's)")
+            # char_of[b]: the character that byte b belongs to (a piece may end inside a character: byte fallback)
+            char_of = [i for i, ch in enumerate(p) for _ in ch.encode("utf-8")] + [len(p)]
             end = -skip
             for x, r in zip(pieces, raw):
                 begin, end = max(end, 0), end + len(r)
                 ids.append(self.sp.piece_to_id(x))
-                spans.append((start + len(text_bytes[:begin].decode("utf-8", "ignore")),
-                              start + len(text_bytes[:max(end, 0)].decode("utf-8", "ignore"))))
+                spans.append((start + char_of[begin], start + char_of[max(end, 0)]))
         return ids, spans
 
     def decode(self, ids) -> str:
@@ -805,6 +806,9 @@ def save_openflamingo(model: MMGPT, path: str):
     torch.save(sd, path)
 
 
+BASE_FILES = ("llama", "openflamingo", "vision", "vision_weights")  # what a lora.pt's settings name to rebuild
+
+
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file under `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -818,6 +822,13 @@ def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
     vision, vision_weights: paths relative to the file's folder or absolute)."""
     weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
                if n.endswith((".lora_A", ".lora_B")) or n in set(unfrozen)}
+    here = os.path.dirname(os.path.abspath(path))
+
+    def relative(p):  # a file inside the run folder is stored relative to it, so the folder can move
+        inside = p and os.path.exists(p) and os.path.abspath(p).startswith(here + os.sep)
+        return os.path.relpath(os.path.abspath(p), here) if inside else p
+
+    settings = {k: relative(v) if k in BASE_FILES else v for k, v in settings.items()}
     atomic_save({"format": "mmgpt-lora", "weights": weights, "settings": settings}, path)
 
 
@@ -833,6 +844,4 @@ def load_run(path: str, device="cpu", dtype=torch.float32):
     def where(p):  # paths are stored relative to the run folder when they lie inside it
         return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
 
-    return load(llama=where(settings["llama"]), openflamingo=where(settings.get("openflamingo")), lora=file,
-                vision=where(settings["vision"]), vision_weights=where(settings.get("vision_weights")),
-                device=device, dtype=dtype)
+    return load(**{k: where(settings.get(k)) for k in BASE_FILES}, lora=file, device=device, dtype=dtype)

@@ -251,11 +251,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine(s, args.warmup, total))
     settings = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                "lora_targets": list(args.lora_targets), "unfreeze": args.unfreeze,
-                **{k: os.path.relpath(os.path.abspath(v), os.path.abspath(args.out)) if v and os.path.exists(v)
-                   and os.path.abspath(v).startswith(os.path.abspath(args.out) + os.sep) else v
-                   for k, v in (("llama", args.llama), ("openflamingo", args.openflamingo),
-                                ("vision", args.vision), ("vision_weights", args.vision_weights))}}
+                "lora_targets": list(args.lora_targets), "unfreeze": args.unfreeze, "llama": args.llama,
+                "openflamingo": args.openflamingo, "vision": args.vision, "vision_weights": args.vision_weights}
     step, bad_in_a_row, bad_total = 0, 0, 0
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
