@@ -211,9 +211,11 @@ def main(argv=None):
     model, tokenizer, transform = mmgpt.load(args.llama, args.openflamingo, args.lora, args.vision,
                                              args.vision_weights, device, frozen_dtype)
     if args.lora:  # started from LoRA weights: train those (their rank, alpha and targets)
-        layers = lora_lib.lora_layers(model)
-        args.lora_r, args.lora_alpha, args.lora_targets = layers[0].r, layers[0].alpha, \
-            list(mmgpt.read_lora(args.lora).targets)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, lora_lib.LoRALinear)}
+        first = next(iter(layers.values()))
+        # Targets as name suffixes ("self_attn.q_proj", "xattn.ff.1"): what inject() needs to rebuild the same set.
+        args.lora_r, args.lora_alpha = first.r, first.alpha
+        args.lora_targets = sorted({n.split(".", 2)[2] for n in layers})
     else:
         torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
         lora_lib.inject(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, within="layers.")
