@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny model: DDP accumulation equivalence, exact resume, clean stop on SIGTERM."""
+"""train.py end to end on a tiny model: DDP accumulation equivalence, exact resume, clean stop on SIGTERM, demo scoring."""
 import json
 import os
 import signal
@@ -96,3 +96,28 @@ def test_missing_weights_say_where_to_get_them(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2
     assert "checkpoints/llama-7b_hf not found: it should hold LLaMA-7B" in done.stderr
+
+
+def test_demo_base_starts_with_open_gates(base):
+    ckpt = torch.load(base["openflamingo"], weights_only=True)
+    gates = {k: float(v) for k, v in ckpt.items() if k.endswith(("attn_gate", "ff_gate"))}
+    assert len(gates) == 2 * 8 and all(v == 1.0 for v in gates.values())  # 4 blocks, under both of OF's names
+
+
+def test_demo_evaluation_scores_each_question_kind(base, monkeypatch):
+    """A model that always answers "red": right exactly on the colour questions whose answer is red."""
+    import data
+    import mmgpt
+    model, tokenizer, transform = mmgpt.load(base["llama"], base["openflamingo"], None, base["vision"],
+                                             base["vision_weights"])
+    monkeypatch.setattr(mmgpt, "generate", lambda *a, **k: iter(tokenizer.encode("red", bos=False)))
+    items = data.demo_eval_set(n=40, seed=1)
+    out = train.evaluate(model, tokenizer, transform, [], items, 128, torch.autocast("cpu", enabled=False), "cpu")
+    colour = [e for c, e in items if e in data.DEMO_COLOURS]
+    assert 0 < colour.count("red") < len(colour)
+    assert out["accuracy_colour"] == colour.count("red") / len(colour)
+    assert out["accuracy"] == colour.count("red") / len(items)
+    kinds = {k for k, answers in data.DEMO_ANSWERS.items() if any(e in answers for _, e in items)}
+    assert {k for k in out if k.startswith("accuracy_")} == {f"accuracy_{k}" for k in kinds}
+    assert all(out[f"accuracy_{k}"] == 0 for k in kinds - {"colour"})
+    assert out["chance"] == data.demo_chance(items)
