@@ -29,16 +29,7 @@ import torch
 import data
 import mmgpt
 
-# Where the MultiModal-GPT README tells people to put the released weights, and where train.py's demo run goes.
-RELEASE = {"llama": "checkpoints/llama-7b_hf", "openflamingo": "checkpoints/OpenFlamingo-9B/checkpoint.pt",
-           "lora": "checkpoints/mmgpt-lora-v0-release.pt"}
-DEMO_RUN = "runs/demo"
-WHERE_FROM = {
-    "llama": "LLaMA-7B in HuggingFace format (convert Meta's weights with transformers' "
-             "convert_llama_weights_to_hf.py); holds config.json, the weights and tokenizer.model",
-    "openflamingo": "https://huggingface.co/openflamingo/OpenFlamingo-9B (checkpoint.pt)",
-    "lora": "https://download.openmmlab.com/mmgpt/v0/mmgpt-lora-v0-release.pt",
-}
+DEMO_RUN = "runs/demo"  # where train.py's demo run goes
 COMMANDS = """commands:
   /image PATH   bring a picture into the conversation (its block goes before your next question)
   /reset        start over (with the picture given on the command line, if any)
@@ -172,14 +163,14 @@ def find_weights(args) -> dict:
         return {"llama": args.llama, "openflamingo": args.openflamingo, "lora": args.lora}
     if args.openflamingo or args.lora:
         raise SystemExit("error: --openflamingo and --lora need --llama DIR (the LLaMA they were trained on)")
-    if all(os.path.exists(p) for p in RELEASE.values()):
-        notice(f"using {', '.join(RELEASE.values())}")
-        return dict(RELEASE)
+    if all(os.path.exists(p) for p in mmgpt.RELEASE.values()):
+        notice(f"using {', '.join(mmgpt.RELEASE.values())}")
+        return dict(mmgpt.RELEASE)
     if os.path.isfile(os.path.join(DEMO_RUN, "lora.pt")):
         notice(f"using {DEMO_RUN}")
         return {"run": DEMO_RUN}
-    found = "\n".join(f"  {p:42s} {'found' if os.path.exists(p) else 'MISSING'}: {WHERE_FROM[k]}"
-                      for k, p in RELEASE.items())
+    found = "\n".join(f"  {p:42s} {'found' if os.path.exists(p) else 'MISSING'}: {mmgpt.RELEASE_SOURCES[k]}"
+                      for k, p in mmgpt.RELEASE.items())
     raise SystemExit(
         f"error: no weights given and none found in {os.getcwd()}. Pass one of\n"
         f"  --ckpt RUN_DIR                               a train.py output folder (its lora.pt names its base model)\n"

@@ -570,6 +570,7 @@ DEMO_LONE_RADIUS = 14
 DEMO_COUNTED_RADIUS = {"square": 10, "circle": 11, "triangle": 14}
 DEMO_ANSWERS = {"shape": DEMO_SHAPES, "colour": tuple(DEMO_COLOURS), "count": ("1", "2", "3", "4"),
                 "position": tuple(DEMO_POSITIONS)}
+DEMO_KIND = {a: kind for kind, answers in DEMO_ANSWERS.items() for a in answers}  # answer -> its question kind
 DEMO_QUESTIONS = {
     "shape": ("What shape is it?", "Which shape do you see?"),
     "colour": ("What colour is the shape?", "What color are the shapes?"),
@@ -675,8 +676,7 @@ def answer_matches(generated: str, expected: str) -> bool:
 
 def demo_chance(items: list[tuple[Conversation, str]]) -> float:
     """Accuracy of guessing uniformly among the possible answers of each item's question type."""
-    sizes = {a: len(answers) for answers in DEMO_ANSWERS.values() for a in answers}
-    return sum(1 / sizes[expected] for _, expected in items) / len(items)
+    return sum(1 / len(DEMO_ANSWERS[DEMO_KIND[expected]]) for _, expected in items) / len(items)
 
 
 def demo_corpus() -> list[str]:

@@ -806,6 +806,15 @@ def save_openflamingo(model: MMGPT, path: str):
     torch.save(sd, path)
 
 
+# Where the MultiModal-GPT README tells people to put the released weights, and where each comes from.
+RELEASE = {"llama": "checkpoints/llama-7b_hf", "openflamingo": "checkpoints/OpenFlamingo-9B/checkpoint.pt",
+           "lora": "checkpoints/mmgpt-lora-v0-release.pt"}
+RELEASE_SOURCES = {
+    "llama": "LLaMA-7B in HuggingFace format (convert Meta's weights with transformers' "
+             "convert_llama_weights_to_hf.py); holds config.json, the weights and tokenizer.model",
+    "openflamingo": "https://huggingface.co/openflamingo/OpenFlamingo-9B (checkpoint.pt)",
+    "lora": "https://download.openmmlab.com/mmgpt/v0/mmgpt-lora-v0-release.pt",
+}
 BASE_FILES = ("llama", "openflamingo", "vision", "vision_weights")  # what a lora.pt's settings name to rebuild
 
 

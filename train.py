@@ -32,12 +32,6 @@ import data
 import lora as lora_lib
 import mmgpt
 
-# Where the MultiModal-GPT README tells people to put the weights.
-DEFAULT_LLAMA = "checkpoints/llama-7b_hf"
-DEFAULT_OPENFLAMINGO = "checkpoints/OpenFlamingo-9B/checkpoint.pt"
-WHERE = {DEFAULT_LLAMA: "LLaMA-7B converted to the HF format (config.json, weights, tokenizer.model)",
-         DEFAULT_OPENFLAMINGO: "https://huggingface.co/openflamingo/OpenFlamingo-9B (checkpoint.pt)"}
-
 # The demo: defaults that differ from the paper's (nothing is pretrained, so it trains in full, faster).
 DEMO = dict(config="configs/demo.json", out="runs/demo", lr=2e-3, warmup=50, grad_accum=1, batch_size=16,
             max_len=128, epochs=3, eval_every=250, save_every=250,
@@ -50,8 +44,9 @@ MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="data config JSON (default: the demo, configs/demo.json)")
-    ap.add_argument("--llama", help=f"HF LLaMA directory (default with --config: {DEFAULT_LLAMA})")
-    ap.add_argument("--openflamingo", help=f"OpenFlamingo checkpoint.pt (default with --config: {DEFAULT_OPENFLAMINGO})")
+    ap.add_argument("--llama", help=f"HF LLaMA directory (default with --config: {mmgpt.RELEASE['llama']})")
+    ap.add_argument("--openflamingo",
+                    help=f"OpenFlamingo checkpoint.pt (default with --config: {mmgpt.RELEASE['openflamingo']})")
     ap.add_argument("--lora", help="start from these LoRA weights (release .pt or a lora.pt of this project)")
     ap.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
     ap.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or local weights file")
@@ -90,11 +85,13 @@ def parse_args(argv=None):
     if not args.demo:
         if args.config is None:
             ap.error("--config is needed with --llama/--openflamingo/--lora (the demo takes no weight flags)")
-        args.llama = args.llama or DEFAULT_LLAMA
-        args.openflamingo = args.openflamingo or DEFAULT_OPENFLAMINGO
-        for path in (args.llama, args.openflamingo, args.lora):
+        args.llama = args.llama or mmgpt.RELEASE["llama"]
+        args.openflamingo = args.openflamingo or mmgpt.RELEASE["openflamingo"]
+        for key in ("llama", "openflamingo", "lora"):
+            path = getattr(args, key)
             if path and not os.path.exists(path):
-                ap.error(f"{path} not found" + (f": it should hold {WHERE[path]}" if path in WHERE else ""))
+                ap.error(f"{path} not found" + (f": it should hold {mmgpt.RELEASE_SOURCES[key]}"
+                                                if path == mmgpt.RELEASE[key] else ""))
     return args
 
 
@@ -177,7 +174,6 @@ def evaluate(model, tokenizer, transform, held_out, demo_items, max_len, autocas
             losses.append(float(mmgpt.lm_loss(model(images, ids), labels)))
     out = {"eval_loss": sum(losses) / max(1, len(losses))}
     if demo_items:
-        kind = {a: k for k, answers in data.DEMO_ANSWERS.items() for a in answers}
         correct, asked = Counter(), Counter()
         for conv, expected in demo_items:
             ids = tokenizer.encode(data.prompt(conv, open_last=True))
@@ -185,8 +181,9 @@ def evaluate(model, tokenizer, transform, held_out, demo_items, max_len, autocas
             with autocast:
                 answer = list(mmgpt.generate(model, model.new_cache(len(ids) + 16), ids, image, max_new_tokens=12,
                                              eos_id=tokenizer.eos_id, banned=tokenizer.never_generate, greedy=True))
-            correct[kind[expected]] += data.answer_matches(tokenizer.decode(answer), expected)
-            asked[kind[expected]] += 1
+            kind = data.DEMO_KIND[expected]
+            correct[kind] += data.answer_matches(tokenizer.decode(answer), expected)
+            asked[kind] += 1
         out.update(accuracy=sum(correct.values()) / len(demo_items), chance=data.demo_chance(demo_items))
         out.update({f"accuracy_{k}": correct[k] / asked[k] for k in data.DEMO_ANSWERS if asked[k]})
     model.train()

@@ -178,7 +178,7 @@ def test_weights_are_looked_for_in_the_documented_places(files, tmp_path, monkey
     link(files["openflamingo"], tmp_path / "checkpoints/OpenFlamingo-9B/checkpoint.pt")
     assert chat.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
     link(files["release"], tmp_path / "checkpoints/mmgpt-lora-v0-release.pt")
-    assert chat.find_weights(args) == chat.RELEASE
+    assert chat.find_weights(args) == mmgpt.RELEASE
     args.ckpt = files["run"]
     assert chat.find_weights(args) == {"run": files["run"]}
 

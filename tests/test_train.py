@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny model: DDP accumulation equivalence, exact resume, clean stop on SIGTERM, demo scoring."""
+"""train.py end to end on a tiny model: DDP accumulation, exact resume, SIGTERM, demo base and scoring."""
 import json
 import os
 import signal
