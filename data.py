@@ -584,10 +584,14 @@ DEMO_OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "
 
 def _demo_picture(rng: random.Random) -> tuple[str, dict]:
     """A random scene as a "demo:" path, and the facts that questions may ask about. One colour per picture, on
-    a grey background of random lightness: either one shape at an edge (facts: shape, colour, position) or 1-4
-    shapes of any kinds in distinct quadrants (facts: count, colour)."""
+    a dark tinted grey of random shade: either one shape at an edge (facts: shape, colour, position) or 1-4
+    shapes of any kinds in distinct quadrants (facts: count, colour).
+
+    Why dark: in the demo's random ViT, pooled over the picture, a background of any lightness (0-255) takes
+    most of the variance between pictures and the count explains 2% of it; on shades 0-60 the count explains
+    10% and the colour 58% (400 pictures), which a model trained for minutes can pick up."""
     colour = rng.choice(list(DEMO_COLOURS))
-    grey = rng.randint(0, 255)
+    grey = rng.randint(0, 60)
     background = [min(255, max(0, grey + rng.randint(-15, 15))) for _ in range(3)]
     if rng.random() < 0.5:
         shape, position = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_POSITIONS))

@@ -43,6 +43,9 @@ class Config:
     # Flamingo. xattn_layers: decoder layers that get a gated cross-attention block BEFORE them; by default
     # every 4th, layer i when (i + 1) % 4 == 0 (OpenFlamingo-9B: 3, 7, ..., 31).
     image_id: int = 32001
+    # The media-masking rule (perceiver.media_index): False = OpenFlamingo v1's, which the released weights
+    # need; True = attend_previous, each token sees the picture before it (the demo trains with it).
+    attend_previous: bool = False
     xattn_layers: tuple | None = None
     xattn_heads: int = 8
     xattn_dim_head: int = 64
@@ -294,9 +297,11 @@ class MMGPT(nn.Module):
 
     # -- pictures ---------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3, H, W) -> perceiver latents (B, N, latents, vision_dim). The ViT is frozen: no gradients."""
+        """(B, N, 3, H, W) -> perceiver latents (B, N, latents, vision_dim). A frozen ViT (the paper's) keeps no
+        activations for backward; one being trained (train.py --vision-lr) does."""
         B, N = images.shape[:2]
-        with torch.no_grad():
+        trained = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
             patches = self.vision(images.flatten(0, 1))
         return self.perceiver(patches.view(B, N, *patches.shape[1:]).to(self.perceiver.latents.dtype))
 
@@ -305,12 +310,13 @@ class MMGPT(nn.Module):
         return {i: self.layers[i].xattn.attn.media_kv(latents) for i in self.cfg.xattn_layers}
 
     # -- training / full forward ------------------------------------------------------------------------------
-    def forward(self, images, input_ids, attention_mask=None, attend_previous: bool = False):
+    def forward(self, images, input_ids, attention_mask=None, attend_previous: bool | None = None):
         """images: (B, N, 3, H, W) in the order of the <image> tokens, or None for language-only (then the
-        cross-attention blocks are skipped entirely); attention_mask: (B, T) 1 = token, 0 = right padding.
-        Returns logits (B, T, vocab)."""
+        cross-attention blocks are skipped entirely); attention_mask: (B, T) 1 = token, 0 = right padding;
+        attend_previous: the media-masking rule, by default cfg.attend_previous. Returns logits (B, T, vocab)."""
         kv = None if images is None else self.media_kv(self.encode_images(images))
-        index = media_index(input_ids, self.cfg.image_id, attend_previous)
+        rule = self.cfg.attend_previous if attend_previous is None else attend_previous
+        index = media_index(input_ids, self.cfg.image_id, rule)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             T = input_ids.shape[1]
@@ -342,7 +348,8 @@ class MMGPT(nn.Module):
 
         images: (1, n, 3, H, W) for the n <image> tokens in ids. With the default masking rule, the tokens after
         the previous picture belong to the NEXT picture, so a new picture changes them: they are dropped from
-        the cache and computed again. The result always equals a full forward over cache.ids.
+        the cache and computed again (under attend_previous a token's picture never changes). The result always
+        equals a full forward over cache.ids.
         """
         n_new = ids.count(self.cfg.image_id)
         if n_new != (0 if images is None else images.shape[1]):
@@ -355,13 +362,15 @@ class MMGPT(nn.Module):
             kv = self.media_kv(self.encode_images(images.to(self.rope_cos.device)))
             media = kv if media is None else {i: tuple(torch.cat([a, b], dim=2) for a, b in zip(media[i], kv[i]))
                                               for i in kv}
-            last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
-            ids = cache.ids[last + 1:] + ids
-            cache.truncate(last + 1)
+            if not self.cfg.attend_previous:
+                last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
+                ids = cache.ids[last + 1:] + ids
+                cache.truncate(last + 1)
         pos = len(cache.ids)
         device = self.rope_cos.device
         x = torch.tensor([ids], device=device)
-        index = media_index(x, self.cfg.image_id, images_before=cache.ids.count(self.cfg.image_id))
+        index = media_index(x, self.cfg.image_id, self.cfg.attend_previous,
+                            images_before=cache.ids.count(self.cfg.image_id))
         input_pos = torch.arange(pos, pos + len(ids), device=device)
         mask = torch.arange(cache.max_len, device=device) <= input_pos[:, None]  # causal over the cache
         logits = self.decode_step(x, media, index, mask, cache, input_pos)
@@ -728,13 +737,14 @@ def build(cfg: Config, device="cpu", dtype=torch.float32) -> MMGPT:
 
 
 def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
-         dtype=torch.float32):
+         dtype=torch.float32, attend_previous: bool = False):
     """Build MultiModal-GPT from the files users have. Returns (model, tokenizer, image_transform).
 
     llama: HF LLaMA directory (config.json, weights, tokenizer.model). openflamingo: its checkpoint.pt, or None
     for fresh cross-attention blocks (gates at zero: the plain LLaMA). lora: the MultiModal-GPT release .pt or
     this project's lora.pt. vision: open_clip model name or model-config JSON; vision_weights: open_clip
     pretrained tag, a local CLIP weights file, or None (random). Frozen weights are held in `dtype`.
+    attend_previous: the media-masking rule the weights were trained with (the release: False).
     """
     if llama is None:
         raise ValueError("load() needs llama=DIR, an HF LLaMA directory")
@@ -745,7 +755,7 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     flamingo = read_openflamingo(openflamingo) if openflamingo else None
     vcfg = vision_model_config(vision, vision_weights)
     cfg = Config(**llama_config(llama), vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, vision=vcfg,
-                 **(flamingo_layout(flamingo, openflamingo) if flamingo else {}))
+                 attend_previous=attend_previous, **(flamingo_layout(flamingo, openflamingo) if flamingo else {}))
     model = build(cfg, device, dtype)
     # Rows of the 3 added tokens that no checkpoint holds (lm_head always; embeddings without OpenFlamingo) are 0.
     with torch.no_grad():
@@ -827,8 +837,8 @@ def atomic_save(obj, path: str):
 
 def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
     """This project's lora.pt: the LoRA tensors, any parameters trained in full (names in `unfrozen`), and the
-    settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets; llama, openflamingo,
-    vision, vision_weights: paths relative to the file's folder or absolute)."""
+    settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets, attend_previous; llama,
+    openflamingo, vision, vision_weights: paths relative to the file's folder or absolute)."""
     weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
                if n.endswith((".lora_A", ".lora_B")) or n in set(unfrozen)}
     here = os.path.dirname(os.path.abspath(path))
@@ -853,4 +863,5 @@ def load_run(path: str, device="cpu", dtype=torch.float32):
     def where(p):  # paths are stored relative to the run folder when they lie inside it
         return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
 
-    return load(**{k: where(settings.get(k)) for k in BASE_FILES}, lora=file, device=device, dtype=dtype)
+    return load(**{k: where(settings.get(k)) for k in BASE_FILES}, lora=file, device=device, dtype=dtype,
+                attend_previous=settings.get("attend_previous", False))

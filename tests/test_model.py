@@ -36,6 +36,27 @@ def test_kv_cache_equals_full_forward_across_a_new_picture(tokenizer):
     assert cache.ids == ids
 
 
+def test_kv_cache_equals_full_forward_under_attend_previous(tokenizer):
+    """Under attend_previous a new picture changes no earlier token: the cache is extended, never recomputed."""
+    model = tiny_model(tokenizer, attend_previous=True)
+    ids, images = two_image_input(tokenizer)
+    x = torch.tensor([ids])
+    full = model(images, x)[0]
+    torch.testing.assert_close(full, model(images, x, attend_previous=True)[0])  # the model's rule by default
+    assert not torch.allclose(full, model(images, x, attend_previous=False)[0])
+    p1, p2 = [i for i, t in enumerate(ids) if t == tokenizer.image_id]
+    cache, computed = model.new_cache(), []
+    step = model.decode_step
+    model.decode_step = lambda x, *rest: computed.append(x.shape[1]) or step(x, *rest)
+    model.extend(cache, ids[:p1 + 3], images[:, :1])
+    last = model.extend(cache, ids[p1 + 3:p2 + 2], images[:, 1:])
+    torch.testing.assert_close(last, full[p2 + 1], rtol=1e-5, atol=1e-5)
+    assert computed == [p1 + 3, p2 + 2 - (p1 + 3)]  # only the new tokens (the default rule redoes the last 2 too)
+    for t in range(p2 + 2, len(ids)):
+        torch.testing.assert_close(model.extend(cache, [ids[t]]), full[t], rtol=1e-5, atol=1e-5)
+    assert cache.ids == ids
+
+
 def test_kv_cache_language_only_then_picture(tokenizer):
     """A picture arriving after a language-only start turns on cross-attention for every earlier token."""
     model = tiny_model(tokenizer)

@@ -121,3 +121,34 @@ def test_demo_evaluation_scores_each_question_kind(base, monkeypatch):
     assert {k for k in out if k.startswith("accuracy_")} == {f"accuracy_{k}" for k in kinds}
     assert all(out[f"accuracy_{k}"] == 0 for k in kinds - {"colour"})
     assert out["chance"] == data.demo_chance(items)
+
+
+def test_the_media_rule_is_saved_with_the_run_and_used_by_its_model(base):
+    """The demo trains with attend_previous (the default rule for the release weights): lora.pt carries the
+    rule, so chat.py decodes with the rule the weights were trained with."""
+    import mmgpt
+    paper = ["--config", base["config"], "--llama", base["llama"], "--openflamingo", base["openflamingo"]]
+    assert train.parse_args([]).attend_previous is True
+    assert train.parse_args(paper).attend_previous is False
+    assert train.parse_args(paper + ["--attend-previous"]).attend_previous is True
+    for flag, rule in (("--attend-previous", True), ("--no-attend-previous", False)):
+        out = base["tmp"] / f"rule{rule}"
+        run(base, out, "--max-steps", "1", flag)
+        saved = torch.load(out / "lora.pt", weights_only=True)
+        assert saved["settings"]["attend_previous"] is rule
+        assert not any(n.startswith("vision.") for n in saved["weights"])  # no --vision-lr: the ViT stays frozen
+        model, _, _ = mmgpt.load_run(str(out))
+        assert model.cfg.attend_previous is rule
+
+
+def test_vision_lr_trains_the_vit_and_saves_it_with_the_run(base):
+    import mmgpt
+    out = base["tmp"] / "vit"
+    run(base, out, "--max-steps", "2", "--vision-lr", "1e-2")
+    saved = torch.load(out / "lora.pt", weights_only=True)["weights"]
+    start = torch.load(base["vision_weights"], weights_only=True)
+    vit = {n[len("vision.visual."):]: t for n, t in saved.items() if n.startswith("vision.")}
+    assert vit.keys() == start.keys()
+    assert not torch.equal(vit["conv1.weight"], start["conv1.weight"])  # it moved ...
+    model, _, _ = mmgpt.load_run(str(out))                                # ... and the run loads it back
+    assert torch.equal(model.vision.visual.conv1.weight, vit["conv1.weight"])
