@@ -300,8 +300,9 @@ class MMGPT(nn.Module):
         """(B, N, 3, H, W) -> perceiver latents (B, N, latents, vision_dim). A frozen ViT (the paper's) keeps no
         activations for backward; one being trained (train.py --vision-lr) does."""
         B, N = images.shape[:2]
-        trained = any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
+        # Checked only when gradients are on: decoding (no_grad) never walks the ViT's parameters.
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(trained):
             patches = self.vision(images.flatten(0, 1))
         return self.perceiver(patches.view(B, N, *patches.shape[1:]).to(self.perceiver.latents.dtype))
 
