@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 
 import lora
+import checkpoints
 import mmgpt
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, datasheet
@@ -74,7 +75,7 @@ def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int) -> float:
     named = dict(model.named_parameters())
     lora_n = count(p for n, p in named.items() if ".lora_" in n)
     xattn_n = count(p for n, p in named.items() if ".xattn." in n and ".lora_" not in n)
-    llama_n = count(p for n, p in named.items() if mmgpt.is_llama_param(n) and n != "embed_tokens.weight")
+    llama_n = count(p for n, p in named.items() if checkpoints.is_llama_param(n) and n != "embed_tokens.weight")
     vit_n = count(model.vision.parameters())
     perceiver_n = count(model.perceiver.parameters())
     patches = (cfg.vision["vision_cfg"]["image_size"] // cfg.vision["vision_cfg"]["patch_size"]) ** 2 + 1
@@ -199,7 +200,7 @@ def main():
     # Bytes read per decoded token: every LLaMA weight, and the cross-attention FFWs (the to_q/to_out too; the
     # picture's keys/values are cached).
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if (mmgpt.is_llama_param(n) and n != "embed_tokens.weight") or ".xattn." in n)
+                       if (checkpoints.is_llama_param(n) and n != "embed_tokens.weight") or ".xattn." in n)
     for comp in [False] + ([] if args.no_compile else [True]):
         prefill_s, tok_s, peak = bench_chat(model, cfg, device, comp)
         results["chat"].append({"compile": comp, "prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": tok_s,

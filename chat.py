@@ -27,6 +27,7 @@ import sys
 import torch
 
 import data
+import checkpoints
 import mmgpt
 
 DEMO_RUN = "runs/demo"  # where train.py's demo run goes
@@ -163,14 +164,14 @@ def find_weights(args) -> dict:
         return {"llama": args.llama, "openflamingo": args.openflamingo, "lora": args.lora}
     if args.openflamingo or args.lora:
         raise SystemExit("error: --openflamingo and --lora need --llama DIR (the LLaMA they were trained on)")
-    if all(os.path.exists(p) for p in mmgpt.RELEASE.values()):
-        notice(f"using {', '.join(mmgpt.RELEASE.values())}")
-        return dict(mmgpt.RELEASE)
+    if all(os.path.exists(p) for p in checkpoints.RELEASE.values()):
+        notice(f"using {', '.join(checkpoints.RELEASE.values())}")
+        return dict(checkpoints.RELEASE)
     if os.path.isfile(os.path.join(DEMO_RUN, "lora.pt")):
         notice(f"using {DEMO_RUN}")
         return {"run": DEMO_RUN}
-    found = "\n".join(f"  {p:42s} {'found' if os.path.exists(p) else 'MISSING'}: {mmgpt.RELEASE_SOURCES[k]}"
-                      for k, p in mmgpt.RELEASE.items())
+    found = "\n".join(f"  {p:42s} {'found' if os.path.exists(p) else 'MISSING'}: {checkpoints.RELEASE_SOURCES[k]}"
+                      for k, p in checkpoints.RELEASE.items())
     raise SystemExit(
         f"error: no weights given and none found in {os.getcwd()}. Pass one of\n"
         f"  --ckpt RUN_DIR                               a train.py output folder (its lora.pt names its base model)\n"
@@ -187,9 +188,9 @@ def load_model(args, device: str):
     weights = find_weights(args)
     try:
         if "run" in weights:
-            return mmgpt.load_run(weights["run"], device=device, dtype=dtype)
-        return mmgpt.load(**weights, vision=args.vision, vision_weights=args.vision_weights, device=device,
-                          dtype=dtype)
+            return checkpoints.load_run(weights["run"], device=device, dtype=dtype)
+        return checkpoints.load(**weights, vision=args.vision, vision_weights=args.vision_weights, device=device,
+                               dtype=dtype)
     except (OSError, ValueError) as e:   # FileNotFoundError, CheckpointError (a ValueError), ...
         raise SystemExit(f"error: {e}") from None
 

@@ -1,12 +1,12 @@
 """MultiModal-GPT's instruction data: each source read in the format people download it in, rendered on the
-paper's unified template with the loss only on the answers, a built-in synthetic demo set, and batches for DDP.
+paper's unified template with the loss only on the answers, and batches for DDP. (The built-in demo set is in
+demo.py; a config's "demo" entry brings it in.)
 
 Read top-down:
   Turn, Conversation, prompt, render      a conversation -> the template string -> (input_ids, labels)
   read and its readers                    one source's annotation files -> conversations
   Mix, load_mix                           a config file -> vision-language and language-only conversations
   load_image                              a picture file -> an RGB PIL image (EXIF rotation applied, any mode)
-  demo_*                                  the built-in demo set: synthetic pictures, a held-out split, scoring
   InstructionDataset, collate, Stream     conversations -> padded batches, sharded by rank, resumable
   main                                    python data.py CONFIG --show N | --check [--skip-bad]
 
@@ -14,7 +14,8 @@ Config file (JSON):
   {"seed": 0,                              read-time choices (caption questions, ...), `sample` and `weight`
    "vl":   [SOURCE, ...],                  vision-language sources; one epoch = each of their conversations once
    "lang": [SOURCE, ...],                  language-only sources, cycled independently of "vl"
-   "demo": {"vl": 4000, "lang": 2000, "seed": 0}}     optional: the built-in demo set (counts of conversations)
+   "demo": {"vl": 4000, "lang": 2000, "seed": 0}}     optional: demo.py's built-in set (counts of conversations;
+                                           "pictures": the folder its pictures are drawn into, default demo.PICTURES)
   SOURCE = {"kind": one of KINDS, "ann": [annotation files], "image_root": picture folder (vision kinds),
             "sample": N (draw N conversations once, seeded) or null (all), "weight": times per epoch (default 1;
             a fraction draws that share of the conversations once), "name": label in the counts (default: kind),
@@ -43,7 +44,7 @@ from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 
 class DataError(ValueError):
@@ -62,7 +63,7 @@ class Turn:
 
 @dataclass
 class Conversation:
-    image: str | None                   # picture path (or a "demo:" scene), None for language-only
+    image: str | None                   # picture path, None for language-only
     turns: list[Turn]
     source: str = field(default="", compare=False)   # "kind:annotation file", for messages and counts
 
@@ -497,9 +498,10 @@ def load_mix(config_path: str, *, skip_bad: bool = False, check_images: bool = T
             (mix.vl if group == "vl" else mix.lang).extend(convs)
     if "demo" in cfg:
         demo = cfg["demo"]
-        if not isinstance(demo, dict) or set(demo) - {"vl", "lang", "seed"}:
-            raise DataError(f"{config_path} demo: expected an object with keys vl, lang, seed")
-        vl, lang = demo_train_set(**demo)
+        if not isinstance(demo, dict) or set(demo) - {"vl", "lang", "seed", "pictures"}:
+            raise DataError(f"{config_path} demo: expected an object with keys vl, lang, seed, pictures")
+        import demo as demo_set  # the demo is its own module; only a config that asks for it loads it
+        vl, lang = demo_set.train_set(**{"pictures": demo_set.PICTURES, **demo})
         mix.vl += vl
         mix.lang += lang
         mix.counts["demo"] = len(vl)
@@ -527,9 +529,7 @@ def _sample_and_weight(convs: list, sample, weight, seed: str, where: str) -> li
 
 def load_image(path: str) -> Image.Image:
     """An RGB picture: EXIF rotation applied; palette, alpha (composited on white), grey, CMYK and 16-bit modes
-    converted. "demo:" paths are drawn (see demo_draw). Raises DataError naming the path when unreadable."""
-    if path.startswith("demo:"):
-        return demo_draw(path)
+    converted. Raises DataError naming the path when unreadable."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -552,159 +552,6 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im.convert("RGB")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in demo set: synthetic pictures with questions whose answers need them, and a language-only set.
-# Pictures are described by "demo:<json scene>" paths and drawn where they are loaded (DataLoader workers).
-
-DEMO_SIZE = 64
-DEMO_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 235), "yellow": (240, 210, 20),
-                "purple": (150, 50, 210), "orange": (245, 130, 0)}
-DEMO_SHAPES = ("square", "circle", "triangle")
-DEMO_POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
-DEMO_QUADRANTS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
-# Sizes (radius in pixels): a lone shape is drawn at one size, so its area tells its kind (square > circle >
-# triangle); shapes to be counted have equal areas (about 400 px), so the coloured area tells their number.
-DEMO_LONE_RADIUS = 14
-DEMO_COUNTED_RADIUS = {"square": 10, "circle": 11, "triangle": 14}
-DEMO_ANSWERS = {"shape": DEMO_SHAPES, "colour": tuple(DEMO_COLOURS), "count": ("1", "2", "3", "4"),
-                "position": tuple(DEMO_POSITIONS)}
-DEMO_KIND = {a: kind for kind, answers in DEMO_ANSWERS.items() for a in answers}  # answer -> its question kind
-DEMO_QUESTIONS = {
-    "shape": ("What shape is it?", "Which shape do you see?"),
-    "colour": ("What colour is the shape?", "What color are the shapes?"),
-    "count": ("How many shapes are there?", "How many shapes do you see?"),
-    "position": ("Where is the shape?", "Where is it?"),   # never naming it: a later turn may ask for that
-}
-DEMO_WORDS = ("cat", "dog", "sun", "tree", "book", "bird", "fish", "cup", "hat", "star")
-DEMO_OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "big": "small",
-                  "small": "big", "black": "white", "white": "black", "yes": "no", "no": "yes"}
-
-
-def _demo_picture(rng: random.Random) -> tuple[str, dict]:
-    """A random scene as a "demo:" path, and the facts that questions may ask about. One colour per picture, on
-    a dark tinted grey of random shade: either one shape at an edge (facts: shape, colour, position) or 1-4
-    shapes of any kinds in distinct quadrants (facts: count, colour).
-
-    Why dark: in the demo's random ViT, pooled over the picture, a background of any lightness (0-255) takes
-    most of the variance between pictures and the count explains 2% of it; on shades 0-60 the count explains
-    10% and the colour 58% (400 pictures), which a model trained for minutes can pick up."""
-    colour = rng.choice(list(DEMO_COLOURS))
-    grey = rng.randint(0, 60)
-    background = [min(255, max(0, grey + rng.randint(-15, 15))) for _ in range(3)]
-    if rng.random() < 0.5:
-        shape, position = rng.choice(DEMO_SHAPES), rng.choice(list(DEMO_POSITIONS))
-        placed = [(shape, DEMO_POSITIONS[position], DEMO_LONE_RADIUS)]
-        facts = {"shape": shape, "colour": colour, "position": position}
-    else:
-        kinds = [rng.choice(DEMO_SHAPES) for _ in range(rng.randint(1, 4))]
-        placed = [(k, c, DEMO_COUNTED_RADIUS[k]) for k, c in zip(kinds, rng.sample(DEMO_QUADRANTS, len(kinds)))]
-        facts = {"count": str(len(kinds)), "colour": colour}
-    shapes = [[kind, colour, round(x * DEMO_SIZE) + rng.randint(-2, 2), round(y * DEMO_SIZE) + rng.randint(-2, 2), r]
-              for kind, (x, y), r in placed]
-    scene = {"background": background, "shapes": shapes}
-    return "demo:" + json.dumps(scene, separators=(",", ":")), facts
-
-
-def demo_draw(path: str) -> Image.Image:
-    """Draw a "demo:" scene: {"background": [r, g, b], "shapes": [[shape, colour, cx, cy, radius], ...]}."""
-    scene = json.loads(path[len("demo:"):])
-    im = Image.new("RGB", (DEMO_SIZE, DEMO_SIZE), tuple(scene["background"]))
-    draw = ImageDraw.Draw(im)
-    for shape, colour, cx, cy, r in scene["shapes"]:
-        fill = DEMO_COLOURS[colour]
-        if shape == "square":
-            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return im
-
-
-def _demo_vl(rng: random.Random) -> Conversation:
-    """A picture with questions of different types about it: half the time all that apply, else 1 to all.
-    Several turns per picture give a tiny model more to learn from each one."""
-    image, facts = _demo_picture(rng)
-    kinds = [k for k in DEMO_QUESTIONS if k in facts]
-    kinds = rng.sample(kinds, len(kinds) if rng.random() < 0.5 else rng.randint(1, len(kinds)))
-    turns = [Turn(rng.choice(DEMO_QUESTIONS[k]), facts[k]) for k in kinds]
-    return Conversation(image, turns, source="demo")
-
-
-def _demo_lang(rng: random.Random) -> Conversation:
-    """Short, learnable language-only instructions: sums (asked, or given as the input), opposites, repeating
-    the word given as the input."""
-    turns = []
-    for _ in range(rng.choice((1, 1, 2))):
-        task, a, b = rng.randrange(4), rng.randint(0, 9), rng.randint(0, 9)
-        if task == 0:
-            turns.append(Turn(f"What is {a} plus {b}?", str(a + b)))
-        elif task == 1:
-            turns.append(Turn("Add the two numbers.", str(a + b), f"{a} and {b}"))
-        elif task == 2:
-            word = rng.choice(list(DEMO_OPPOSITES))
-            turns.append(Turn(f"What is the opposite of {word}?", DEMO_OPPOSITES[word]))
-        else:
-            word = rng.choice(DEMO_WORDS)
-            turns.append(Turn("Repeat the word.", word, word))
-    return Conversation(None, turns, source="demo_lang")
-
-
-def demo_train_set(vl: int = 4000, lang: int = 2000, seed: int = 0) -> tuple[list[Conversation], list[Conversation]]:
-    """(vision-language, language-only) training conversations, deterministic in seed."""
-    rng = random.Random(f"demo-train:{seed}")
-    return [_demo_vl(rng) for _ in range(vl)], [_demo_lang(rng) for _ in range(lang)]
-
-
-def demo_eval_set(n: int = 200, seed: int = 0) -> list[tuple[Conversation, str]]:
-    """Held-out (conversation, expected answer) items, from a random stream other than training's. The
-    conversation's last answer is "" (prompt() then ends where the model answers); earlier turns are answered."""
-    rng = random.Random(f"demo-eval:{seed}")
-    items = []
-    for _ in range(n):
-        conv = _demo_vl(rng)
-        expected = conv.turns[-1].answer
-        conv.turns[-1] = Turn(conv.turns[-1].question, "")
-        items.append((conv, expected))
-    return items
-
-
-def answer_matches(generated: str, expected: str) -> bool:
-    """Exact-answer scoring: equal after stripping, ignoring case and a trailing period."""
-    def norm(s: str) -> str:
-        return s.strip().lower().removesuffix(".").strip()
-    return norm(generated) == norm(expected)
-
-
-def demo_chance(items: list[tuple[Conversation, str]]) -> float:
-    """Accuracy of guessing uniformly among the possible answers of each item's question type."""
-    return sum(1 / len(DEMO_ANSWERS[DEMO_KIND[expected]]) for _, expected in items) / len(items)
-
-
-def demo_corpus() -> list[str]:
-    """Every kind of text the demo set holds, one line each, special tokens removed: a sentencepiece corpus."""
-    vl, lang = demo_train_set(vl=400, lang=400, seed=0)
-    lines = [HEADER, "### Image:", "### Instruction:", "### Input:", "### Response:"]
-    lines += [q for qs in DEMO_QUESTIONS.values() for q in qs]
-    lines += [a for answers in DEMO_ANSWERS.values() for a in answers] + [str(i) for i in range(19)]
-    lines += list(DEMO_WORDS) + list(DEMO_OPPOSITES)
-    for conv in vl + lang:
-        text = re.sub(r"<image>|</s>", "\n", prompt(conv))
-        lines += [line for line in text.split("\n") if line.strip()]
-    return lines
-
-
-def demo_tokenizer(model_prefix: str, vocab_size: int = 1000) -> str:
-    """Train a sentencepiece model on demo_corpus() with LLaMA's settings (vocab_size is an upper bound: the
-    corpus is small); returns the .model path."""
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(demo_corpus()), model_prefix=model_prefix, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
-    return model_prefix + ".model"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -896,13 +743,20 @@ def _marked(conv: Conversation, tokenizer, max_len: int) -> str:
     return "".join(out) + (f"\n[truncated to {max_len} tokens]" if len(ids) > max_len else "")
 
 
+def _release_tokenizer() -> str:
+    """tokenizer.model of the LLaMA directory where the MultiModal-GPT README puts it."""
+    from checkpoints import RELEASE
+    return os.path.join(RELEASE["llama"], "tokenizer.model")
+
+
 def _tokenizer(path: str | None, mix: Mix):
     from mmgpt import Tokenizer
     if path is None and "demo" in mix.counts and len(mix.counts) <= 2:
-        print("(a demo tokenizer, trained on demo_corpus() for this run)")
+        import demo
+        print("(a demo tokenizer, trained on demo.corpus() for this run)")
         with tempfile.TemporaryDirectory() as tmp:
-            return Tokenizer(demo_tokenizer(os.path.join(tmp, "demo")))
-    path = path or "checkpoints/llama-7b_hf/tokenizer.model"
+            return Tokenizer(demo.tokenizer(os.path.join(tmp, "demo")))
+    path = path or _release_tokenizer()
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no tokenizer model (give --tokenizer PATH)")
     return Tokenizer(path)
@@ -946,7 +800,7 @@ def _check(mix: Mix, args) -> int:
     for e in [str(e) for e in mix.errors] + bad:
         print("error:", e)
     tokenizer = None
-    if args.tokenizer or "demo" in mix.counts or os.path.isfile("checkpoints/llama-7b_hf/tokenizer.model"):
+    if args.tokenizer or "demo" in mix.counts or os.path.isfile(_release_tokenizer()):
         tokenizer = _tokenizer(args.tokenizer, mix)
     _summary(mix, tokenizer, args.max_len, len(bad))
     return 1 if mix.errors or bad else 0

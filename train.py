@@ -7,7 +7,7 @@ Each iteration backpropagates one language-only batch, then one vision-language 
 --grad-accum iterations with DDP's no_sync on all but the last backward, so ranks all-reduce once per optimizer
 step. Gradients are clipped once per step. The effective batch is ranks x batch x accumulation x 2 (paper: 256).
 
-Outputs in --out: lora.pt (final weights + the settings that rebuild the model: `mmgpt.load_run(out)`),
+Outputs in --out: lora.pt (final weights + the settings that rebuild the model: `checkpoints.load_run(out)`),
 ckpt.pt (written atomically every --save-every steps and on SIGTERM/Ctrl-C; --resume continues from it exactly),
 metrics.jsonl (one record per optimizer step and per evaluation).
 """
@@ -19,7 +19,6 @@ import random
 import signal
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 
 import numpy as np
@@ -29,14 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import demo
 import lora as lora_lib
+import checkpoints
 import mmgpt
 
-# The demo: defaults that differ from the paper's. Nothing is pretrained, so it trains in full (the ViT too, at its
-# own lr) and faster, and its pictures reach the answer directly (attend_previous; README, "Choices worth knowing").
-DEMO = dict(config="configs/demo.json", out="runs/demo", lr=2e-3, warmup=50, grad_accum=1, batch_size=16,
-            max_len=128, epochs=2, eval_every=250, save_every=250, attend_previous=True, vision_lr=3e-4,
-            unfreeze=["embed_tokens", "layers.", "norm.", "lm_head", "perceiver"])
 PAPER = dict(out="runs/mmgpt", lr=1e-5, warmup=100, grad_accum=16, batch_size=1, max_len=512, epochs=1,
              eval_every=0, save_every=500, unfreeze=[], attend_previous=False)
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
@@ -45,9 +41,10 @@ MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="data config JSON (default: the demo, configs/demo.json)")
-    ap.add_argument("--llama", help=f"HF LLaMA directory (default with --config: {mmgpt.RELEASE['llama']})")
+    ap.add_argument("--llama", help=f"HF LLaMA directory (default with --config: {checkpoints.RELEASE['llama']})")
     ap.add_argument("--openflamingo",
-                    help=f"OpenFlamingo checkpoint.pt (default with --config: {mmgpt.RELEASE['openflamingo']})")
+                    help="OpenFlamingo checkpoint.pt (default with --config: "
+                         f"{checkpoints.RELEASE['openflamingo']})")
     ap.add_argument("--lora", help="start from these LoRA weights (release .pt or a lora.pt of this project)")
     ap.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
     ap.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or local weights file")
@@ -86,56 +83,20 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     args = ap.parse_args(argv)
     args.demo = args.config is None and not (args.llama or args.openflamingo or args.lora)
-    for k, v in (DEMO if args.demo else PAPER).items():
+    for k, v in (demo.SETTINGS if args.demo else PAPER).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if not args.demo:
         if args.config is None:
             ap.error("--config is needed with --llama/--openflamingo/--lora (the demo takes no weight flags)")
-        args.llama = args.llama or mmgpt.RELEASE["llama"]
-        args.openflamingo = args.openflamingo or mmgpt.RELEASE["openflamingo"]
+        args.llama = args.llama or checkpoints.RELEASE["llama"]
+        args.openflamingo = args.openflamingo or checkpoints.RELEASE["openflamingo"]
         for key in ("llama", "openflamingo", "lora"):
             path = getattr(args, key)
             if path and not os.path.exists(path):
-                ap.error(f"{path} not found" + (f": it should hold {mmgpt.RELEASE_SOURCES[key]}"
-                                                if path == mmgpt.RELEASE[key] else ""))
+                ap.error(f"{path} not found" + (f": it should hold {checkpoints.RELEASE_SOURCES[key]}"
+                                                if path == checkpoints.RELEASE[key] else ""))
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The demo's base model: random, tiny, written in the real formats so that everything downstream is the same.
-
-def make_demo_base(out: str, seed: int) -> dict:
-    """A sentencepiece tokenizer trained on the demo text, a tiny LLaMA + ViT + perceiver with random weights,
-    saved as an HF LLaMA dir, an OpenFlamingo checkpoint.pt and an open_clip config + weights file."""
-    base = os.path.join(out, "base")
-    paths = {"llama": os.path.join(base, "llama"), "openflamingo": os.path.join(base, "openflamingo.pt"),
-             "vision": os.path.join(base, "vision.json"), "vision_weights": os.path.join(base, "vision.pt")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    os.makedirs(paths["llama"], exist_ok=True)
-    tokenizer = mmgpt.Tokenizer(data.demo_tokenizer(os.path.join(base, "tokenizer")))
-    vision = {"embed_dim": 64, "quick_gelu": False,
-              "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32}}
-    cfg = mmgpt.Config(vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, dim=192, n_layers=4, n_heads=6,
-                       hidden_dim=512, max_seq_len=256, xattn_layers=(0, 1, 2, 3), perceiver_depth=2,
-                       perceiver_latents=16, vision=vision)
-    torch.manual_seed(seed)
-    model = mmgpt.build(cfg)
-    # The cross-attention gates start at 0 so that a pretrained LLaMA is unchanged at first. A random LLaMA has
-    # nothing to protect, and closed gates keep the pictures' gradients near zero: the demo opens them
-    # (tanh(1) = 0.76), which took held-out accuracy at step 250 from 0.24 to 0.50.
-    with torch.no_grad():
-        for layer in model.layers:
-            if layer.xattn is not None:
-                layer.xattn.attn_gate.fill_(1.0)
-                layer.xattn.ff_gate.fill_(1.0)
-    mmgpt.save_llama(model, paths["llama"], os.path.join(base, "tokenizer.model"))
-    mmgpt.save_openflamingo(model, paths["openflamingo"])
-    with open(paths["vision"], "w") as f:
-        json.dump(vision, f)
-    torch.save(model.vision.visual.state_dict(), paths["vision_weights"])
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,18 +142,15 @@ def evaluate(model, tokenizer, transform, held_out, demo_items, max_len, autocas
             losses.append(float(mmgpt.lm_loss(model(images, ids), labels)))
     out = {"eval_loss": sum(losses) / max(1, len(losses))}
     if demo_items:
-        correct, asked = Counter(), Counter()
-        for conv, expected in demo_items:
+        answers = []
+        for conv, _ in demo_items:
             ids = tokenizer.encode(data.prompt(conv, open_last=True))
             image = transform(data.load_image(conv.image))[None, None].to(device)
             with autocast:
                 answer = list(mmgpt.generate(model, model.new_cache(len(ids) + 16), ids, image, max_new_tokens=12,
                                              eos_id=tokenizer.eos_id, banned=tokenizer.never_generate, greedy=True))
-            kind = data.DEMO_KIND[expected]
-            correct[kind] += data.answer_matches(tokenizer.decode(answer), expected)
-            asked[kind] += 1
-        out.update(accuracy=sum(correct.values()) / len(demo_items), chance=data.demo_chance(demo_items))
-        out.update({f"accuracy_{k}": correct[k] / asked[k] for k in data.DEMO_ANSWERS if asked[k]})
+            answers.append(tokenizer.decode(answer))
+        out.update(demo.score([e for _, e in demo_items], answers))
     model.train()
     return out
 
@@ -215,7 +173,7 @@ def main(argv=None):
 
     # -- model ---------------------------------------------------------------------------------------------------
     if args.demo:
-        base = make_demo_base(args.out, args.seed) if main_rank else None
+        base = demo.make_base(args.out, args.seed) if main_rank else None
         if distributed:
             box = [base]
             dist.broadcast_object_list(box)
@@ -224,8 +182,8 @@ def main(argv=None):
         args.vision, args.vision_weights = base["vision"], base["vision_weights"]
     cuda = device.type == "cuda"
     frozen_dtype = torch.bfloat16 if cuda else torch.float32   # never an fp32 copy of the frozen 8B on a GPU
-    model, tokenizer, transform = mmgpt.load(args.llama, args.openflamingo, args.lora, args.vision,
-                                             args.vision_weights, device, frozen_dtype, args.attend_previous)
+    model, tokenizer, transform = checkpoints.load(args.llama, args.openflamingo, args.lora, args.vision,
+                                                  args.vision_weights, device, frozen_dtype, args.attend_previous)
     if args.lora:  # started from LoRA weights: train those (their rank, alpha and targets)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, lora_lib.LoRALinear)}
         first = next(iter(layers.values()))
@@ -254,7 +212,7 @@ def main(argv=None):
     mix = data.load_mix(args.config, skip_bad=args.skip_bad)
     held_out, demo_items = [], []
     if args.demo:
-        demo_items = data.demo_eval_set(n=200, seed=args.seed + 1)
+        demo_items = demo.eval_set(n=200, seed=args.seed + 1, pictures=demo.PICTURES)
         held_out = [data.Conversation(c.image, c.turns[:-1] + [data.Turn(c.turns[-1].question, a)])
                     for c, a in demo_items[:args.eval_samples]]
     elif args.eval_every:
@@ -307,7 +265,7 @@ def main(argv=None):
         else:
             states = [rng_state()]
         if main_rank:
-            mmgpt.atomic_save({
+            checkpoints.atomic_save({
                 "step": step, "bad_steps": bad_total, "world": world, "batch_size": args.batch_size,
                 "grad_accum": args.grad_accum, "settings": settings,
                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -413,7 +371,7 @@ def main(argv=None):
     # -- the end -------------------------------------------------------------------------------------------------
     save_checkpoint()  # so that a run cut short by --max-steps can go on with --resume
     if main_rank:
-        mmgpt.save_lora(model, os.path.join(args.out, "lora.pt"), settings, unfrozen)
+        checkpoints.save_lora(model, os.path.join(args.out, "lora.pt"), settings, unfrozen)
     if distributed:
         dist.barrier()
     final = {}

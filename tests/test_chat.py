@@ -14,6 +14,7 @@ from PIL import Image
 import chat
 import data
 import lora
+import checkpoints
 import mmgpt
 from conftest import tiny_model
 from test_loading import write_release, write_vision
@@ -44,15 +45,15 @@ def files(tmp_path_factory, sp_model, tokenizer):
             m.lora_B.normal_(0, 0.3)
     f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "release": str(tmp / "release.pt"),
          "run": str(tmp / "run")}
-    mmgpt.save_llama(model, f["llama"], sp_model)
-    mmgpt.save_openflamingo(model, f["openflamingo"])
+    checkpoints.save_llama(model, f["llama"], sp_model)
+    checkpoints.save_openflamingo(model, f["openflamingo"])
     write_release(model, f["release"], r=4, alpha=8)
     f["vision"], f["vision_weights"] = write_vision(model, tmp)
     os.makedirs(f["run"])
-    mmgpt.save_lora(model, os.path.join(f["run"], "lora.pt"),
-                    {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
-                     "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
-                     "vision_weights": f["vision_weights"]})
+    checkpoints.save_lora(model, os.path.join(f["run"], "lora.pt"),
+                         {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
+                          "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
+                          "vision_weights": f["vision_weights"]})
     g = torch.Generator().manual_seed(0)
     for name in ("pic1", "pic2"):
         f[name] = str(tmp / f"{name}.png")
@@ -60,7 +61,7 @@ def files(tmp_path_factory, sp_model, tokenizer):
     f["broken"] = str(tmp / "broken.png")
     with open(f["broken"], "wb") as fh:
         fh.write(b"not a picture")
-    f["model"], f["tokenizer"], f["transform"] = mmgpt.load(
+    f["model"], f["tokenizer"], f["transform"] = checkpoints.load(
         f["llama"], f["openflamingo"], f["release"], f["vision"], f["vision_weights"])
     return f
 
@@ -178,7 +179,7 @@ def test_weights_are_looked_for_in_the_documented_places(files, tmp_path, monkey
     link(files["openflamingo"], tmp_path / "checkpoints/OpenFlamingo-9B/checkpoint.pt")
     assert chat.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
     link(files["release"], tmp_path / "checkpoints/mmgpt-lora-v0-release.pt")
-    assert chat.find_weights(args) == mmgpt.RELEASE
+    assert chat.find_weights(args) == checkpoints.RELEASE
     args.ckpt = files["run"]
     assert chat.find_weights(args) == {"run": files["run"]}
 
@@ -227,8 +228,8 @@ def test_cache_kept_across_rounds_and_pictures_encoded_once(files, monkeypatch):
 
 
 def test_long_conversation_drops_the_oldest_rounds_and_keeps_the_picture(files, tokenizer, capsys):
-    model = mmgpt.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
-                       files["vision_weights"])[0]
+    model = checkpoints.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
+                            files["vision_weights"])[0]
     model.cfg.max_seq_len = 120     # a short context (the rope tables are longer: that does not matter)
     c = new_chat(files, model, max_new_tokens=10)
     c.add_picture(files["pic1"])
@@ -249,8 +250,8 @@ def test_long_conversation_drops_the_oldest_rounds_and_keeps_the_picture(files, 
 
 
 def test_long_conversation_that_started_without_a_picture(files, tokenizer):
-    model = mmgpt.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
-                       files["vision_weights"])[0]
+    model = checkpoints.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
+                            files["vision_weights"])[0]
     model.cfg.max_seq_len = 120
     c = new_chat(files, model, max_new_tokens=4)
     c.ask(Q1)

@@ -1,4 +1,4 @@
-"""data.py: readers of every published format, the template and its labels, pictures, the demo set, the loader."""
+"""data.py: readers of every published format, the template and its labels, pictures, the loader."""
 import json
 import os
 import random
@@ -521,78 +521,6 @@ def test_load_mix_rejects_bad_configs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The demo set
-
-def test_demo_set_is_deterministic():
-    a, b, c = data.demo_train_set(300, 100, seed=0), data.demo_train_set(300, 100, seed=0), data.demo_train_set(
-        300, 100, seed=1)
-    assert a == b and a != c
-    assert np.array_equal(np.asarray(data.load_image(a[0][5].image)), np.asarray(data.load_image(b[0][5].image)))
-    assert data.demo_eval_set(50) == data.demo_eval_set(50)
-
-
-def test_demo_answers_follow_the_pictures():
-    vl, lang = data.demo_train_set(400, 200)
-    kinds = set()
-    for conv in vl:
-        scene = json.loads(conv.image[len("demo:"):])
-        pixels = np.asarray(data.load_image(conv.image)).astype(int)
-        assert pixels.shape == (data.DEMO_SIZE, data.DEMO_SIZE, 3)
-        for shape, colour, cx, cy, r in scene["shapes"]:
-            assert (pixels[cy + r // 2, cx] == data.DEMO_COLOURS[colour]).all()   # drawn where the scene says
-        assert 1 <= len(conv.turns) <= 3
-        words = {w.strip("?").lower() for t in conv.turns for w in t.question.split()}
-        assert not words & {t.answer for t in conv.turns}    # no question gives away an answer
-        for t in conv.turns:
-            if t.question.startswith("How many"):
-                kinds.add("count")
-                assert t.answer == str(len(scene["shapes"]))
-            elif "colo" in t.question:
-                kinds.add("colour")
-                assert {s[1] for s in scene["shapes"]} == {t.answer}
-            elif "shape" in t.question and t.question.startswith(("What shape", "Which shape")):
-                kinds.add("shape")
-                assert {s[0] for s in scene["shapes"]} == {t.answer}
-            else:
-                kinds.add("position")
-                ((_, _, cx, cy, _),) = scene["shapes"]
-                fx, fy = data.DEMO_POSITIONS[t.answer]
-                assert abs(cx - fx * data.DEMO_SIZE) <= 2 and abs(cy - fy * data.DEMO_SIZE) <= 2
-    assert kinds == {"count", "colour", "shape", "position"}
-    assert any(len(c.turns) > 1 for c in vl) and all(c.image is None for c in lang)
-    assert any(t.input for c in lang for t in c.turns)
-    # every answer of each type occurs
-    answers = {t.answer for c in vl for t in c.turns}
-    assert answers == {a for v in data.DEMO_ANSWERS.values() for a in v}
-
-
-def test_demo_eval_split_scoring_and_chance():
-    train = {c.image for c in data.demo_train_set(4000, 0)[0]}
-    items = data.demo_eval_set(200)
-    assert len(items) == 200 and not train & {conv.image for conv, _ in items}
-    for conv, expected in items:
-        assert conv.turns[-1].answer == "" and data.prompt(conv).endswith("### Response:\n")
-        assert any(expected in answers for answers in data.DEMO_ANSWERS.values())
-    chance = data.demo_chance(items)
-    assert 0.2 < chance < 0.3
-    kinds = [next(k for k, v in data.DEMO_ANSWERS.items() if e in v) for _, e in items]
-    assert abs(chance - np.mean([1 / len(data.DEMO_ANSWERS[k]) for k in kinds])) < 1e-12
-    assert data.answer_matches(" Red. ", "red") and data.answer_matches("3", "3.")
-    assert not data.answer_matches("red square", "red") and not data.answer_matches("", "red")
-
-
-def test_demo_corpus_and_tokenizer(tmp_path):
-    import mmgpt
-    lines = data.demo_corpus()
-    assert data.HEADER in lines and not any("<image>" in l or "</s>" in l or "\n" in l for l in lines)
-    tok = mmgpt.Tokenizer(data.demo_tokenizer(str(tmp_path / "demo")))
-    conv = data.demo_train_set(20, 0)[0][0]
-    ids, labels = data.render(conv, tok)
-    assert tok.decode(ids[1:]) == data.prompt(conv).replace("\n<image>\n\n", "<image>")   # stripped around it
-    assert tok.sp.unk_id() not in ids
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Batches: collate, rank sharding, resume, cycling, grouping, workers
 
 def lang_dataset(tokenizer, n: int) -> data.InstructionDataset:
@@ -699,8 +627,9 @@ def test_language_stream_cycles_independently(tokenizer, tmp_path):
     assert vl.steps_per_epoch == 10
 
 
-def test_workers_decode_pictures(tokenizer):
-    vl, _ = data.demo_train_set(8, 0)
+def test_workers_decode_pictures(tokenizer, tmp_path):
+    import demo
+    vl, _ = demo.train_set(8, 0, pictures=str(tmp_path))
     ds = data.InstructionDataset(vl, tokenizer, to_tensor)
     in_process = list(islice(data.Stream(ds, batch_size=2, seed=3), 4))
     with_workers = list(islice(data.Stream(ds, batch_size=2, seed=3, num_workers=2), 4))

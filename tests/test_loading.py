@@ -1,6 +1,5 @@
 """Loaders: files written here in the documented layouts (HF LLaMA, OpenFlamingo checkpoint.pt, the MultiModal-GPT
 LoRA release) load back into the same numbers; bad files give one clear error naming the file and the keys."""
-import io
 import json
 import os
 import pickle
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import checkpoints
 import lora
 import mmgpt
 from conftest import TINY_VISION, tiny_model
@@ -20,7 +20,8 @@ from conftest import TINY_VISION, tiny_model
 def hf_tensors(model):
     """The language model under HF names as LLaMA-7B's files have it: V embedding and lm_head rows (no added
     tokens), and the rotary buffers 2023 checkpoints carry."""
-    sd = {mmgpt._hf_name(n): p.detach().clone() for n, p in model.named_parameters() if mmgpt.is_llama_param(n)}
+    sd = {checkpoints._hf_name(n): p.detach().clone() for n, p in model.named_parameters()
+          if checkpoints.is_llama_param(n)}
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         sd[k] = sd[k][:-3]
     for i in range(model.cfg.n_layers):
@@ -29,7 +30,7 @@ def hf_tensors(model):
 
 
 def write_llama(model, directory, sp_model, fmt="safetensors", shards=1):
-    mmgpt.save_llama(model, directory, sp_model)
+    checkpoints.save_llama(model, directory, sp_model)
     os.remove(os.path.join(directory, "model.safetensors"))
     sd = hf_tensors(model)
     names = sorted(sd)
@@ -133,7 +134,7 @@ def files(tmp_path_factory, sp_model, tokenizer):
         out[name] = str(tmp / name)
     out["vision"], out["vision_weights"] = write_vision(model, tmp)
     out["openflamingo"] = str(tmp / "checkpoint.pt")
-    mmgpt.save_openflamingo(model, out["openflamingo"])
+    checkpoints.save_openflamingo(model, out["openflamingo"])
     out["release"] = str(tmp / "mmgpt-lora-release.pt")
     write_release(model, out["release"], r=4, alpha=8)
     return out
@@ -145,11 +146,18 @@ def inputs(tokenizer):
     return torch.randn(1, 2, 3, 28, 28), torch.tensor([ids])
 
 
+def test_the_loaders_are_still_reachable_from_mmgpt():
+    """They moved to checkpoints.py; code written against `mmgpt.load(...)` keeps working."""
+    assert mmgpt.load is checkpoints.load and mmgpt.load_run is checkpoints.load_run
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        mmgpt.nope
+
+
 @pytest.mark.parametrize("llama", ["st", "bin", "st2", "bin3"])
 def test_release_layouts_round_trip(files, tokenizer, llama):
-    model, tok, transform = mmgpt.load(llama=files[llama], openflamingo=files["openflamingo"],
-                                       lora=files["release"], vision=files["vision"],
-                                       vision_weights=files["vision_weights"])
+    model, tok, transform = checkpoints.load(llama=files[llama], openflamingo=files["openflamingo"],
+                                            lora=files["release"], vision=files["vision"],
+                                            vision_weights=files["vision_weights"])
     images, ids = inputs(tokenizer)
     assert tok.encode("a <image> b") == tokenizer.encode("a <image> b")
     torch.testing.assert_close(model(images, ids), files["model"](images, ids), rtol=1e-5, atol=1e-5)
@@ -161,12 +169,12 @@ def test_release_layouts_round_trip(files, tokenizer, llama):
 
 def test_without_lora_and_without_openflamingo(files, tokenizer):
     source = dict(files["model"].named_parameters())
-    model, _, _ = mmgpt.load(llama=files["st"], openflamingo=files["openflamingo"], vision=files["vision"],
-                             vision_weights=files["vision_weights"])
+    model, _, _ = checkpoints.load(llama=files["st"], openflamingo=files["openflamingo"], vision=files["vision"],
+                                  vision_weights=files["vision_weights"])
     for n, p in model.named_parameters():  # every weight, and no LoRA
         torch.testing.assert_close(p, source[n], msg=n)
     assert not lora.lora_layers(model)
-    plain, _, _ = mmgpt.load(llama=files["st"], vision=files["vision"], vision_weights=files["vision_weights"])
+    plain, _, _ = checkpoints.load(llama=files["st"], vision=files["vision"], vision_weights=files["vision_weights"])
     assert plain.cfg.xattn_layers == (3,)  # default placement for 4 layers: before layer 3
     assert all(float(layer.xattn.attn_gate) == 0 for layer in plain.layers if layer.xattn is not None)
     assert (plain.lm_head.weight[-3:] == 0).all()
@@ -177,8 +185,8 @@ def test_own_lora_file_round_trip(files, tokenizer, tmp_path):
     settings = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
                 "llama": files["st"], "openflamingo": files["openflamingo"], "vision": files["vision"],
                 "vision_weights": files["vision_weights"]}
-    mmgpt.save_lora(model, str(tmp_path / "lora.pt"), settings)
-    loaded, _, _ = mmgpt.load_run(str(tmp_path))
+    checkpoints.save_lora(model, str(tmp_path / "lora.pt"), settings)
+    loaded, _, _ = checkpoints.load_run(str(tmp_path))
     images, ids = inputs(tokenizer)
     torch.testing.assert_close(loaded(images, ids), model(images, ids), rtol=1e-5, atol=1e-5)
     # It is a plain file: weights_only loading reads it.
@@ -186,8 +194,8 @@ def test_own_lora_file_round_trip(files, tokenizer, tmp_path):
 
 
 def test_frozen_weights_are_held_in_the_requested_dtype(files):
-    model, _, _ = mmgpt.load(llama=files["st"], openflamingo=files["openflamingo"], lora=files["release"],
-                             vision=files["vision"], vision_weights=files["vision_weights"], dtype=torch.bfloat16)
+    model, _, _ = checkpoints.load(llama=files["st"], openflamingo=files["openflamingo"], lora=files["release"],
+                                  vision=files["vision"], vision_weights=files["vision_weights"], dtype=torch.bfloat16)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if ".lora_" not in n)
     assert all(d == torch.float32 for n, d in dtypes.items() if ".lora_" in n)
@@ -211,7 +219,7 @@ def test_vision_features_skip_ln_post(files):
 
 def test_visual_only_weights_and_pixels(files, tmp_path):
     cfg, weights = write_vision(files["model"], tmp_path, full_clip=False)
-    model, _, transform = mmgpt.load(llama=files["st"], vision=cfg, vision_weights=weights)
+    model, _, transform = checkpoints.load(llama=files["st"], vision=cfg, vision_weights=weights)
     torch.testing.assert_close(model.vision.visual.conv1.weight, files["model"].vision.visual.conv1.weight)
     from PIL import Image
     pixels = transform(Image.new("RGB", (40, 30), (255, 0, 0)))
@@ -237,16 +245,16 @@ def test_wrong_shape_unknown_and_missing_keys(files, tmp_path):
     sd["model.layers.0.self_attn.q_proj.bias"] = torch.ones(64)
     del sd["model.layers.2.mlp.up_proj.weight"]
     save_file(sd, st)
-    with pytest.raises(mmgpt.CheckpointError) as e:
-        mmgpt.load(llama=path, vision=files["vision"], vision_weights=None)
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.load(llama=path, vision=files["vision"], vision_weights=None)
     msg = str(e.value)
     assert st in msg and "norm.weight (7,)" in msg and "layers.0.self_attn.q_proj.bias" in msg
     # the missing key is reported once every shard was read
     sd["model.norm.weight"] = torch.ones(64)
     del sd["model.layers.0.self_attn.q_proj.bias"]
     save_file(sd, st)
-    with pytest.raises(mmgpt.CheckpointError, match=r"llama: missing keys: model\.layers\.2\.mlp\.up_proj\.weight"):
-        mmgpt.load(llama=path, vision=files["vision"], vision_weights=None)
+    with pytest.raises(checkpoints.CheckpointError, match=r"llama: missing keys: model\.layers\.2\.mlp\.up_proj\.weight"):
+        checkpoints.load(llama=path, vision=files["vision"], vision_weights=None)
 
 
 def test_openflamingo_bad_keys(files, tmp_path):
@@ -255,8 +263,8 @@ def test_openflamingo_bad_keys(files, tmp_path):
     sd["lang_encoder.something_else.weight"] = torch.zeros(1)
     bad = str(tmp_path / "checkpoint.pt")
     torch.save(sd, bad)
-    with pytest.raises(mmgpt.CheckpointError) as e:
-        mmgpt.load(llama=files["st"], openflamingo=bad, vision=files["vision"], vision_weights=None)
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        checkpoints.load(llama=files["st"], openflamingo=bad, vision=files["vision"], vision_weights=None)
     assert bad in str(e.value) and "something_else.weight" in str(e.value) \
         and "perceiver.layers.0.0.to_q.weight (3, 3)" in str(e.value)
 
@@ -273,9 +281,9 @@ def test_release_with_missing_lora_tensors(files, tmp_path):
         del sd[k]
     bad = str(tmp_path / "release.pt")
     torch.save({"model_state_dict": sd}, bad)  # no tuning_config: alpha defaults to 16
-    with pytest.raises(mmgpt.CheckpointError, match=r"missing keys: layers\.1\.self_attn\.v_proj\.lora_B"):
-        mmgpt.load(llama=files["st"], openflamingo=files["openflamingo"], lora=bad, vision=files["vision"],
-                   vision_weights=None)
+    with pytest.raises(checkpoints.CheckpointError, match=r"missing keys: layers\.1\.self_attn\.v_proj\.lora_B"):
+        checkpoints.load(llama=files["st"], openflamingo=files["openflamingo"], lora=bad, vision=files["vision"],
+                        vision_weights=None)
 
 
 class Exploit:
@@ -286,16 +294,16 @@ class Exploit:
 def test_nothing_arbitrary_is_unpickled(tmp_path, files):
     bad = str(tmp_path / "evil.pt")
     torch.save({"model_state_dict": {}, "tuning_config": Exploit()}, bad)
-    with pytest.raises(mmgpt.CheckpointError, match=r"evil\.pt: cannot be read safely: refusing to unpickle"):
-        mmgpt.read_checkpoint(bad)
+    with pytest.raises(checkpoints.CheckpointError, match=r"evil\.pt: cannot be read safely: refusing to unpickle"):
+        checkpoints.read_checkpoint(bad)
     with open(tmp_path / "plain.pkl", "wb") as f:
         pickle.dump(Exploit(), f)
-    with pytest.raises(mmgpt.CheckpointError):
-        mmgpt.read_checkpoint(str(tmp_path / "plain.pkl"))
+    with pytest.raises(checkpoints.CheckpointError):
+        checkpoints.read_checkpoint(str(tmp_path / "plain.pkl"))
 
 
 def test_release_config_is_read_without_mmengine(files):
-    weights = mmgpt.read_lora(files["release"])
+    weights = checkpoints.read_lora(files["release"])
     assert (weights.r, weights.alpha, weights.dropout) == (4, 8.0, 0.0)
     assert weights.targets == lora.DEFAULT_TARGETS
     assert "mmengine" not in sys.modules
@@ -305,31 +313,31 @@ def test_missing_files_are_named(files, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
-        mmgpt.load(llama=str(empty), vision=files["vision"], vision_weights=None)
+        checkpoints.load(llama=str(empty), vision=files["vision"], vision_weights=None)
     d = copy_dir(files["st"], tmp_path / "noweights")
     os.remove(os.path.join(d, "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="noweights: no LLaMA weights"):
-        mmgpt.load(llama=d, vision=files["vision"], vision_weights=None)
+        checkpoints.load(llama=d, vision=files["vision"], vision_weights=None)
     with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
-        mmgpt.load(llama=files["st"], openflamingo=str(tmp_path / "nope.pt"), vision=files["vision"],
-                   vision_weights=None)
+        checkpoints.load(llama=files["st"], openflamingo=str(tmp_path / "nope.pt"), vision=files["vision"],
+                        vision_weights=None)
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
-        mmgpt.load(llama=files["st"], vision="ViT-Nope", vision_weights=None)
+        checkpoints.load(llama=files["st"], vision="ViT-Nope", vision_weights=None)
 
 
 def test_quick_gelu_follows_the_weights(tmp_path):
     """OpenFlamingo's ViT-L/14 is OpenAI's, which uses QuickGELU; open_clip's plain config does not say so."""
     local = tmp_path / "ViT-L-14.bin"
     torch.save({}, local)
-    assert mmgpt.vision_model_config("ViT-L-14", "openai")["quick_gelu"]
-    assert mmgpt.vision_model_config("ViT-L-14", str(local))["quick_gelu"]      # a local copy of OpenAI's
-    assert not mmgpt.vision_model_config("ViT-L-14", None)["quick_gelu"]
+    assert checkpoints.vision_model_config("ViT-L-14", "openai")["quick_gelu"]
+    assert checkpoints.vision_model_config("ViT-L-14", str(local))["quick_gelu"]      # a local copy of OpenAI's
+    assert not checkpoints.vision_model_config("ViT-L-14", None)["quick_gelu"]
     cfg = tmp_path / "no-quick.json"
     cfg.write_text(json.dumps(dict(TINY_VISION, quick_gelu=False)))
-    assert not mmgpt.vision_model_config(str(cfg), str(local))["quick_gelu"]    # an explicit JSON key wins
+    assert not checkpoints.vision_model_config(str(cfg), str(local))["quick_gelu"]    # an explicit JSON key wins
     # OpenAI's own files are TorchScript archives: QuickGELU whatever the config says by default.
     scripted = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
     cfg.write_text(json.dumps({k: v for k, v in TINY_VISION.items() if k != "quick_gelu"}))
-    assert mmgpt.vision_model_config(str(cfg), str(scripted))["quick_gelu"]
-    assert not mmgpt.vision_model_config(str(cfg), str(local))["quick_gelu"]
+    assert checkpoints.vision_model_config(str(cfg), str(scripted))["quick_gelu"]
+    assert not checkpoints.vision_model_config(str(cfg), str(local))["quick_gelu"]

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import demo
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def base(tmp_path_factory):
     """The demo's random base model in the real formats, and a small demo data config."""
     tmp = tmp_path_factory.mktemp("train")
-    paths = train.make_demo_base(str(tmp), seed=0)
+    paths = demo.make_base(str(tmp), seed=0)
     config = tmp / "tiny.json"
     config.write_text(json.dumps({"seed": 0, "demo": {"vl": 48, "lang": 24, "seed": 0}}))
     return {**paths, "config": str(config), "tmp": tmp}
@@ -106,27 +107,27 @@ def test_demo_base_starts_with_open_gates(base):
 
 def test_demo_evaluation_scores_each_question_kind(base, monkeypatch):
     """A model that always answers "red": right exactly on the colour questions whose answer is red."""
-    import data
+    import checkpoints
     import mmgpt
-    model, tokenizer, transform = mmgpt.load(base["llama"], base["openflamingo"], None, base["vision"],
-                                             base["vision_weights"])
+    model, tokenizer, transform = checkpoints.load(base["llama"], base["openflamingo"], None, base["vision"],
+                                                   base["vision_weights"])
     monkeypatch.setattr(mmgpt, "generate", lambda *a, **k: iter(tokenizer.encode("red", bos=False)))
-    items = data.demo_eval_set(n=40, seed=1)
+    items = demo.eval_set(n=40, seed=1, pictures=str(base["tmp"] / "pictures"))
     out = train.evaluate(model, tokenizer, transform, [], items, 128, torch.autocast("cpu", enabled=False), "cpu")
-    colour = [e for c, e in items if e in data.DEMO_COLOURS]
+    colour = [e for c, e in items if e in demo.COLOURS]
     assert 0 < colour.count("red") < len(colour)
     assert out["accuracy_colour"] == colour.count("red") / len(colour)
     assert out["accuracy"] == colour.count("red") / len(items)
-    kinds = {k for k, answers in data.DEMO_ANSWERS.items() if any(e in answers for _, e in items)}
+    kinds = {k for k, answers in demo.ANSWERS.items() if any(e in answers for _, e in items)}
     assert {k for k in out if k.startswith("accuracy_")} == {f"accuracy_{k}" for k in kinds}
     assert all(out[f"accuracy_{k}"] == 0 for k in kinds - {"colour"})
-    assert out["chance"] == data.demo_chance(items)
+    assert out["chance"] == demo.chance([e for _, e in items])
 
 
 def test_the_media_rule_is_saved_with_the_run_and_used_by_its_model(base):
     """The demo trains with attend_previous (the default rule for the release weights): lora.pt carries the
     rule, so chat.py decodes with the rule the weights were trained with."""
-    import mmgpt
+    import checkpoints
     paper = ["--config", base["config"], "--llama", base["llama"], "--openflamingo", base["openflamingo"]]
     assert train.parse_args([]).attend_previous is True
     assert train.parse_args(paper).attend_previous is False
@@ -137,12 +138,12 @@ def test_the_media_rule_is_saved_with_the_run_and_used_by_its_model(base):
         saved = torch.load(out / "lora.pt", weights_only=True)
         assert saved["settings"]["attend_previous"] is rule
         assert not any(n.startswith("vision.") for n in saved["weights"])  # no --vision-lr: the ViT stays frozen
-        model, _, _ = mmgpt.load_run(str(out))
+        model, _, _ = checkpoints.load_run(str(out))
         assert model.cfg.attend_previous is rule
 
 
 def test_vision_lr_trains_the_vit_and_saves_it_with_the_run(base):
-    import mmgpt
+    import checkpoints
     out = base["tmp"] / "vit"
     run(base, out, "--max-steps", "2", "--vision-lr", "1e-2")
     saved = torch.load(out / "lora.pt", weights_only=True)["weights"]
@@ -150,5 +151,5 @@ def test_vision_lr_trains_the_vit_and_saves_it_with_the_run(base):
     vit = {n[len("vision.visual."):]: t for n, t in saved.items() if n.startswith("vision.")}
     assert vit.keys() == start.keys()
     assert not torch.equal(vit["conv1.weight"], start["conv1.weight"])  # it moved ...
-    model, _, _ = mmgpt.load_run(str(out))                                # ... and the run loads it back
+    model, _, _ = checkpoints.load_run(str(out))                                # ... and the run loads it back
     assert torch.equal(model.vision.visual.conv1.weight, vit["conv1.weight"])

@@ -1,0 +1,419 @@
+"""Every weight file mmgpt reads or writes, read safely (no file a user hands in can run code).
+
+Read top-down:
+  read_checkpoint                    torch / safetensors files: weights_only, or a restricted unpickler for the
+                                     release's pickled mmengine config; never arbitrary code
+  our_name, copy_into                the HF-LLaMA / OpenFlamingo / peft key layouts -> this model's names
+  llama_*, read_openflamingo, ...    HF LLaMA directories, OpenFlamingo checkpoint.pt, LoRA files, CLIP weights
+  load                               MultiModal-GPT from the files users have: (model, tokenizer, transform)
+  save_*, RELEASE, load_run          the same layouts written back; where the release lives; train.py's run folders
+"""
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import lora as lora_lib
+from mmgpt import MMGPT, Config, Tokenizer, build
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the keys."""
+
+
+def _some(keys, n: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+class _PlainDict(dict):
+    """Stands in for mmengine's ConfigDict (an addict Dict) in the MultiModal-GPT release file."""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.update(state)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds tensors (torch's own storage handling wraps this class) and plain containers, nothing else."""
+    TENSORS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+               ("collections", "OrderedDict")}
+    DICTS = {("mmengine.config.config", "ConfigDict"), ("addict.addict", "Dict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.DICTS:
+            return _PlainDict
+        if (module, name) in self.TENSORS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+class _restricted_pickle:  # what torch.load wants as a pickle_module
+    Unpickler = _RestrictedUnpickler
+    load = None
+
+
+def read_checkpoint(path: str):
+    """A torch file, read with weights_only=True; a file that holds other objects (the release's pickled mmengine
+    config) is read by a restricted unpickler that only rebuilds plain containers and tensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    import zipfile
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read safely: {e}") from None
+
+
+def our_name(key: str) -> str | None:
+    """A key of the HF-LLaMA / OpenFlamingo / MultiModal-GPT (peft inside DDP) layouts -> this model's parameter
+    name; None for buffers that carry nothing (rotary inv_freq)."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return None
+    k = key.removeprefix("module.").removeprefix("lang_encoder.").removeprefix("base_model.model.")
+    # OpenFlamingo keeps each cross-attention block under two names; both map to the same parameter.
+    k = re.sub(r"^gated_cross_attn_layers\.(\d+)\.", r"model.layers.\1.gated_cross_attn_layer.", k)
+    k = k.replace(".decoder_layer.", ".").replace(".gated_cross_attn_layer.", ".xattn.")
+    k = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1", k)
+    return k.removeprefix("model.")
+
+
+def _hf_name(name: str) -> str:
+    """This model's LLaMA parameter name -> HF's."""
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def is_llama_param(name: str) -> bool:
+    return not name.startswith(("vision.", "perceiver.")) and ".xattn." not in name and ".lora_" not in name
+
+
+def is_flamingo_param(name: str) -> bool:
+    """What OpenFlamingo trained: perceiver, cross-attention blocks, input embeddings."""
+    return (name.startswith("perceiver.") or ".xattn." in name or name == "embed_tokens.weight") \
+        and ".lora_" not in name
+
+
+def copy_into(model: nn.Module, tensors: dict, path: str, required) -> set[str]:
+    """Copy tensors (our names) into the model's parameters. Errors name the file and every bad key. Embedding and
+    lm_head rows may number V (sentencepiece) instead of V + 3: the added tokens' rows then stay as they are."""
+    params = dict(model.named_parameters())
+    unknown = [k for k in tensors if k not in params]
+    missing = [k for k in required if k not in tensors]
+    wrong = [f"{k} {tuple(t.shape)} (model: {tuple(params[k].shape)})" for k, t in tensors.items()
+             if k in params and t.shape != params[k].shape
+             and not (k in ("embed_tokens.weight", "lm_head.weight") and t.shape[1:] == params[k].shape[1:]
+                      and t.shape[0] == params[k].shape[0] - 3)]
+    problems = [f"{what}: {_some(keys)}" for what, keys in
+                (("unknown keys", unknown), ("missing keys", missing), ("wrong shapes", wrong)) if keys]
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k][: t.shape[0]].copy_(t)
+    return set(tensors)
+
+
+def llama_files(directory: str) -> list[str]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        p = os.path.join(directory, index)
+        if os.path.isfile(p):
+            with open(p) as f:
+                return [os.path.join(directory, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(directory, single)):
+            return [os.path.join(directory, single)]
+    raise FileNotFoundError(f"{directory}: no LLaMA weights (model.safetensors, pytorch_model.bin, or a sharded "
+                            f"index model.safetensors.index.json / pytorch_model.bin.index.json)")
+
+
+def llama_config(directory: str) -> dict:
+    """Config fields read off an HF LLaMA config.json."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        c = json.load(f)
+    try:
+        if c.get("num_key_value_heads", c["num_attention_heads"]) != c["num_attention_heads"]:
+            raise CheckpointError(f"{path}: grouped-query attention (num_key_value_heads) is not LLaMA-7B's layout")
+        return dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                    hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                    rope_theta=c.get("rope_theta", 10000.0),
+                    max_seq_len=c.get("max_position_embeddings", c.get("max_sequence_length", 2048)))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e}") from None
+
+
+def read_openflamingo(path: str) -> dict[str, torch.Tensor]:
+    sd = read_checkpoint(path)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors (OpenFlamingo checkpoint.pt)")
+    return {n: t for k, t in sd.items() if (n := our_name(k)) is not None}
+
+
+def flamingo_layout(tensors: dict[str, torch.Tensor], path: str) -> dict:
+    """Where the cross-attention blocks sit, the perceiver's depth and latents, and the head counts (heads of
+    64 dimensions, as OpenFlamingo's) and FFW width, read off the keys and shapes."""
+    layers = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"layers\.(\d+)\.xattn\.", k))})
+    depth = len({m.group(1) for k in tensors if (m := re.match(r"perceiver\.layers\.(\d+)\.", k))})
+    if not layers or not depth or "perceiver.latents" not in tensors:
+        raise CheckpointError(f"{path}: no cross-attention blocks or perceiver found; keys look like: {_some(tensors)}")
+    try:
+        xattn_q = tensors[f"layers.{layers[0]}.xattn.attn.to_q.weight"]
+        perceiver_q = tensors["perceiver.layers.0.0.to_q.weight"]
+        ff = tensors[f"layers.{layers[0]}.xattn.ff.1.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing keys: {e}") from None
+    return dict(xattn_layers=tuple(layers), perceiver_depth=depth,
+                perceiver_latents=tensors["perceiver.latents"].shape[0],
+                xattn_heads=xattn_q.shape[0] // 64, perceiver_heads=perceiver_q.shape[0] // 64,
+                ff_mult=ff.shape[0] // ff.shape[1])
+
+
+@dataclass
+class LoRAWeights:
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple
+    tensors: dict          # our names -> tensors: lora_A/lora_B, plus any parameters trained in full
+    settings: dict         # this project's files: how the run was set up (what it was trained on, etc.)
+
+
+def read_lora(path: str) -> LoRAWeights:
+    """This project's lora.pt, or the MultiModal-GPT release (peft keys under `module.`, a pickled tuning_config)."""
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == "mmgpt-lora":
+        s = ckpt["settings"]
+        return LoRAWeights(s["lora_r"], s["lora_alpha"], s.get("lora_dropout", 0.0), tuple(s["lora_targets"]),
+                           dict(ckpt["weights"]), s)
+    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: neither this project's lora.pt nor a MultiModal-GPT checkpoint "
+                              f"(no 'model_state_dict')")
+    tensors = {n: t for k, t in ckpt["model_state_dict"].items() if (n := our_name(k)) is not None}
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")}
+    if len(ranks) != 1:
+        raise CheckpointError(f"{path}: expected lora_A tensors of one rank, found ranks {sorted(ranks) or 'none'}")
+    tc = ckpt.get("tuning_config") or {}
+    targets = sorted({k.rsplit(".", 1)[0] for k in tensors if ".lora_" in k})
+    targets = tuple(tc.get("lora_target_modules") or sorted({t.split(".", 2)[-1] for t in targets}))
+    return LoRAWeights(ranks.pop(), float(tc.get("lora_alpha", 16)), float(tc.get("lora_dropout", 0.0)), targets,
+                       tensors, {})
+
+
+def apply_lora(model: "MMGPT", weights: LoRAWeights, path: str):
+    """Inject LoRA layers (into the language model only, as MultiModal-GPT does) and load their weights."""
+    names = lora_lib.inject(model, weights.r, weights.alpha, weights.dropout, weights.targets, within="layers.")
+    required = [f"{n}.{ab}" for n in names for ab in ("lora_A", "lora_B")]
+    copy_into(model, weights.tensors, path, required)
+    return names
+
+
+def vision_model_config(vision: str, weights: str | None) -> dict:
+    """open_clip model config by name or JSON path, with the activation the weights were trained with.
+
+    OpenAI's CLIP uses QuickGELU, and OpenFlamingo was trained on OpenAI's ViT-L/14. open_clip's own configs
+    don't say so (its 'openai' tag does), so QuickGELU is used when the tag says so, when a local file is an
+    OpenAI TorchScript archive, or when a local file is given for a model OpenAI released. A model-config JSON
+    with an explicit "quick_gelu" key is taken at its word.
+    """
+    import open_clip
+    from_json = vision.endswith(".json") or os.path.isfile(vision)
+    if from_json:
+        with open(vision) as f:
+            cfg = json.load(f)
+    else:
+        cfg = open_clip.get_model_config(vision)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip model {vision!r}: give a name open_clip knows "
+                             f"(e.g. ViT-L-14) or the path of an open_clip model-config JSON")
+    if "vision_cfg" not in cfg or "embed_dim" not in cfg:
+        raise ValueError(f"{vision}: an open_clip model config needs 'embed_dim' and 'vision_cfg'")
+    out = {"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"], "quick_gelu": cfg.get("quick_gelu", False)}
+    if weights and not os.path.isfile(weights):
+        tag = open_clip.get_pretrained_cfg(vision, weights)
+        out["quick_gelu"] = out["quick_gelu"] or tag.get("quick_gelu", False)
+        out["preprocess"] = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
+    elif weights and not (from_json and "quick_gelu" in cfg):
+        openai_model = not from_json and open_clip.get_pretrained_cfg(vision, "openai")
+        out["quick_gelu"] = out["quick_gelu"] or bool(openai_model) or is_torchscript(weights)
+    return out
+
+
+def is_torchscript(path: str) -> bool:
+    import zipfile
+    return zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+
+
+def vision_weights_file(vision: str, weights: str) -> str:
+    if os.path.isfile(weights):
+        return weights
+    import open_clip
+    tag = open_clip.get_pretrained_cfg(vision, weights)
+    if not tag:
+        raise FileNotFoundError(f"vision weights {weights!r}: neither a file nor an open_clip pretrained tag of {vision}")
+    try:
+        return open_clip.download_pretrained(tag)
+    except Exception as e:
+        raise FileNotFoundError(f"could not fetch open_clip weights {vision}/{weights} ({type(e).__name__}: {e}); "
+                                f"pass the path of a local CLIP weights file instead") from None
+
+
+def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
+    """A full CLIP state dict (visual.* keys) or a visual-only one; OpenAI's TorchScript archives too."""
+    if is_torchscript(path):
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        sd = read_checkpoint(path)
+        sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    return sd
+
+
+def image_transform_for(vision_cfg: dict):
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+    size = vision_cfg["vision_cfg"]["image_size"]
+    pp = merge_preprocess_dict(PreprocessCfg(size=size), vision_cfg.get("preprocess", {}))
+    return image_transform_v2(PreprocessCfg(**pp), is_train=False)
+
+
+def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
+         dtype=torch.float32, attend_previous: bool = False):
+    """Build MultiModal-GPT from the files users have. Returns (model, tokenizer, image_transform).
+
+    llama: HF LLaMA directory (config.json, weights, tokenizer.model). openflamingo: its checkpoint.pt, or None
+    for fresh cross-attention blocks (gates at zero: the plain LLaMA). lora: the MultiModal-GPT release .pt or
+    this project's lora.pt. vision: open_clip model name or model-config JSON; vision_weights: open_clip
+    pretrained tag, a local CLIP weights file, or None (random). Frozen weights are held in `dtype`.
+    attend_previous: the media-masking rule the weights were trained with (the release: False).
+    """
+    if llama is None:
+        raise ValueError("load() needs llama=DIR, an HF LLaMA directory")
+    tokenizer_file = os.path.join(llama, "tokenizer.model")
+    if not os.path.isfile(tokenizer_file):
+        raise FileNotFoundError(f"{tokenizer_file}: no such file (the LLaMA directory must hold tokenizer.model)")
+    tokenizer = Tokenizer(tokenizer_file)
+    flamingo = read_openflamingo(openflamingo) if openflamingo else None
+    vcfg = vision_model_config(vision, vision_weights)
+    cfg = Config(**llama_config(llama), vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, vision=vcfg,
+                 attend_previous=attend_previous, **(flamingo_layout(flamingo, openflamingo) if flamingo else {}))
+    model = build(cfg, device, dtype)
+    # Rows of the 3 added tokens that no checkpoint holds (lm_head always; embeddings without OpenFlamingo) are 0.
+    with torch.no_grad():
+        model.embed_tokens.weight[-3:] = 0
+        model.lm_head.weight[-3:] = 0
+    if vision_weights:
+        path = vision_weights_file(vision, vision_weights)
+        copy_into(model.vision.visual, read_vision_weights(path), path, dict(model.vision.visual.named_parameters()))
+    required = [n for n, _ in model.named_parameters() if is_llama_param(n)]
+    loaded = set()
+    for path in llama_files(llama):
+        tensors = {n: t for k, t in read_checkpoint(path).items() if (n := our_name(k)) is not None}
+        loaded |= copy_into(model, tensors, path, [])
+        del tensors
+    missing = [n for n in required if n not in loaded]
+    if missing:
+        raise CheckpointError(f"{llama}: missing keys: {_some(_hf_name(n) for n in missing)}")
+    if flamingo:
+        copy_into(model, flamingo, openflamingo, [n for n, _ in model.named_parameters() if is_flamingo_param(n)])
+    if lora:
+        apply_lora(model, read_lora(lora), lora)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer, image_transform_for(vcfg)
+
+
+def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
+    """Write the language model as an HF LLaMA directory (config.json, model.safetensors, tokenizer.model)."""
+    from safetensors.torch import save_file
+    import shutil
+    cfg = model.cfg
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+                   "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+                   "num_attention_heads": cfg.n_heads, "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
+                   "max_position_embeddings": cfg.max_seq_len, "bos_token_id": 1, "eos_token_id": 2,
+                   "hidden_act": "silu"}, f, indent=2)
+    tensors = {_hf_name(n): p.detach().contiguous() for n, p in model.named_parameters() if is_llama_param(n)}
+    save_file(tensors, os.path.join(directory, "model.safetensors"))
+    if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(directory, "tokenizer.model")):
+        shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.model"))
+
+
+def save_openflamingo(model: MMGPT, path: str):
+    """Write perceiver, cross-attention blocks and embeddings in OpenFlamingo's checkpoint.pt layout."""
+    sd = {}
+    for n, p in model.named_parameters():
+        if not is_flamingo_param(n):
+            continue
+        t = p.detach().clone()
+        if m := re.match(r"layers\.(\d+)\.xattn\.(.*)", n):
+            sd[f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}"] = t
+            sd[f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"] = t
+        elif n == "embed_tokens.weight":
+            sd["lang_encoder.model.embed_tokens.weight"] = t
+        else:
+            sd[n] = t
+    torch.save(sd, path)
+
+
+# Where the MultiModal-GPT README tells people to put the released weights, and where each comes from.
+RELEASE = {"llama": "checkpoints/llama-7b_hf", "openflamingo": "checkpoints/OpenFlamingo-9B/checkpoint.pt",
+           "lora": "checkpoints/mmgpt-lora-v0-release.pt"}
+RELEASE_SOURCES = {
+    "llama": "LLaMA-7B in HuggingFace format (convert Meta's weights with transformers' "
+             "convert_llama_weights_to_hf.py); holds config.json, the weights and tokenizer.model",
+    "openflamingo": "https://huggingface.co/openflamingo/OpenFlamingo-9B (checkpoint.pt)",
+    "lora": "https://download.openmmlab.com/mmgpt/v0/mmgpt-lora-v0-release.pt",
+}
+BASE_FILES = ("llama", "openflamingo", "vision", "vision_weights")  # what a lora.pt's settings name to rebuild
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file under `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
+    """This project's lora.pt: the LoRA tensors, any parameters trained in full (names in `unfrozen`), and the
+    settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets, attend_previous; llama,
+    openflamingo, vision, vision_weights: paths relative to the file's folder or absolute)."""
+    weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+               if n.endswith((".lora_A", ".lora_B")) or n in set(unfrozen)}
+    here = os.path.dirname(os.path.abspath(path))
+
+    def relative(p):  # a file inside the run folder is stored relative to it, so the folder can move
+        inside = p and os.path.exists(p) and os.path.abspath(p).startswith(here + os.sep)
+        return os.path.relpath(os.path.abspath(p), here) if inside else p
+
+    settings = {k: relative(v) if k in BASE_FILES else v for k, v in settings.items()}
+    atomic_save({"format": "mmgpt-lora", "weights": weights, "settings": settings}, path)
+
+
+def load_run(path: str, device="cpu", dtype=torch.float32):
+    """A train.py output folder (or its lora.pt): load the base it was trained on, then its weights."""
+    file = os.path.join(path, "lora.pt") if os.path.isdir(path) else path
+    settings = read_lora(file).settings
+    if not settings:
+        raise CheckpointError(f"{file}: not a train.py output (it names no base model); "
+                              f"pass --llama, --openflamingo and --lora instead")
+    here = os.path.dirname(os.path.abspath(file))
+
+    def where(p):  # paths are stored relative to the run folder when they lie inside it
+        return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
+
+    return load(**{k: where(settings.get(k)) for k in BASE_FILES}, lora=file, device=device, dtype=dtype,
+                attend_previous=settings.get("attend_previous", False))
