@@ -473,3 +473,17 @@ def __getattr__(name):
         return getattr(checkpoints, name)
     except AttributeError:
         raise AttributeError(f"module 'mmgpt' has no attribute {name!r}") from None
+
+
+# TEMPORARY (eval branch): replaced by chat-fast's generate_batch at merge
+@torch.no_grad()
+def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Tensor | None], *, max_new_tokens: int,
+                   eos_id: int, banned: list[int]) -> list[list[int]]:
+    """Greedy answers to several prompts (images[i]: (n_i, 3, H, W) for prompt i's n_i <image> tokens, or None),
+    each without its EOS. This stand-in decodes one row at a time, each with its own cache."""
+    out = []
+    for ids, pictures in zip(prompts, images, strict=True):
+        cache = model.new_cache(min(model.cfg.max_seq_len, len(ids) + max_new_tokens))
+        out.append(list(generate(model, cache, ids, None if pictures is None else pictures[None],
+                                 max_new_tokens=max_new_tokens, eos_id=eos_id, banned=banned, greedy=True)))
+    return out
