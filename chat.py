@@ -153,6 +153,16 @@ class Chat:
 # ----------------------------------------------------------------------------------------------------------------
 # Weights
 
+def add_weight_args(group):
+    """The flags find_weights reads (eval.py takes the same)."""
+    group.add_argument("--ckpt", help="a train.py output folder (or its lora.pt)")
+    group.add_argument("--llama", help="HF LLaMA directory (config.json, weights, tokenizer.model)")
+    group.add_argument("--openflamingo", help="OpenFlamingo checkpoint.pt")
+    group.add_argument("--lora", help="the MultiModal-GPT LoRA release .pt, or a train.py lora.pt")
+    group.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
+    group.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or a CLIP weights file")
+
+
 def find_weights(args) -> dict:
     """load() or load_run() arguments: from the flags, else the release layout, else runs/demo; else exit with
     what to pass and where the weights come from."""
@@ -282,13 +292,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Chat with MultiModal-GPT about a picture.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS)
     ap.add_argument("image", nargs="?", help="the picture to talk about (none: a language-only chat)")
-    w = ap.add_argument_group("weights (none: checkpoints/ as the MultiModal-GPT README lays it out, then runs/demo)")
-    w.add_argument("--ckpt", help="a train.py output folder (or its lora.pt)")
-    w.add_argument("--llama", help="HF LLaMA directory (config.json, weights, tokenizer.model)")
-    w.add_argument("--openflamingo", help="OpenFlamingo checkpoint.pt")
-    w.add_argument("--lora", help="the MultiModal-GPT LoRA release .pt, or a train.py lora.pt")
-    w.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
-    w.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or a CLIP weights file")
+    add_weight_args(ap.add_argument_group(
+        "weights (none: checkpoints/ as the MultiModal-GPT README lays it out, then runs/demo)"))
     o = ap.add_argument_group("one-shot use")
     o.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a round's question (repeat for more rounds; commands work too); answer and exit")
