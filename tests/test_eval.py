@@ -1,0 +1,337 @@
+"""eval.py: the metrics against hand-computed cases, every reader on tiny files in the real formats (and its bad
+input named), prompts, batched == one-at-a-time generation, and --task demo == train.py's evaluation."""
+import json
+import math
+import os
+import re
+from contextlib import nullcontext
+
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import data
+import demo
+import eval
+import mmgpt
+import train
+from conftest import tiny_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+def test_official_normalisation_examples():
+    assert eval.normalise_answer("Two") == "2"
+    assert eval.normalise_answer("a dog") == "dog"
+    assert eval.normalise_answer("dont") == "don't"
+    assert eval.normalise_answer(" The Yes.\n") == "yes"
+    assert eval.normalise_answer("2.5") == "2.5"                        # a period before a digit stays
+    assert eval.normalise_answer("1,000") == "1000"                     # a number with a comma: punctuation removed
+    assert eval.normalise_answer("black-and-white") == "black and white"  # punctuation between words: a space
+    assert eval.normalise_answer("red, white") == "red white"           # punctuation next to a space: removed
+    assert eval.normalise_answer("none") == "0"
+
+
+def test_vqa_accuracy_hand_computed():
+    # Humans disagree: all normalised. "Two" -> "2": each of the three "2" voters leaves 2 matches (2/3), each of
+    # the seven others leaves 3 (1): (3 * 2/3 + 7) / 10.
+    assert eval.vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    # One human agrees: 0 when that one is left out, 1/3 otherwise: 9 * (1/3) / 10.
+    assert eval.vqa_accuracy("red", ["red"] + ["blue"] * 9) == pytest.approx(0.3)
+    assert eval.vqa_accuracy("green", ["red"] + ["blue"] * 9) == 0
+    assert eval.vqa_accuracy("Yes.", ["yes"] * 10) == 1.0               # the answer is always normalised
+    # Unanimous human answers are compared as written (the official vqaEval.py): "Dog" is not normalised to "dog".
+    assert eval.vqa_accuracy("dog", ["Dog"] * 10) == 0
+    assert eval.vqa_accuracy("dog", ["Dog"] * 9 + ["a dog"]) == 1.0
+
+
+def test_tokenize_like_ptb():
+    assert eval.tokenize("Don't the dog's A-frame, 2.5 (big)... \"ok\"!") == \
+        ["do", "n't", "the", "dog", "'s", "a-frame", "2.5", "big", "ok"]
+
+
+def test_cider_d_hand_computed():
+    # Two images: "a" is in both images' references (idf log(2/2) = 0), everything else in one (idf log 2). An exact
+    # match then scores 1 on n = 1 and 2 and 0 on n = 3, 4 (no such n-grams): 10 * (1 + 1 + 0 + 0) / 4 = 5.
+    assert eval.cider_d(["a cat", "a dog"], [["a cat"], ["a dog"]]) == pytest.approx([5.0, 5.0])
+    # "cat" against "a cat": unigram cosine 1 (the weight of "a" is 0), no bigram; lengths (in bigrams) 0 and 1
+    # give the Gaussian penalty exp(-1 / (2 * 6^2)).
+    assert eval.cider_d(["Cat.", "a dog"], [["a cat"], ["a dog"]]) == \
+        pytest.approx([10 * math.exp(-1 / 72) / 4, 5.0])
+    # Three images, two references for the first. Against "a cat": 1 (n=1) + 1 (n=2). Against "the cat": unigram
+    # vectors {a: 0, cat: l} . {the: l, cat: l} / (l * l sqrt 2) = 1/sqrt 2, no shared bigram. Averaged over the
+    # 4 n and the 2 references, times 10.
+    score = eval.cider_d(["a cat", "a dog", "a bird"], [["a cat", "the cat"], ["a dog"], ["a bird"]])[0]
+    assert score == pytest.approx((2 + 1 / math.sqrt(2)) / 4 / 2 * 10)
+
+
+def test_bleu4_hand_computed():
+    # "the cat sat on the mat" vs "the cat sat on a mat": clipped precisions 5/6, 3/5, 2/4, 1/3, equal lengths.
+    assert eval.bleu(["the cat sat on the mat"], [["the cat sat on a mat"]]) == pytest.approx((1 / 12) ** 0.25)
+    # A second pair: "a dog sat on the mat" against the closest-length reference (7 words, not 1): 6/6, 4/5, 3/4,
+    # 2/3. Corpus counts 11/12, 7/10, 5/8, 3/6; candidate 12 words, references 6 + 7: brevity penalty exp(1 - 13/12).
+    got = eval.bleu(["the cat sat on the mat", "A dog sat on the mat."],
+                    [["the cat sat on a mat"], ["a dog sat on the red mat", "dog"]])
+    assert got == pytest.approx((11 / 12 * 7 / 10 * 5 / 8 * 3 / 6) ** 0.25 * math.exp(1 - 13 / 12))
+
+
+def test_answers_post_processed():
+    assert eval.short_answer("The answer is red. Because it is ripe.") == "red"
+    assert eval.short_answer("yes.\nQuestion: what?") == "yes"
+    assert eval.short_answer(" 2 Short answer: 3") == "2"
+    assert eval.short_answer("2.5 meters!") == "2.5 meters"
+    assert eval.caption("A dog on a bed.\nOutput: x") == "A dog on a bed."
+    assert eval.caption("Two cats<|endofchunk|>") == "Two cats"
+
+
+def test_aokvqa_choice_and_direct_answer():
+    choices = ["red", "green apple", "green", "blue"]
+    assert eval.choose("Red", choices) == 0
+    assert eval.choose("a green apple", choices) == 1        # equal after normalisation
+    assert eval.choose("it is green here", choices) == 2     # contained as whole words
+    assert eval.choose("purple", choices) is None
+    assert eval.aokvqa_direct("Red", ["red"] * 2 + ["blue"] * 8) == pytest.approx(2 / 3)
+    assert eval.aokvqa_direct("red", ["red"] * 4 + ["blue"] * 6) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers, on tiny files in the real formats
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def picture(path, colour=(200, 30, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (20, 20), colour).save(path)
+
+
+def vqa_files(tmp, n=3):
+    questions = {"data_subtype": "val2014",
+                 "questions": [{"image_id": 10 + i, "question": f"What colour {i}?", "question_id": 100 + i}
+                               for i in range(n)]}
+    annotations = {"annotations": [{"question_id": 100 + i, "answers": [{"answer": a, "answer_id": j}
+                                                                         for j, a in enumerate(["red"] * 6 + ["blue"] * 4)]}
+                                   for i in range(n)]}
+    for i in range(n):
+        picture(str(tmp / "val2014" / f"COCO_val2014_{10 + i:012d}.jpg"), (40 * i, 30, 30))
+    return write(tmp / "q.json", questions), write(tmp / "a.json", annotations), str(tmp / "val2014")
+
+
+def test_readers_in_the_published_formats(tmp_path):
+    q, a, images = vqa_files(tmp_path)
+    items = eval.read("vqav2", q, a, images)
+    assert [(it.id, it.question, it.references[:2]) for it in items[:2]] == \
+        [("100", "What colour 0?", ["red", "red"]), ("101", "What colour 1?", ["red", "red"])]
+    assert items[0].image == os.path.join(images, "COCO_val2014_000000000010.jpg")
+
+    textvqa = write(tmp_path / "t.json", {"data": [{"question_id": 7, "image_id": "abc", "question": "Brand?",
+                                                    "answers": ["nike"] * 10}]})
+    [it] = eval.read("textvqa", None, textvqa, "imgs")
+    assert (it.id, it.image, it.references[0]) == ("7", os.path.join("imgs", "abc.jpg"), "nike")
+
+    vizwiz = write(tmp_path / "v.json", [{"image": "VizWiz_val_00000000.jpg", "question": "What is this?",
+                                          "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10,
+                                          "answerable": 0}])
+    [it] = eval.read("vizwiz", None, vizwiz, "imgs")
+    assert (it.id, it.references[0]) == ("VizWiz_val_00000000.jpg", "unanswerable")
+
+    lavis = write(tmp_path / "c.json", [{"image": "val2014/COCO_val2014_000000391895.jpg",
+                                         "caption": ["A man riding.", "A person on a bike."]}])
+    [it] = eval.read("coco", None, lavis, "coco")
+    assert (it.id, it.question, it.references) == ("val2014/COCO_val2014_000000391895.jpg", None,
+                                                   ["A man riding.", "A person on a bike."])
+    karpathy = write(tmp_path / "k.json", {"images": [
+        {"filename": "1.jpg", "split": "train", "sentences": [{"raw": "no"}]},
+        {"filename": "2.jpg", "split": "test", "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}]}]})
+    [it] = eval.read("flickr30k", None, karpathy, "flickr")
+    assert (it.id, it.image, it.references) == ("2.jpg", os.path.join("flickr", "2.jpg"), ["A dog."])
+
+    rec = {"split": "val", "image_id": 299207, "question_id": "q1", "question": "What is it?",
+           "choices": ["cat", "dog", "cow", "hen"], "correct_choice_idx": 1, "direct_answers": ["dog"] * 10,
+           "difficult_direct_answer": False, "rationales": ["r"] * 3}
+    aokvqa = write(tmp_path / "ao.json", [rec, {**rec, "question_id": "q2", "difficult_direct_answer": True}])
+    items = eval.read("aokvqa", None, aokvqa, "coco")
+    assert [(it.id, it.references[0], it.correct) for it in items] == \
+        [("q1:mc", "dog", 1), ("q1:da", "dog", None), ("q2:mc", "dog", 1)]   # difficult: no direct-answer row
+    assert items[0].image == os.path.join("coco", "val2017", "000000299207.jpg")
+
+
+@pytest.mark.parametrize("task, content, message", [
+    ("vqav2:q", {"qs": []}, "{q}: missing field 'questions' (expected {{\"questions\": [...]}})"),
+    ("vqav2:q", {"questions": [{"image_id": 10, "question_id": 100}]}, "{q} questions[0]: missing field 'question'"),
+    ("vqav2:q", {"questions": [{"image_id": "x", "question": "?", "question_id": 100}]},
+     "{q} questions[0]: field 'image_id': expected an integer, got str"),
+    ("vqav2:q", {"questions": [{"image_id": 10, "question": "?", "question_id": 5}]},
+     "{q} questions[0]: question_id 5 has no annotation in {a}"),
+    ("vqav2:a", {"annotations": [{"question_id": 100, "answers": "red"}]},
+     "{a} annotations[0]: field 'answers': expected a non-empty list"),
+    ("vqav2:a", {"annotations": [{"question_id": 100, "answers": [{"answer": "red"}, {"ans": "x"}]}]},
+     "{a} annotations[0] answers[1]: missing field 'answer'"),
+    ("vqav2:a", "[1, 2", "{a} line 1 column 6: malformed JSON: Expecting ',' delimiter"),
+    ("textvqa", {"data": [{"question_id": 1, "image_id": "x", "question": "?", "answers": [3, None]}]},
+     "{f} data[0]: field 'answers[1]': expected text, got NoneType"),
+    ("vizwiz", [["not", "a", "record"]], "{f} record[0]: expected a JSON object, got list"),
+    ("coco", [{"image": "x.jpg", "caption": []}], "{f} record[0]: field 'caption': expected a non-empty list"),
+    ("coco", {"images": [{"filename": "x.jpg", "split": "test", "sentences": [{"tokens": []}]}]},
+     "{f} images[0] sentences[0]: missing field 'raw'"),
+    ("coco", {"images": [{"filename": "x.jpg", "split": "val", "sentences": [{"raw": "a"}]}]},
+     "{f}: no image has split 'test' (--split)"),
+    ("aokvqa", [{"split": "val", "image_id": 1, "question_id": "q", "question": "?", "choices": ["a", "b"],
+                 "correct_choice_idx": 2, "direct_answers": ["a"], "difficult_direct_answer": False}],
+     "{f} record[0]: field 'correct_choice_idx': 2 is not an index into the 2 choices"),
+    ("aokvqa", {"questions": []}, "{f}: the file: expected a list of records, got dict"),
+])
+def test_bad_input_names_file_record_and_field(tmp_path, task, content, message):
+    q, a, images = vqa_files(tmp_path, n=1)
+    task, _, which = task.partition(":")
+    f = {"q": q, "a": a}.get(which, str(tmp_path / "f.json"))
+    (tmp_path / os.path.basename(f)).write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(data.DataError) as e:
+        eval.read(task, q, a if task == "vqav2" else f, images)
+    assert str(e.value) == message.format(q=q, a=a, f=f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+def test_prompts_zero_and_few_shot(tmp_path):
+    q, a, images = vqa_files(tmp_path)
+    items = eval.read("vqav2", q, a, images)
+    text, pictures = eval.prompt_and_pictures(items[0], [], 0, "paper", eval.INSTRUCTIONS["vqa"], seed=0)
+    assert text == (data.HEADER + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat colour 0? Answer the question "
+                    "using a single word or phrase.\n\n### Response:\n")
+    assert pictures == [items[0].image]
+    # One shot from a support set of the same file: never the item itself, the answer most humans gave.
+    text, pictures = eval.prompt_and_pictures(items[0], items[:2], 1, "flamingo", "", seed=0)
+    assert text == ("<image>Question:What colour 1? Short answer:red<|endofchunk|>"
+                    "<image>Question:What colour 0? Short answer:")
+    assert pictures == [items[1].image, items[0].image]
+    # Seeded by (seed, item id): the same examples whatever else is asked, others for another seed somewhere.
+    draws = {s: [x.id for x in eval.draw_shots(items[0], items, 1, s)] for s in range(20)}
+    assert draws[3] == [x.id for x in eval.draw_shots(items[0], items[::-1][::-1], 1, 3)]
+    assert len({d[0] for d in draws.values()}) == 2 and all(d != ["100"] for d in draws.values())
+    with pytest.raises(data.DataError, match="--shots 3 needs 3 besides the item itself"):
+        eval.draw_shots(items[0], items, 3, 0)
+
+    caption = eval.Item("1.jpg", "1.jpg", None, ["A dog.", "A pet."])
+    assert eval.flamingo_block(caption, eval.shot_answer(caption)) == "<image>Output:A dog.<|endofchunk|>"
+    mc = eval.Item("q:mc", "x.jpg", "What is it?", ["dog"], choices=["cat", "dog"], correct=1)
+    assert eval.zero_shot_prompt(mc, eval.INSTRUCTIONS["aokvqa"]).endswith(
+        "### Instruction:\nWhat is it?\n\n### Input:\ncat, dog\n\n### Response:\n")
+    assert eval.flamingo_block(mc, None) == "<image>Question:What is it? Choices: cat, dog. Short answer:"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+def test_generate_batch_equals_one_at_a_time(tokenizer):
+    model = tiny_model(tokenizer, seed=3)
+    torch.manual_seed(0)
+    img = tokenizer.image_id
+    prompts = [tokenizer.encode("the cat sat") + [img] + tokenizer.encode("what colour is it ?"),
+               tokenizer.encode("a dog"),                                                   # no picture
+               [1, img] + tokenizer.encode("how many") + [img] + tokenizer.encode("shapes are there on the mat"),
+               tokenizer.encode("red blue green yellow square circle triangle picture shows") + [img]]
+    images = [torch.randn(1, 3, 28, 28), None, torch.randn(2, 3, 28, 28), torch.randn(1, 3, 28, 28)]
+    banned = tokenizer.never_generate
+
+    def one_at_a_time(eos, n=10):
+        return [list(mmgpt.generate(model, model.new_cache(), p, None if x is None else x[None], max_new_tokens=n,
+                                    eos_id=eos, banned=banned, greedy=True)) for p, x in zip(prompts, images)]
+
+    free = one_at_a_time(eos=-1)
+    # A stop token that ends row 0 early: its first token not written before.
+    eos = next(t for i, t in enumerate(free[0]) if i > 0 and t not in free[0][:i])
+    expected = one_at_a_time(eos)
+    assert 0 < len(expected[0]) < 10 and any(len(r) == 10 for r in expected)   # early stop and full length
+    assert len({tuple(r) for r in expected}) > 1
+    got = mmgpt.generate_batch(model, prompts, images, max_new_tokens=10, eos_id=eos, banned=banned)
+    assert got == expected
+
+
+def test_eval_generate_order_and_batches(tokenizer, tmp_path):
+    """eval.generate sorts by length into batches and puts the answers back in order: batch 3 == batch 1."""
+    model = tiny_model(tokenizer, seed=1)
+    transform = checkpoints.image_transform_for(model.cfg.vision)
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"{i}.png"))
+        picture(paths[-1], (50 * i, 200 - 30 * i, 90))
+    prompts = [[1, tokenizer.image_id] + tokenizer.encode("what colour is the shape " * (i % 3 + 1), bos=False)
+               for i in range(5)]
+    run = lambda bs: eval.generate(model, prompts, [[p] for p in paths], transform, batch_size=bs, max_new_tokens=6,
+                                   eos_id=tokenizer.eos_id, banned=tokenizer.never_generate, workers=0)
+    one = run(1)
+    assert run(3) == one and len({tuple(x) for x in one}) > 1
+    bad = str(tmp_path / "bad.png")
+    open(bad, "w").write("not a picture")
+    with pytest.raises(data.DataError, match=re.escape(f"unreadable picture {bad}")):
+        eval.generate(model, prompts[:1], [[bad]], transform, batch_size=1, max_new_tokens=2, eos_id=2, banned=[],
+                      workers=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The program
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    paths = demo.make_base(str(tmp), seed=0)
+    flags = ["--llama", paths["llama"], "--openflamingo", paths["openflamingo"], "--vision", paths["vision"],
+             "--vision-weights", paths["vision_weights"], "--workers", "0"]
+    return paths, flags
+
+
+def test_demo_task_equals_train_evaluation(base, tmp_path, monkeypatch):
+    paths, flags = base
+    seen = []
+    score = demo.score
+    monkeypatch.setattr(demo, "score", lambda expected, answers: seen.append(list(answers)) or score(expected, answers))
+    summary = eval.main(["--task", "demo", "--limit", "6", "--batch-size", "4", "--out", str(tmp_path), *flags])
+    model, tokenizer, transform = checkpoints.load(paths["llama"], paths["openflamingo"], None, paths["vision"],
+                                                   paths["vision_weights"])
+    items = demo.eval_set(n=200, seed=1, pictures=demo.PICTURES)[:6]
+    reported = train.evaluate(model, tokenizer, transform, [], items, 128, nullcontext(), "cpu")
+    assert seen[0] == seen[1] and len(seen[0]) == 6
+    assert summary["metrics"] == {k: v for k, v in reported.items() if k != "eval_loss"}
+    lines = [json.loads(x) for x in open(tmp_path / "predictions.jsonl")]
+    assert [x["output"] for x in lines] == seen[0]
+
+
+def test_main_writes_predictions_and_summary(base, tmp_path, capsys):
+    _, flags = base
+    q, a, images = vqa_files(tmp_path)
+    args = ["--task", "vqav2", "--questions", q, "--annotations", a, "--images", images, "--max-new-tokens", "4",
+            *flags]
+    summary = eval.main([*args, "--out", str(tmp_path / "one"), "--batch-size", "2"])
+    assert "vqav2, 3 items, 0-shot (paper): accuracy" in capsys.readouterr().out
+    lines = [json.loads(x) for x in open(tmp_path / "one" / "predictions.jsonl")]
+    assert [x["id"] for x in lines] == ["100", "101", "102"]
+    assert [x["score"] for x in lines] == [eval.vqa_accuracy(x["answer"], x["references"]) for x in lines]
+    assert summary["metrics"]["accuracy"] == pytest.approx(100 * sum(x["score"] for x in lines) / 3)
+    assert json.load(open(tmp_path / "one" / "summary.json")) == summary | {"seconds": summary["seconds"]}
+    # Deterministic, whatever the batch size; --limit takes the first items; few-shot from a support file.
+    eval.main([*args, "--out", str(tmp_path / "two"), "--batch-size", "3", "--limit", "2"])
+    assert [json.loads(x) for x in open(tmp_path / "two" / "predictions.jsonl")] == lines[:2]
+    shots = eval.main([*args, "--out", str(tmp_path / "shots"), "--shots", "1", "--support-questions", q,
+                       "--support-annotations", a])
+    first = json.loads(open(tmp_path / "shots" / "predictions.jsonl").readline())
+    assert shots["format"] == "flamingo" and first["prompt"].count("<image>") == 2
+
+
+def test_main_names_a_missing_picture_and_bad_flags(base, tmp_path):
+    _, flags = base
+    q, a, images = vqa_files(tmp_path)
+    os.remove(os.path.join(images, "COCO_val2014_000000000011.jpg"))
+    with pytest.raises(SystemExit) as e:
+        eval.main(["--task", "vqav2", "--questions", q, "--annotations", a, "--images", images, *flags])
+    assert e.value.code == (f"error: {q} questions[1]: picture not found: "
+                            f"{os.path.join(images, 'COCO_val2014_000000000011.jpg')}")
+    with pytest.raises(SystemExit):
+        eval.parse_args(["--task", "vqav2", "--annotations", a, "--images", images])    # no --questions
+    with pytest.raises(SystemExit):
+        eval.parse_args(["--task", "demo", "--shots", "2"])
