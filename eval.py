@@ -91,9 +91,10 @@ def _load_json(path: str):
         raise data.DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _records(path: str, key: str | None) -> list[tuple[str, object]]:
-    """(where, record) for each record of a JSON file: a list (key None) or an object holding one under `key`."""
-    content = _load_json(path)
+def _records(path: str, key: str | None, content=None) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON file (its content when already read): a list (key None) or an
+    object holding one under `key`."""
+    content = _load_json(path) if content is None else content
     if key is not None:
         if not isinstance(content, dict) or key not in content:
             raise data.DataError(f"{path}: missing field '{key}' (expected {{\"{key}\": [...]}})")
@@ -125,11 +126,11 @@ def read_vqa(questions: str, annotations: str, images: str) -> list[Item]:
     """VQAv2 / OK-VQA: the questions file and the annotations file, joined on question_id."""
     answers = {}
     for where, rec in _records(annotations, "annotations"):
-        answers[_int(rec, "question_id", where)] = (_answers(rec, "answers", where))
+        answers[_int(rec, "question_id", where)] = _answers(rec, "answers", where)
     content = _load_json(questions)
     subtype = content.get("data_subtype", "val2014") if isinstance(content, dict) else "val2014"
     items = []
-    for where, rec in _records(questions, "questions"):
+    for where, rec in _records(questions, "questions", content):
         qid = _int(rec, "question_id", where)
         if qid not in answers:
             raise data.DataError(f"{where}: question_id {qid} has no annotation in {annotations}")
@@ -163,7 +164,7 @@ def read_captions(annotations: str, images: str, split: str = "test") -> list[It
     content = _load_json(annotations)
     items = []
     if isinstance(content, dict) and "images" in content:
-        for where, rec in _records(annotations, "images"):
+        for where, rec in _records(annotations, "images", content):
             if data._text(rec, "split", where) != split:
                 continue
             name = os.path.join(data._text(rec, "filepath", where) if "filepath" in rec else "",
@@ -176,7 +177,7 @@ def read_captions(annotations: str, images: str, split: str = "test") -> list[It
         if not items:
             raise data.DataError(f"{annotations}: no image has split {split!r} (--split)")
         return items
-    for where, rec in _records(annotations, None):
+    for where, rec in _records(annotations, None, content):
         name = data._text(rec, "image", where)
         items.append(Item(name, os.path.join(images, name), None, data._texts(rec, "caption", where, single_ok=True),
                           where))
