@@ -422,10 +422,15 @@ def shot_answer(item: Item) -> str:
     return item.references[0] if item.question is None else Counter(item.references).most_common(1)[0][0]
 
 
-def draw_shots(item: Item, support: list[Item], shots: int, seed: int) -> list[Item]:
-    """`shots` support examples of the item's setting, other than the item itself, drawn with a generator seeded by
-    (seed, item id): the same prompt whatever --limit, --batch-size or the item's position."""
-    pool = [s for s in support if (s.choices is None) == (item.choices is None)]
+def pools(support: list[Item]) -> dict[bool, list[Item]]:
+    """The support examples by setting (True: multiple choice), split once: A-OKVQA's two never mix."""
+    return {mc: [s for s in support if (s.choices is not None) == mc] for mc in (False, True)}
+
+
+def draw_shots(item: Item, support: dict[bool, list[Item]], shots: int, seed: int) -> list[Item]:
+    """`shots` examples of the item's setting (support: pools()), other than the item itself, drawn with a generator
+    seeded by (seed, item id): the same prompt whatever --limit, --batch-size or the item's position."""
+    pool = support[item.choices is not None]
     rng = random.Random(f"{seed}:{item.id}")
     picked = [pool[i] for i in rng.sample(range(len(pool)), min(len(pool), shots + 1))]
     picked = [s for s in picked if s.id != item.id][:shots]
@@ -435,7 +440,7 @@ def draw_shots(item: Item, support: list[Item], shots: int, seed: int) -> list[I
     return picked
 
 
-def prompt_and_pictures(item: Item, support: list[Item], shots: int, fmt: str, instruction: str,
+def prompt_and_pictures(item: Item, support: dict[bool, list[Item]], shots: int, fmt: str, instruction: str,
                         seed: int) -> tuple[str, list[str]]:
     if fmt == "paper":
         return zero_shot_prompt(item, instruction), [item.image]
@@ -567,11 +572,14 @@ def main(argv=None) -> dict:
     try:
         items = read(args.task, args.questions, args.annotations, args.images, args.split, args.seed)
         items = items[:args.limit] if args.limit else items
+        if not items:
+            raise data.DataError(f"{args.questions or args.annotations}: no items to score")
         support = [] if not args.shots else read(args.task, args.support_questions, args.support_annotations,
                                                  args.support_images or args.images, args.split, args.seed)
         for it in items + support:     # before the model loads: a missing picture is found in seconds
             if not os.path.isfile(it.image):
                 raise data.DataError(f"{it.where}: picture not found: {it.image}")
+        support = pools(support)
         texts, pictures = zip(*(prompt_and_pictures(it, support, args.shots, args.format,
                                                     args.instruction or INSTRUCTIONS[kind(args.task)], args.seed)
                                 for it in items))

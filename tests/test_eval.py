@@ -201,21 +201,22 @@ def test_bad_input_names_file_record_and_field(tmp_path, task, content, message)
 def test_prompts_zero_and_few_shot(tmp_path):
     q, a, images = vqa_files(tmp_path)
     items = eval.read("vqav2", q, a, images)
-    text, pictures = eval.prompt_and_pictures(items[0], [], 0, "paper", eval.INSTRUCTIONS["vqa"], seed=0)
+    text, pictures = eval.prompt_and_pictures(items[0], eval.pools([]), 0, "paper", eval.INSTRUCTIONS["vqa"], seed=0)
     assert text == (data.HEADER + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat colour 0? Answer the question "
                     "using a single word or phrase.\n\n### Response:\n")
     assert pictures == [items[0].image]
     # One shot from a support set of the same file: never the item itself, the answer most humans gave.
-    text, pictures = eval.prompt_and_pictures(items[0], items[:2], 1, "flamingo", "", seed=0)
+    text, pictures = eval.prompt_and_pictures(items[0], eval.pools(items[:2]), 1, "flamingo", "", seed=0)
     assert text == ("<image>Question:What colour 1? Short answer:red<|endofchunk|>"
                     "<image>Question:What colour 0? Short answer:")
     assert pictures == [items[1].image, items[0].image]
     # Seeded by (seed, item id): the same examples whatever else is asked, others for another seed somewhere.
-    draws = {s: [x.id for x in eval.draw_shots(items[0], items, 1, s)] for s in range(20)}
-    assert draws[3] == [x.id for x in eval.draw_shots(items[0], items[::-1][::-1], 1, 3)]
+    support = eval.pools(items)
+    draws = {s: [x.id for x in eval.draw_shots(items[0], support, 1, s)] for s in range(20)}
+    assert draws[3] == [x.id for x in eval.draw_shots(items[0], support, 1, 3)]
     assert len({d[0] for d in draws.values()}) == 2 and all(d != ["100"] for d in draws.values())
     with pytest.raises(data.DataError, match="--shots 3 needs 3 besides the item itself"):
-        eval.draw_shots(items[0], items, 3, 0)
+        eval.draw_shots(items[0], support, 3, 0)
 
     caption = eval.Item("1.jpg", "1.jpg", None, ["A dog.", "A pet."])
     assert eval.flamingo_block(caption, eval.shot_answer(caption)) == "<image>Output:A dog.<|endofchunk|>"
