@@ -332,6 +332,10 @@ def test_main_names_a_missing_picture_and_bad_flags(base, tmp_path):
         eval.main(["--task", "vqav2", "--questions", q, "--annotations", a, "--images", images, *flags])
     assert e.value.code == (f"error: {q} questions[1]: picture not found: "
                             f"{os.path.join(images, 'COCO_val2014_000000000011.jpg')}")
+    empty = write(tmp_path / "empty.json", [])
+    with pytest.raises(SystemExit) as e:
+        eval.main(["--task", "vizwiz", "--annotations", empty, "--images", images, *flags])
+    assert e.value.code == f"error: {empty}: no items to score"
     with pytest.raises(SystemExit):
         eval.parse_args(["--task", "vqav2", "--annotations", a, "--images", images])    # no --questions
     with pytest.raises(SystemExit):
