@@ -107,7 +107,7 @@ def _records(path: str, key: str | None, content=None) -> list[tuple[str, object
 
 def _answers(rec, name: str, where: str) -> list[str]:
     """The human answers: a list of texts (TextVQA, A-OKVQA) or of {"answer": text} (VQAv2, OK-VQA, VizWiz).
-    An answer may be empty (then it matches nothing a model writes)."""
+    An answer may be empty: crowd answers sometimes are, and it still counts as one of the n."""
     value = data._get(rec, name, where)
     if not isinstance(value, list) or not value:
         raise data.DataError(f"{where}: field '{name}': expected a non-empty list")
