@@ -200,17 +200,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim) for rotate-half RoPE (HF's layout; q/k weights are permuted for it)."""
+    """cos, sin of shape (max_seq_len, head_dim) for rotate-half RoPE (HF's layout; q/k weights are permuted for
+    it), with rotate-half's sign folded into sin's first half: apply_rope then needs no negation."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): the minus lives in rope_tables' sin."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
 
 
 class FusedLinear(nn.Linear):
@@ -350,12 +351,15 @@ class MMGPT(nn.Module):
         attend_previous: the media-masking rule, by default cfg.attend_previous. Returns logits (B, T, vocab)."""
         return self.lm_head(self.norm(self.hidden(images, input_ids, attention_mask, attend_previous)))
 
-    def loss(self, images, input_ids, labels, attention_mask=None, attend_previous: bool | None = None):
+    def loss(self, images, input_ids, labels, attend_previous: bool | None = None):
         """lm_loss(forward(...), labels), with the final norm and lm_head applied only where a next-token label
         exists: no (T, vocab) logits for the prompt. Mean over the labelled positions of all rows; a row without
-        labels adds nothing, and a batch without any gives NaN, as lm_loss does. Selecting the positions has a
-        data-dependent size (one host sync), outside the decoder layers."""
-        h = self.hidden(images, input_ids, attention_mask, attend_previous)[:, :-1]
+        labels adds nothing, and a batch without any gives NaN, as lm_loss does.
+
+        No attention_mask: right padding (all the loader makes) changes nothing here -- causal attention never
+        lets a token see a later pad, and pads carry no labels -- so the layers run the unmasked causal path.
+        Selecting the labelled positions has a data-dependent size (one host sync), outside the decoder layers."""
+        h = self.hidden(images, input_ids, attend_previous=attend_previous)[:, :-1]
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.lm_head(self.norm(h[keep]))
