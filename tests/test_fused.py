@@ -127,6 +127,10 @@ def test_merge_leaves_unadapted_parts_bit_identical(tokenizer):
     model = with_lora(tokenizer, SUBSET)
     images, ids = inputs(tokenizer)
     unmerged = model(images, ids)
+    # Unmerged, too, the rows of k (not adapted) are exactly the frozen projection's.
+    qkv, x = model.layers[0].self_attn.qkv_proj, torch.randn(2, 5, 64)
+    assert torch.equal(qkv(x)[..., 64:128], F.linear(x, lora.file_tensors(model)["layers.0.self_attn.k_proj.weight"]))
+    assert not torch.equal(qkv(x)[..., :64], F.linear(x, qkv.weight[:64]))
     before = {n: t.clone() for n, t in lora.file_tensors(model).items() if n.endswith(".weight")}
     lora.merge(model)
     torch.testing.assert_close(model(images, ids), unmerged, rtol=1e-4, atol=1e-4)
