@@ -189,7 +189,7 @@ def main(argv=None):
         first = next(iter(layers.values()))
         # Targets as name suffixes ("self_attn.q_proj", "xattn.ff.1"): what inject() needs to rebuild the same set.
         args.lora_r, args.lora_alpha = first.r, first.alpha
-        args.lora_targets = sorted({n.split(".", 2)[2] for n in layers})
+        args.lora_targets = lora_lib.targets_of(model)
     else:
         torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
         lora_lib.inject(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, within="layers.")
