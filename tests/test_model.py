@@ -1,5 +1,4 @@
 """The model's numerical contracts: caching, LoRA, gates, language-only path, media masking, loss, sampling."""
-import copy
 
 import pytest
 import torch
