@@ -197,7 +197,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        # RoPE in the projections' dtype (bf16 under autocast, as HF casts it): keys then come out in the dtype
+        # the cache is made in (MMGPT.activation_dtype).
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             # KV-cached decoding: write this step's keys/values into the model's own cache buffers (MMGPT.setup_cache)
@@ -367,19 +369,20 @@ class MMGPT(nn.Module):
                 layer.self_attn.register_buffer(name, torch.zeros(shape, device=self.rope_cos.device, dtype=dtype),
                                                 persistent=False)
 
-    def compile_decoding(self, mode: str | None = None, buckets: tuple = (16, 32, 64, 128, 256, 512, 1024, 2048)):
+    def compile_decoding(self, mode: str | None = None, backend: str = "inductor",
+                         buckets: tuple = (16, 32, 64, 128, 256, 512, 1024, 2048)):
         """The fast path: the decode step compiled once (on a GPU with CUDA graphs), the prefill compiled per
         length bucket (a prompt is padded up to the next bucket, which never changes its logits), the ViT and the
         perceiver compiled. mode: the decode step's torch.compile mode (default: reduce-overhead on cuda)."""
         cuda = self.rope_cos.device.type == "cuda"
         # One graph per bucket and per number of pictures: more than dynamo's default limit of 8 per function.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = dict(backend=backend, fullgraph=True, dynamic=False)
         self.fast = FastDecoding(
-            decode=torch.compile(self.decode_step, mode=mode or ("reduce-overhead" if cuda else None),
-                                 fullgraph=True, dynamic=False),
-            prefill=torch.compile(self.decode_step, fullgraph=True, dynamic=False), buckets=tuple(buckets))
-        self.vision.compile(dynamic=False)
-        self.perceiver.compile(dynamic=False)
+            decode=torch.compile(self.decode_step, mode=mode or ("reduce-overhead" if cuda else None), **options),
+            prefill=torch.compile(self.decode_step, **options), buckets=tuple(buckets))
+        self.vision.compile(**options)
+        self.perceiver.compile(**options)
 
     def _step(self, input_ids: list[list[int]], index: torch.Tensor, kv, input_pos: int, start: torch.Tensor,
               rows=None) -> torch.Tensor:
