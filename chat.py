@@ -199,7 +199,7 @@ def load_model(args, device: str):
 def make_fast(model: mmgpt.MMGPT, backend: str = "inductor"):
     """chat.py's fast path (default on a GPU): LoRA folded into the weights (chat never trains, and a merged
     layer is one matmul instead of three), the decode step compiled with CUDA graphs, the prefill per length
-    bucket, the ViT and perceiver compiled (MMGPT.compile_decoding). Greedy answers equal the eager path's."""
+    bucket, the ViT compiled (MMGPT.compile_decoding). Greedy answers equal the eager path's."""
     lora.merge(model)
     model.compile_decoding(backend=backend)
 

@@ -372,8 +372,8 @@ class MMGPT(nn.Module):
     def compile_decoding(self, mode: str | None = None, backend: str = "inductor",
                          buckets: tuple = (16, 32, 64, 128, 256, 512, 1024, 2048)):
         """The fast path: the decode step compiled once (on a GPU with CUDA graphs), the prefill compiled per
-        length bucket (a prompt is padded up to the next bucket, which never changes its logits), the ViT and the
-        perceiver compiled. mode: the decode step's torch.compile mode (default: reduce-overhead on cuda)."""
+        length bucket (a prompt is padded up to the next bucket, which never changes its logits), the ViT
+        compiled. mode: the decode step's torch.compile mode (default: reduce-overhead on cuda)."""
         cuda = self.rope_cos.device.type == "cuda"
         # One graph per bucket and per number of pictures: more than dynamo's default limit of 8 per function.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -381,8 +381,8 @@ class MMGPT(nn.Module):
         self.fast = FastDecoding(
             decode=torch.compile(self.decode_step, mode=mode or ("reduce-overhead" if cuda else None), **options),
             prefill=torch.compile(self.decode_step, **options), buckets=tuple(buckets))
+        # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
         self.vision.compile(**options)
-        self.perceiver.compile(**options)
 
     def _step(self, input_ids: list[list[int]], index: torch.Tensor, kv, input_pos: int, start: torch.Tensor,
               rows=None) -> torch.Tensor:
