@@ -263,11 +263,12 @@ def main():
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print(f"\n{'train':<8}{'seq':>6}{'layout':>8}{'ckpt':>6}{'compile':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
-          f"{'peak GiB':>10}")
-    for r in results["train"]:
-        print(f"{'':<8}{r['seq']:>6}{r['layout']:>8}{str(r['checkpointing']):>6}{str(r['compile']):>8}"
-              f"{r['tokens_per_s']:>10,.0f}{r['tflops']:>9.1f}{fmt(r['mfu'], '.1%'):>7}{fmt(r['peak_gib'], '.1f'):>10}")
+    if results["train"]:
+        print(f"\n{'train':<8}{'seq':>6}{'layout':>8}{'ckpt':>6}{'compile':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+              f"{'peak GiB':>10}")
+        for r in results["train"]:
+            print(f"{'':<8}{r['seq']:>6}{r['layout']:>8}{str(r['checkpointing']):>6}{str(r['compile']):>8}"
+                  f"{r['tokens_per_s']:>10,.0f}{r['tflops']:>9.1f}{fmt(r['mfu'], '.1%'):>7}{fmt(r['peak_gib'], '.1f'):>10}")
     print(f"\n{'chat':<8}{'fast':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}{'of limit':>10}"
           f"{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")
     for r in results["chat"]:
