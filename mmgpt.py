@@ -387,7 +387,8 @@ class MMGPT(nn.Module):
     def _step(self, input_ids: list[list[int]], index: torch.Tensor, kv, input_pos: int, start: torch.Tensor,
               rows=None) -> torch.Tensor:
         """Run input_ids (B rows of T ids, written at cache columns input_pos.., row b's sequence beginning at
-        column start[b]) through decode_step; logits (B, vocab) after the last column. On the fast path a prefill
+        column start[b]; index: their pictures, (B, T) on the host) through decode_step; logits (B, vocab) after
+        the last column. On the fast path a prefill
         is padded on the right up to its length bucket: the padding comes after the real tokens, so they never see
         it, and the columns it writes lie past the context, overwritten before they are ever attended to."""
         device = self.rope_cos.device
@@ -401,10 +402,14 @@ class MMGPT(nn.Module):
                 room = self.layers[0].self_attn.k_cache.shape[2] - input_pos
                 width = next((b for b in fast.buckets if T <= b <= room), None)
                 step, width = (fast.prefill, width) if width else (self.decode_step, T)   # no bucket fits: eager
-        ids = torch.tensor([row + [0] * (width - T) for row in input_ids], device=device)
-        index = F.pad(index, (0, width - T))
-        input_pos = torch.arange(input_pos, input_pos + width, device=device)
-        return step(ids, kv, index, input_pos, start, torch.tensor([T - 1], device=device), rows)
+        # The step's small inputs go to the device in one copy: the only other host sync of a decoded token is
+        # reading it back.
+        B = len(input_ids)
+        packed = torch.cat([torch.tensor([row + [0] * (width - T) for row in input_ids]).flatten(),
+                            F.pad(index, (0, width - T)).flatten(),
+                            torch.arange(input_pos, input_pos + width), torch.tensor([T - 1])]).to(device)
+        ids, index, input_pos, last = packed.split([B * width, B * width, width, 1])
+        return step(ids.view(B, width), kv, index.view(B, width), input_pos, start, last, rows)
 
     @torch.no_grad()
     def extend(self, cache: "KVCache", ids: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
@@ -439,7 +444,7 @@ class MMGPT(nn.Module):
                 ids = cache.ids[last + 1:] + ids
                 cache.truncate(last + 1)
         index = media_index(torch.tensor([ids]), self.cfg.image_id, self.cfg.attend_previous,
-                            images_before=cache.ids.count(self.cfg.image_id)).to(self.rope_cos.device)
+                            images_before=cache.ids.count(self.cfg.image_id))
         start = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
         logits = self._step([ids], index, media, len(cache.ids), start)
         # Only now is the cache updated: interrupted above (Ctrl-C), it still holds a valid (shorter) context.
@@ -569,11 +574,11 @@ def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Te
         rows = torch.tensor([n > 0 for n in counts], device=device) if not all(counts) else None
     ids = [[0] * (T - len(p)) + p for p in prompts]                                   # left padding
     index = torch.cat([F.pad(media_index(torch.tensor([p]), cfg.image_id, cfg.attend_previous), (T - len(p), 0))
-                       for p in prompts]).to(device)
+                       for p in prompts])
     start = torch.tensor([T - len(p) for p in prompts], device=device)
     # A new token's picture: under attend_previous the row's last; by the default rule none (text after the last
     # picture sees no picture).
-    step_index = torch.tensor([[n if cfg.attend_previous else 0] for n in counts], device=device)
+    step_index = torch.tensor([[n if cfg.attend_previous else 0] for n in counts])
     banned = torch.tensor(banned, dtype=torch.long, device=device)
     logits = model._step(ids, index, kv, 0, start, rows)
     out, done = [[] for _ in prompts], [False] * B
