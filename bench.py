@@ -276,7 +276,8 @@ def main():
               f"{r['second_round_first_token_ms']:>14.1f}{fmt(r['bandwidth_fraction'], '.0%'):>10}"
               f"{fmt(r['peak_gib'], '.1f'):>10}{fmt(r.get('warmup_s'), '.0f'):>11}")
     for r in results["batch"]:
-        print(f"{'batch':<8}{r['batch']:>6}{'':>12}{r['decode_tokens_per_s']:>14.1f}{'':>24}{fmt(r['peak_gib'], '.1f'):>10}")
+        print(f"{'batch':<8}{r['batch']:>6}{'':>12}{r['decode_tokens_per_s']:>14.1f}{'':>24}"
+              f"{fmt(r['peak_gib'], '.1f'):>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

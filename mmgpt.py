@@ -354,7 +354,9 @@ class MMGPT(nn.Module):
     def activation_dtype(self) -> torch.dtype:
         """The dtype keys and values come out in: autocast's when it is on (a fp32 model trained in bf16)."""
         device = self.rope_cos.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.embed_tokens.weight.dtype
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype):
         """Allocate each attention layer's key/value buffers (batch, heads, max_len, head_dim), unless the present
@@ -388,9 +390,9 @@ class MMGPT(nn.Module):
               rows=None) -> torch.Tensor:
         """Run input_ids (B rows of T ids, written at cache columns input_pos.., row b's sequence beginning at
         column start[b]; index: their pictures, (B, T) on the host) through decode_step; logits (B, vocab) after
-        the last column. On the fast path a prefill
-        is padded on the right up to its length bucket: the padding comes after the real tokens, so they never see
-        it, and the columns it writes lie past the context, overwritten before they are ever attended to."""
+        the last column. On the fast path a prefill is padded on the right up to its length bucket: the padding
+        comes after the real tokens, so they never see it, and the columns it writes lie past the context,
+        overwritten before they are ever attended to."""
         device = self.rope_cos.device
         T, step, width = len(input_ids[0]), self.decode_step, len(input_ids[0])
         fast = getattr(self, "fast", None)
@@ -500,8 +502,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def sample(logits: torch.Tensor, banned: list[int] | torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None) -> int:
+def sample(logits: torch.Tensor, banned: list[int] | torch.Tensor, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+           generator: torch.Generator | None = None) -> int:
     """The next token, chosen where the logits are (on the GPU); int() at the end is the one host sync."""
     logits = logits.float().clone()
     logits[banned] = -float("inf")
@@ -567,9 +570,9 @@ def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Te
         pictures = torch.cat([im for im in images if im is not None]).to(device)
         latents = model.encode_images(pictures[None])[0]                              # (all pictures, n, dv)
         padded = latents.new_zeros(B, max(counts), *latents.shape[1:])
-        at = 0
-        for i, n in enumerate(counts):
-            padded[i, :n], at = latents[at:at + n], at + n
+        firsts = [sum(counts[:i]) for i in range(B)]
+        for i, (first, n) in enumerate(zip(firsts, counts)):
+            padded[i, :n] = latents[first:first + n]
         kv = model.media_kv(padded)
         rows = torch.tensor([n > 0 for n in counts], device=device) if not all(counts) else None
     ids = [[0] * (T - len(p)) + p for p in prompts]                                   # left padding
