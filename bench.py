@@ -6,7 +6,9 @@
 
 train: one iteration = V vision-language samples + V language samples of --seq tokens (forward + backward,
 LoRA trainable), for each micro-batch layout and option (activation checkpointing, torch.compile).
-chat: prefill of a picture + 96-token prompt, then decoding 128 tokens at batch 1, eager and compiled.
+chat: chat.py's path, eager and fast (LoRA merged, compiled, CUDA graphs): prefill of a picture + 96-token prompt,
+decoding 128 tokens at batch 1, a second round's first token, the fraction of the weight-read limit (weight bytes
+per token against a device copy's bandwidth measured in the same run); generate_batch decoding at batch 8 and 32.
 
 FLOPs counted per iteration (for MFU): frozen weights 4N per token (forward 2N + activation gradient 2N, no
 weight gradient), LoRA 6 per parameter per token, causal attention (QK^T and AV: 2 * 2 * T * d / 2 per token
@@ -20,12 +22,12 @@ from contextlib import nullcontext
 
 import torch
 
-import lora
+import chat
 import checkpoints
+import lora
 import mmgpt
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, datasheet
-PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}        # HBM bandwidth, datasheet
 
 
 def config(tiny: bool) -> mmgpt.Config:
@@ -117,36 +119,80 @@ def bench_train(model, cfg, device, seq, n_vl, n_lang, checkpointing, compiled, 
     return seconds, peak_gib(device)
 
 
-def bench_chat(model, cfg, device, compiled, prompt_len=96, new_tokens=128):
+def copy_bandwidth(device) -> float | None:
+    """Bytes per second of a big device-to-device copy (read + write), measured now: the decode step's limit."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, repeat=10)
+    del src, dst
+    return 2 * 2**30 / seconds
+
+
+def bench_chat(model, cfg, device, fast: bool, prompt_len=96, new_tokens=128, question_len=20) -> dict:
+    """chat.py's own path (chat.make_fast, mmgpt.generate on a cache of the model's whole context), timed: the
+    prefill of a picture + prompt_len tokens, decoding new_tokens at batch 1, and a second round's first token."""
     model.eval()
     size = cfg.vision["vision_cfg"]["image_size"]
     prompt = [1] + [100] * 10 + [cfg.image_id] + [200 + i % 50 for i in range(prompt_len - 12)]
+    question = [300 + i for i in range(question_len)]
     image = torch.randn(1, 1, 3, size, size, device=device, dtype=model.embed_tokens.weight.dtype)
-    cache = model.new_cache(prompt_len + new_tokens + 8)
-    if compiled:
-        model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=False)
+    row = {"fast": fast}
+    if fast:
+        t0 = time.perf_counter()
+        chat.make_fast(model)
+        cache = model.new_cache()
+        list(mmgpt.generate(model, cache, prompt, image, max_new_tokens=4, eos_id=-1, banned=[], greedy=True))
+        list(mmgpt.generate(model, cache, question, max_new_tokens=2, eos_id=-1, banned=[], greedy=True))
+        sync(device)
+        row["warmup_s"] = time.perf_counter() - t0
+    cache = model.new_cache()
+    reset_peak(device)
 
     def prefill():
         cache.reset()
         model.extend(cache, prompt, image)
 
-    reset_peak(device)
-    prefill_s = timed(prefill, device, repeat=5)
+    row["prefill_ms"] = timed(prefill, device, repeat=5) * 1e3
 
-    def decode():
-        prefill()
+    def decode():  # seconds per token after the first (the first comes with the prefill)
+        cache.reset()
+        tokens = mmgpt.generate(model, cache, prompt, image, max_new_tokens=new_tokens, eos_id=-1, banned=[],
+                                greedy=True)
+        next(tokens)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in tokens)
+        return (time.perf_counter() - t0) / n
+
+    row["decode_tokens_per_s"] = 1 / sorted(decode() for _ in range(3))[1]
+
+    def second_round():  # the time to the first token of a question asked after an answer (the cache kept)
+        cache.reset()
+        list(mmgpt.generate(model, cache, prompt, image, max_new_tokens=16, eos_id=-1, banned=[], greedy=True))
         sync(device)
         t0 = time.perf_counter()
-        for t in range(new_tokens):
-            model.extend(cache, [300 + t % 50])
-        sync(device)
+        next(mmgpt.generate(model, cache, question, max_new_tokens=1, eos_id=-1, banned=[], greedy=True))
         return time.perf_counter() - t0
 
-    decode()  # warm (and compile)
-    decode_s = sorted(decode() for _ in range(3))[1]
-    if compiled:
-        del model.decode_step  # back to the plain method
-    return prefill_s, new_tokens / decode_s, peak_gib(device)
+    row["second_round_first_token_ms"] = sorted(second_round() for _ in range(3))[1] * 1e3
+    row["peak_gib"] = peak_gib(device)
+    return row
+
+
+def bench_batch(model, cfg, device, batch: int, prompt_len=96, new_tokens=128) -> dict:
+    """mmgpt.generate_batch (what eval.py runs): decode tokens/s over the batch, the prefill subtracted."""
+    size = cfg.vision["vision_cfg"]["image_size"]
+    prompts = [[1] + [100 + b] * 10 + [cfg.image_id] + [200 + (i + b) % 50 for i in range(prompt_len - 12)]
+               for b in range(batch)]
+    images = [torch.randn(1, 3, size, size, device=device, dtype=model.embed_tokens.weight.dtype)] * batch
+    reset_peak(device)
+
+    def run(n):
+        return lambda: mmgpt.generate_batch(model, prompts, images, max_new_tokens=n, eos_id=-1, banned=[])
+
+    seconds = timed(run(new_tokens), device, repeat=3, warmup=1) - timed(run(1), device, repeat=3, warmup=1)
+    return {"batch": batch, "decode_tokens_per_s": batch * (new_tokens - 1) / seconds, "peak_gib": peak_gib(device)}
 
 
 def main():
@@ -158,6 +204,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--long", type=int, default=2048, help="also train at this length with checkpointing (0: no)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--chat-only", action="store_true", help="skip the training figures")
+    ap.add_argument("--batches", default="8,32", help="generate_batch sizes to time (fast path; empty: none)")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
@@ -174,17 +222,16 @@ def main():
             p.requires_grad_(True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    peak_tbps = next((v for k, v in PEAK_TBPS.items() if k in name), None)
     n_params = count(model.parameters())
     n_lora = count(p for p in model.parameters() if p.requires_grad)
     print(f"device {name}; {n_params / 1e9:.3f} B parameters, {n_lora / 1e6:.2f} M trainable (LoRA r=16)")
 
-    results = {"device": name, "params": n_params, "trainable": n_lora, "train": [], "chat": []}
+    results = {"device": name, "params": n_params, "trainable": n_lora, "train": [], "chat": [], "batch": []}
     variants = [(False, False), (True, False)] + ([] if args.no_compile else [(False, True)])
     runs = [(seq, int(v), ck, co) for v in args.layouts.split(",") for ck, co in variants]
     if args.long and not args.tiny:
         runs.append((args.long, 1, True, False))
-    for s, v, ckpt, comp in runs:
+    for s, v, ckpt, comp in ([] if args.chat_only else runs):
         try:
             seconds, peak = bench_train(model, cfg, device, s, v, v, ckpt, comp, repeat)
         except torch.OutOfMemoryError:
@@ -201,24 +248,36 @@ def main():
     # picture's keys/values are cached).
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if (checkpoints.is_llama_param(n) and n != "embed_tokens.weight") or ".xattn." in n)
-    for comp in [False] + ([] if args.no_compile else [True]):
-        prefill_s, tok_s, peak = bench_chat(model, cfg, device, comp)
-        results["chat"].append({"compile": comp, "prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": tok_s,
-                                "weights_gb_per_token": weight_bytes / 1e9, "peak_gib": peak,
-                                "bandwidth_fraction": weight_bytes * tok_s / (peak_tbps * 1e12) if peak_tbps else None})
+    bandwidth = copy_bandwidth(device)
+    results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
+    for fast in [False] + ([] if args.no_compile else [True]):
+        row = bench_chat(model, cfg, device, fast)
+        row["weights_gb_per_token"] = weight_bytes / 1e9
+        row["bandwidth_fraction"] = weight_bytes * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
+        results["chat"].append(row)
+        print(f"chat {row}", flush=True)
+    for batch in ([] if args.no_compile else [int(b) for b in args.batches.split(",") if b]):
+        results["batch"].append(bench_batch(model, cfg, device, batch))
+        print(f"batch {results['batch'][-1]}", flush=True)
 
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print(f"\n{'train':<8}{'seq':>6}{'layout':>8}{'ckpt':>6}{'compile':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
-          f"{'peak GiB':>10}")
-    for r in results["train"]:
-        print(f"{'':<8}{r['seq']:>6}{r['layout']:>8}{str(r['checkpointing']):>6}{str(r['compile']):>8}"
-              f"{r['tokens_per_s']:>10,.0f}{r['tflops']:>9.1f}{fmt(r['mfu'], '.1%'):>7}{fmt(r['peak_gib'], '.1f'):>10}")
-    print(f"\n{'chat':<8}{'compile':>8}{'prefill ms':>12}{'decode tok/s':>14}{'of bandwidth':>14}{'peak GiB':>10}")
+    if results["train"]:
+        print(f"\n{'train':<8}{'seq':>6}{'layout':>8}{'ckpt':>6}{'compile':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+              f"{'peak GiB':>10}")
+        for r in results["train"]:
+            print(f"{'':<8}{r['seq']:>6}{r['layout']:>8}{str(r['checkpointing']):>6}{str(r['compile']):>8}"
+                  f"{r['tokens_per_s']:>10,.0f}{r['tflops']:>9.1f}{fmt(r['mfu'], '.1%'):>7}{fmt(r['peak_gib'], '.1f'):>10}")
+    print(f"\n{'chat':<8}{'fast':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}{'of limit':>10}"
+          f"{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")
     for r in results["chat"]:
-        print(f"{'':<8}{str(r['compile']):>8}{r['prefill_ms']:>12.1f}{r['decode_tokens_per_s']:>14.1f}"
-              f"{fmt(r['bandwidth_fraction'], '.0%'):>14}{fmt(r['peak_gib'], '.1f'):>10}")
+        print(f"{'':<8}{str(r['fast']):>6}{r['prefill_ms']:>12.1f}{r['decode_tokens_per_s']:>14.1f}"
+              f"{r['second_round_first_token_ms']:>14.1f}{fmt(r['bandwidth_fraction'], '.0%'):>10}"
+              f"{fmt(r['peak_gib'], '.1f'):>10}{fmt(r.get('warmup_s'), '.0f'):>11}")
+    for r in results["batch"]:
+        print(f"{'batch':<8}{r['batch']:>6}{'':>12}{r['decode_tokens_per_s']:>14.1f}{'':>24}"
+              f"{fmt(r['peak_gib'], '.1f'):>10}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -28,6 +28,7 @@ import torch
 
 import data
 import checkpoints
+import lora
 import mmgpt
 
 DEMO_RUN = "runs/demo"  # where train.py's demo run goes
@@ -205,6 +206,14 @@ def load_model(args, device: str):
         raise SystemExit(f"error: {e}") from None
 
 
+def make_fast(model: mmgpt.MMGPT, backend: str = "inductor"):
+    """chat.py's fast path (default on a GPU): LoRA folded into the weights (chat never trains, and a merged
+    layer is one matmul instead of three), the decode step compiled with CUDA graphs, the prefill per length
+    bucket, the ViT compiled (MMGPT.compile_decoding). Greedy answers equal the eager path's."""
+    lora.merge(model)
+    model.compile_decoding(backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The session
 
@@ -309,6 +318,8 @@ def main(argv=None):
     d.add_argument("--device", help="default: cuda when there is one, else cpu")
     d.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="the weights' dtype (default: bf16 on GPU, fp32 on CPU)")
+    d.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA merged, decoding compiled with CUDA graphs (default: on with a GPU; --no-fast: eager)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
@@ -316,6 +327,10 @@ def main(argv=None):
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, image_transform = load_model(args, device)
+        if args.fast if args.fast is not None else device.startswith("cuda"):
+            make_fast(model)
+            notice("warming up ...: the first answer compiles the decoder (and each new prompt length bucket or "
+                   "number of pictures compiles once more); --no-fast skips it")
         generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
         chat = Chat(model, tokenizer, image_transform, args.max_new_tokens, greedy=args.greedy,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)

@@ -230,17 +230,18 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(cfg.dim, cfg.dim, ("q_proj", "k_proj", "v_proj"))
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
-        """cos, sin: (T, 1, 1, head_dim), already in the activations' dtype (MMGPT._layers)."""
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        """cos, sin: (T, 1, 1, head_dim) or per row (B, T, 1, 1, head_dim), already in the activations' dtype
+        (MMGPT._layers casts them once)."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)
         qk = apply_rope(qkv[:, :, :2], cos, sin)             # q and k rotated together
         q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (B, heads, T, d)
-        if cache is not None:
-            # Write this step's keys/values at input_pos and attend over the whole preallocated cache (the mask
-            # hides what lies beyond): every decode step has the same shapes, so it compiles/graphs once.
-            k_all, v_all = cache
-            k, v = k_all.index_copy_(2, input_pos, k), v_all.index_copy_(2, input_pos, v)
+        if input_pos is not None:
+            # KV-cached decoding: write this step's keys/values into the model's own cache buffers (MMGPT.setup_cache)
+            # at input_pos and attend over the whole buffer (the mask hides the rest). The buffers are module state,
+            # not inputs, and every decode step has the same shapes: it compiles once and runs as one CUDA graph.
+            k, v = self.k_cache.index_copy_(2, input_pos, k), self.v_cache.index_copy_(2, input_pos, v)
         if mask is None:  # plain causal (no padding, no cache)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -271,11 +272,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, media=None, cache=None, input_pos=None):
+    def forward(self, x, cos, sin, mask, media=None, input_pos=None):
         if self.xattn is not None and media is not None:
-            kv, index = media
-            x = self.xattn(x, kv, index)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
+            kv, index, rows = media
+            y = self.xattn(x, kv, index)
+            # rows: in a batch that mixes rows with and without pictures, those without skip the block, as a
+            # language-only forward does (the gated FFW would otherwise still change them).
+            x = y if rows is None else torch.where(rows[:, None, None], y, x)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -377,30 +381,99 @@ class MMGPT(nn.Module):
             mask = causal & attention_mask.bool()[:, None, None, :]
         return self._layers(input_ids, kv, index, mask)
 
-    def _decode(self, input_ids, kv, index, mask, cache=None, input_pos=None):
-        return self.lm_head(self.norm(self._layers(input_ids, kv, index, mask, cache, input_pos)))
+    def _decode(self, input_ids, kv, index, mask, input_pos=None, positions=None, rows=None, last=None):
+        """Logits of the decoder over input_ids. Cached decoding passes input_pos (the cache columns written),
+        positions (B, T: each row's RoPE positions), rows (which rows have pictures, or None) and last (the one
+        position whose logits are wanted)."""
+        x = self._layers(input_ids, kv, index, mask, input_pos, positions, rows)
+        if last is not None:
+            x = x.index_select(1, last)
+        return self.lm_head(self.norm(x))
 
-    def _layers(self, input_ids, kv, index, mask, cache=None, input_pos=None):
+    def _layers(self, input_ids, kv, index, mask, input_pos=None, positions=None, rows=None):
         x = self.embed_tokens(input_ids)
         T = input_ids.shape[1]
-        cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if input_pos is None
-                    else (self.rope_cos[input_pos], self.rope_sin[input_pos]))
-        # Cast once here, not in every layer: to the dtype q/k will have (autocast's when it is on).
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        cos, sin = (t.to(dtype)[..., None, None, :] for t in (cos, sin))    # (T, 1, 1, d): q/k are (B, T, 2, h, d)
+        cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
+                    else (self.rope_cos[positions], self.rope_sin[positions]))
+        # Cast once here, not in every layer, to the dtype q/k will have; shaped (..., T, 1, 1, d) for q/k's
+        # (B, T, 2, heads, d) layout.
+        dtype = self.activation_dtype()
+        cos, sin = (t.to(dtype)[..., None, None, :] for t in (cos, sin))
         for i, layer in enumerate(self.layers):
-            media = (kv[i], index) if kv is not None and layer.xattn is not None else None
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            media = (kv[i], index, rows) if kv is not None and layer.xattn is not None else None
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, media, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, media, layer_cache, input_pos)
+                x = layer(x, cos, sin, mask, media, input_pos)
         return x
 
     # -- KV-cached decoding -----------------------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> "KVCache":
-        return KVCache(self, max_len or self.cfg.max_seq_len)
+        """A batch-1 cache for extend(). Its keys/values are the model's buffers: the last cache made owns them."""
+        self.cache_owner = KVCache(self, max_len or self.cfg.max_seq_len)
+        return self.cache_owner
+
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype keys and values come out in: autocast's when it is on (a fp32 model trained in bf16)."""
+        device = self.rope_cos.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.embed_tokens.weight.dtype
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype):
+        """Allocate each attention layer's key/value buffers (batch, heads, max_len, head_dim), unless the present
+        ones already fit: reallocating would move them, and a captured CUDA graph with them."""
+        attn = self.layers[0].self_attn
+        old = getattr(attn, "k_cache", None)
+        if old is not None and old.shape[0] == batch and old.shape[2] >= max_len and old.dtype == dtype:
+            return
+        shape = (batch, self.cfg.n_heads, max_len, self.cfg.head_dim)
+        for layer in self.layers:
+            for name in ("k_cache", "v_cache"):
+                layer.self_attn.register_buffer(name, torch.zeros(shape, device=self.rope_cos.device, dtype=dtype),
+                                                persistent=False)
+
+    def compile_decoding(self, mode: str | None = None, backend: str = "inductor",
+                         buckets: tuple = (16, 32, 64, 128, 256, 512, 1024, 2048)):
+        """The fast path: the decode step compiled once (on a GPU with CUDA graphs), the prefill compiled per
+        length bucket (a prompt is padded up to the next bucket, which never changes its logits), the ViT
+        compiled. mode: the decode step's torch.compile mode (default: reduce-overhead on cuda)."""
+        cuda = self.rope_cos.device.type == "cuda"
+        # One graph per bucket and per number of pictures: more than dynamo's default limit of 8 per function.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = dict(backend=backend, fullgraph=True, dynamic=False)
+        self.fast = FastDecoding(
+            decode=torch.compile(self.decode_step, mode=mode or ("reduce-overhead" if cuda else None), **options),
+            prefill=torch.compile(self.decode_step, **options), buckets=tuple(buckets))
+        # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
+        self.vision.compile(**options)
+
+    def _step(self, input_ids: list[list[int]], index: torch.Tensor, kv, input_pos: int, start: torch.Tensor,
+              rows=None) -> torch.Tensor:
+        """Run input_ids (B rows of T ids, written at cache columns input_pos.., row b's sequence beginning at
+        column start[b]; index: their pictures, (B, T) on the host) through decode_step; logits (B, vocab) after
+        the last column. On the fast path a prefill is padded on the right up to its length bucket: the padding
+        comes after the real tokens, so they never see it, and the columns it writes lie past the context,
+        overwritten before they are ever attended to."""
+        device = self.rope_cos.device
+        T, step, width = len(input_ids[0]), self.decode_step, len(input_ids[0])
+        fast = getattr(self, "fast", None)
+        if fast is not None:
+            if T == 1:
+                step = fast.decode
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
+            else:
+                room = self.layers[0].self_attn.k_cache.shape[2] - input_pos
+                width = next((b for b in fast.buckets if T <= b <= room), None)
+                step, width = (fast.prefill, width) if width else (self.decode_step, T)   # no bucket fits: eager
+        # The step's small inputs go to the device in one copy: the only other host sync of a decoded token is
+        # reading it back.
+        B = len(input_ids)
+        packed = torch.cat([torch.tensor([row + [0] * (width - T) for row in input_ids]).flatten(),
+                            F.pad(index, (0, width - T)).flatten(),
+                            torch.arange(input_pos, input_pos + width), torch.tensor([T - 1])]).to(device)
+        ids, index, input_pos, last = packed.split([B * width, B * width, width, 1])
+        return step(ids.view(B, width), kv, index.view(B, width), input_pos, start, last, rows)
 
     @torch.no_grad()
     def extend(self, cache: "KVCache", ids: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
@@ -417,6 +490,14 @@ class MMGPT(nn.Module):
         if not ids or len(cache.ids) + len(ids) > cache.max_len:  # checked before the cache changes
             raise ValueError(f"cannot extend a context of {len(cache.ids)} tokens by {len(ids)} "
                              f"(the cache holds {cache.max_len})")
+        dtype = self.activation_dtype()
+        if getattr(self, "cache_owner", None) is not cache or cache.dtype not in (None, dtype):
+            if cache.ids:   # its keys/values were overwritten (a newer cache), or would be read in another dtype
+                raise ValueError("this KVCache can no longer be extended: a newer one (model.new_cache) took the "
+                                 "model's key/value buffers, or it was made in another dtype (autocast on/off)")
+            self.cache_owner = cache
+        cache.dtype = dtype
+        self.setup_cache(1, cache.max_len, dtype)
         media = cache.media
         if n_new:
             kv = self.media_kv(self.encode_images(images.to(self.rope_cos.device)))
@@ -426,33 +507,43 @@ class MMGPT(nn.Module):
                 last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
                 ids = cache.ids[last + 1:] + ids
                 cache.truncate(last + 1)
-        pos = len(cache.ids)
-        device = self.rope_cos.device
-        x = torch.tensor([ids], device=device)
-        index = media_index(x, self.cfg.image_id, self.cfg.attend_previous,
+        index = media_index(torch.tensor([ids]), self.cfg.image_id, self.cfg.attend_previous,
                             images_before=cache.ids.count(self.cfg.image_id))
-        input_pos = torch.arange(pos, pos + len(ids), device=device)
-        mask = torch.arange(cache.max_len, device=device) <= input_pos[:, None]  # causal over the cache
-        logits = self.decode_step(x, media, index, mask, cache, input_pos)
+        start = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
+        logits = self._step([ids], index, media, len(cache.ids), start)
         # Only now is the cache updated: interrupted above (Ctrl-C), it still holds a valid (shorter) context.
         cache.ids += ids
         cache.media = media
-        return logits[0, -1]
+        return logits[0]
 
-    def decode_step(self, input_ids, kv, index, mask, cache, input_pos):
-        """One cached forward. A separate method so that bench.py/chat.py can torch.compile it."""
-        return self._decode(input_ids, kv, index, mask, cache, input_pos)
+    def decode_step(self, input_ids, kv, index, input_pos, start, last, rows=None):
+        """One cached forward: input_ids (B, T) written at cache columns input_pos (T,), row b's sequence starting
+        at column start[b] (left padding before it); logits (B, vocab) at column `last` (1,). What the fast path
+        compiles: everything here is a tensor of fixed shape, the masks are made inside."""
+        cols = torch.arange(self.layers[0].self_attn.k_cache.shape[2], device=input_ids.device)
+        # Each row sees its own columns up to the query's; a padding column sees itself (a row that sees nothing
+        # would be NaN, and a NaN key/value poisons the real rows even where the mask hides it).
+        mask = ((cols <= input_pos[:, None]) & (cols >= start[:, None, None])) | (cols == input_pos[:, None])
+        positions = (input_pos - start[:, None]).clamp(min=0)
+        return self._decode(input_ids, kv, index, mask[:, None], input_pos, positions, rows, last)[:, 0]
+
+
+@dataclass
+class FastDecoding:
+    """MMGPT.compile_decoding's compiled steps and the prefill length buckets."""
+    decode: object
+    prefill: object
+    buckets: tuple
 
 
 class KVCache:
-    """Preallocated keys/values for batch 1, the token ids they belong to, and the pictures' cross-attention K/V."""
+    """A cached batch-1 sequence: its token ids and the pictures' cross-attention K/V (fixed in shape per number of
+    pictures). The keys/values themselves are the model's buffers, as gpt-fast keeps them, so a compiled decode
+    step mutates no input; they are (re)made at the first extend, in the dtype the activations have."""
 
     def __init__(self, model: MMGPT, max_len: int):
-        cfg, p = model.cfg, model.embed_tokens.weight
-        shape = (1, cfg.n_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
-        self.max_len, self.image_id = max_len, cfg.image_id
+        self.max_len, self.image_id = max_len, model.cfg.image_id
+        self.dtype = None
         self.ids: list[int] = []
         self.media = None
 
@@ -473,8 +564,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def sample(logits: torch.Tensor, banned: list[int], temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None) -> int:
+def sample(logits: torch.Tensor, banned: list[int] | torch.Tensor, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+           generator: torch.Generator | None = None) -> int:
+    """The next token, chosen where the logits are (on the GPU); int() at the end is the one host sync."""
     logits = logits.float().clone()
     logits[banned] = -float("inf")
     if greedy or temperature <= 0:
@@ -499,12 +592,74 @@ def generate(model: MMGPT, cache: KVCache, ids: list[int], images=None, *, max_n
     Every yielded token is fed back, so cache.ids is always the whole context; EOS is neither yielded nor
     cached (the caller closes the answer with `</s>` in the next round's text)."""
     logits = model.extend(cache, ids, images)
+    banned = torch.tensor(banned, dtype=torch.long, device=logits.device)   # once, not a copy per token
     for _ in range(max_new_tokens):
         token = sample(logits, banned, **sampling)
         if token == eos_id:
             return
         yield token
         logits = model.extend(cache, [token])
+
+
+@torch.no_grad()
+def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Tensor | None], *,
+                   max_new_tokens: int, eos_id: int, banned: list[int]) -> list[list[int]]:
+    """Greedy answers to several prompts at once; each row's ids equal generate()'s for that prompt alone.
+
+    images[i]: (n_i, 3, H, W) for the n_i <image> tokens of prompts[i], or None. The prompts are padded on the
+    left to a common length; each row's RoPE positions start at its own first token and its attention never sees
+    the padding, so padding changes none of its tokens. All pictures are encoded in one call; rows without any
+    skip the cross-attention blocks, as a language-only forward does. A row ends at EOS (not returned) or after
+    max_new_tokens; finished rows ride along until every row is done."""
+    device, cfg = model.rope_cos.device, model.cfg
+    if len(prompts) != len(images) or not prompts or not all(prompts):
+        raise ValueError("generate_batch needs as many pictures entries as prompts, and no empty prompt")
+    counts = [p.count(cfg.image_id) for p in prompts]
+    for i, (n, im) in enumerate(zip(counts, images)):
+        if n != (0 if im is None else im.shape[0]):
+            raise ValueError(f"prompt {i}: {n} <image> tokens but {0 if im is None else im.shape[0]} pictures")
+    B, T = len(prompts), max(map(len, prompts))
+    fast = getattr(model, "fast", None)
+    if fast is not None:   # pad the prompt length up to a bucket (more left padding): one compiled prefill per bucket
+        T = next((b for b in fast.buckets if T <= b and b + max_new_tokens <= cfg.max_seq_len), T)
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({T} tokens) and {max_new_tokens} new tokens pass the model's "
+                         f"context of {cfg.max_seq_len}")
+    model.cache_owner = None    # batch-1 caches lose the buffers to this batch
+    model.setup_cache(B, T + max_new_tokens, model.activation_dtype())
+    kv, rows = None, None
+    if any(counts):
+        pictures = torch.cat([im for im in images if im is not None]).to(device)
+        latents = model.encode_images(pictures[None])[0]                              # (all pictures, n, dv)
+        padded = latents.new_zeros(B, max(counts), *latents.shape[1:])
+        firsts = [sum(counts[:i]) for i in range(B)]
+        for i, (first, n) in enumerate(zip(firsts, counts)):
+            padded[i, :n] = latents[first:first + n]
+        kv = model.media_kv(padded)
+        rows = torch.tensor([n > 0 for n in counts], device=device) if not all(counts) else None
+    ids = [[0] * (T - len(p)) + p for p in prompts]                                   # left padding
+    index = torch.cat([F.pad(media_index(torch.tensor([p]), cfg.image_id, cfg.attend_previous), (T - len(p), 0))
+                       for p in prompts])
+    start = torch.tensor([T - len(p) for p in prompts], device=device)
+    # A new token's picture: under attend_previous the row's last; by the default rule none (text after the last
+    # picture sees no picture).
+    step_index = torch.tensor([[n if cfg.attend_previous else 0] for n in counts])
+    banned = torch.tensor(banned, dtype=torch.long, device=device)
+    logits = model._step(ids, index, kv, 0, start, rows)
+    out, done = [[] for _ in prompts], [False] * B
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        logits[:, banned] = -float("inf")
+        tokens = logits.argmax(-1).tolist()        # the one host sync per step
+        for i, token in enumerate(tokens):
+            if not done[i]:
+                done[i] = token == eos_id
+                if not done[i]:
+                    out[i].append(token)
+        if all(done) or t == max_new_tokens - 1:
+            break
+        logits = model._step([[x] for x in tokens], step_index, kv, T + t, start, rows)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,16 +691,3 @@ def __getattr__(name):
     except AttributeError:
         raise AttributeError(f"module 'mmgpt' has no attribute {name!r}") from None
 
-
-# TEMPORARY (eval branch): replaced by chat-fast's generate_batch at merge
-@torch.no_grad()
-def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Tensor | None], *, max_new_tokens: int,
-                   eos_id: int, banned: list[int]) -> list[list[int]]:
-    """Greedy answers to several prompts (images[i]: (n_i, 3, H, W) for prompt i's n_i <image> tokens, or None),
-    each without its EOS. This stand-in decodes one row at a time, each with its own cache."""
-    out = []
-    for ids, pictures in zip(prompts, images, strict=True):
-        cache = model.new_cache(min(model.cfg.max_seq_len, len(ids) + max_new_tokens))
-        out.append(list(generate(model, cache, ids, None if pictures is None else pictures[None],
-                                 max_new_tokens=max_new_tokens, eos_id=eos_id, banned=banned, greedy=True)))
-    return out

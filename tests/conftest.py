@@ -57,3 +57,7 @@ def tiny_model(tokenizer, seed: int = 0, gates: tuple = (0.7, -0.5), **overrides
                 layer.xattn.attn_gate.fill_(gates[0])
                 layer.xattn.ff_gate.fill_(gates[1])
     return model
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with `pytest -m gpu tests`; skipped without one)")

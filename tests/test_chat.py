@@ -342,3 +342,41 @@ def test_an_empty_answer_is_closed_too(files, monkeypatch):
     assert open_text(c) == text
     assert got == reference(files, text, [files["pic1"], files["pic2"]], 8)
 
+
+
+def scripted_chat(files, model, monkeypatch) -> list:
+    """Rounds across a picture brought in later, a Ctrl-C in an answer and the oldest rounds dropped."""
+    c = new_chat(files, model, max_new_tokens=10)
+    c.add_picture(files["pic1"])
+    got = [c.ask(Q1), c.ask(Q2)]
+    c.add_picture(files["pic2"])
+    sample, calls = mmgpt.sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(mmgpt, "sample", interrupted)
+    got.append(c.ask(Q3))
+    monkeypatch.setattr(mmgpt, "sample", sample)
+    got += [c.ask(f"{Q1} {i}") for i in range(4)]
+    assert len(c.pixels) == 1 and len(got[2]) == 2    # the first picture's rounds were dropped; Ctrl-C took effect
+    return got
+
+
+def test_fast_path_answers_equal_the_eager_path(files, monkeypatch, capsys):
+    """chat.make_fast (LoRA merged, decode step and bucketed prefill compiled; here with a CPU backend that
+    traces the same full graphs): the same greedy answers as the eager path, round after round."""
+    answers = []
+    for fast in (False, True):
+        model = checkpoints.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
+                                 files["vision_weights"])[0]
+        model.cfg.max_seq_len = 160     # a short context: the oldest rounds get dropped
+        if fast:
+            chat.make_fast(model, backend="aot_eager")
+            assert all(m.merged for m in lora.lora_layers(model))
+        answers.append(scripted_chat(files, model, monkeypatch))
+    assert answers[0] == answers[1]
+    assert "[context full" in capsys.readouterr().err

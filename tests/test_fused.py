@@ -281,6 +281,6 @@ def test_decoder_layer_traces_as_one_graph(tokenizer):
     cos, sin = (t[:T, None, None, :] for t in (model.rope_cos, model.rope_sin))
     layer = model.layers[1]
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
-    want = layer(x, cos, sin, None, (kv[1], index))
-    got = compiled(x, cos, sin, None, (kv[1], index))
+    want = layer(x, cos, sin, None, (kv[1], index, None))
+    got = compiled(x, cos, sin, None, (kv[1], index, None))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
