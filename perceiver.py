@@ -76,7 +76,7 @@ class PerceiverResampler(nn.Module):
 
 
 def media_index(input_ids: torch.Tensor, image_id: int, attend_previous: bool = False,
-                images_before: int = 0, images_total: int | None = None) -> torch.Tensor:
+                images_before: int = 0) -> torch.Tensor:
     """Which picture (1-based; 0 = none) each token cross-attends to. (B, T) -> (B, T) long.
 
     c(t) = number of <image> tokens at positions <= t. Default rule (OpenFlamingo v1, what the released
@@ -84,16 +84,15 @@ def media_index(input_ids: torch.Tensor, image_id: int, attend_previous: bool = 
     picture that FOLLOWS it, and a number above the sequence's picture count means none. So text after the last
     picture sees no picture at all. attend_previous=True is the other rule: every token belongs to c(t).
 
-    images_before / images_total let a KV-cached continuation number its tokens as part of a longer sequence:
-    images_before pictures precede input_ids, and images_total (default: all that are known) is the count
-    the "exceeds" test uses.
+    images_before lets a KV-cached continuation number its tokens as part of a longer sequence: that many
+    pictures precede input_ids (and count towards the "exceeds" test).
     """
     is_image = input_ids == image_id
     count = is_image.cumsum(-1) + images_before
     if attend_previous:
         return count
     index = torch.where(is_image, count, count + 1)
-    total = is_image.sum(-1, keepdim=True) + images_before if images_total is None else images_total
+    total = is_image.sum(-1, keepdim=True) + images_before
     return index.masked_fill(index > total, 0)
 
 
