@@ -147,7 +147,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str):
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def our_name(key: str) -> str | None:
@@ -405,7 +405,10 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     tokenizer_file = os.path.join(llama, "tokenizer.model")
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"{tokenizer_file}: no such file (the LLaMA directory must hold tokenizer.model)")
-    tokenizer = Tokenizer(tokenizer_file)
+    try:
+        tokenizer = Tokenizer(tokenizer_file)
+    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
+        raise CheckpointError(f"{tokenizer_file}: not a sentencepiece model: {_first_line(e)}") from None
     flamingo = read_openflamingo(openflamingo) if openflamingo else None
     vcfg = vision_model_config(vision, vision_weights)
     cfg = Config(**llama_config(llama), vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, vision=vcfg,
@@ -482,7 +485,7 @@ RELEASE_SOURCES = {
 BASE_FILES = ("llama", "openflamingo", "vision", "vision_weights")  # what a lora.pt's settings name to rebuild
 
 
-def _atomic_write(path: str, write):
+def atomic_write(path: str, write):
     """write(f) into a temporary file, fsync it, rename it over `path`, fsync the folder: a crash or power cut
     leaves the old file or the new one, never a half-written or empty one, under `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -503,8 +506,8 @@ def _atomic_write(path: str, write):
 
 
 def atomic_save(obj, path: str):
-    """torch.save, atomically (see _atomic_write)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 TRAIN_STATE_KEYS = ("step", "bad_steps", "world", "batch_size", "grad_accum", "settings", "trainable", "optimizer",
