@@ -253,6 +253,8 @@ def _records(path: str, container: str) -> list[tuple[str, object, object]]:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path} line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.end]!r}); "
                         f"re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
     if not path.endswith(".jsonl"):
         try:
             return _json_records(path, json.loads(text), container)
