@@ -55,10 +55,8 @@ def base(tmp_path_factory):
 
 def reshaped(tensors: dict, name_part: str) -> dict:
     """The same tensors, copied out of the memory-mapped file they came from (it is about to be overwritten), with
-    one (whose name holds name_part) given an extra row."""
-    tensors = {k: t.clone() for k, t in tensors.items()}
-    name = next(k for k in tensors if name_part in k)
-    return {**tensors, name: torch.cat([tensors[name], tensors[name][:1]])}
+    those whose names hold name_part given an extra row."""
+    return {k: torch.cat([t, t[:1]]) if name_part in k else t.clone() for k, t in tensors.items()}
 
 
 def prepare(kind: str, base, tmp) -> tuple[str, callable, callable]:
