@@ -384,3 +384,17 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(b
     records = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (straight, out)]
     assert [r["step"] for r in records[1]] == [r["step"] for r in records[0]]
     assert [r["loss_vl"] for r in records[1]] == pytest.approx([r["loss_vl"] for r in records[0]], abs=1e-6)
+
+
+def test_resume_from_a_malicious_ckpt_is_a_named_error_and_runs_no_code(base, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"world": 1, "x": Exploit(marker)}, out / "ckpt.pt")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"seed": 0, "demo": {"vl": 8, "lang": 4, "seed": 0}}))
+    done = subprocess.run(train_cmd(base, out, str(config), "--resume"), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"error: {out / 'ckpt.pt'}: not a mmgpt training state (it holds objects other than tensors" \
+        in done.stderr.splitlines()[-1]
+    assert not marker.exists()
