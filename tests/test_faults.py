@@ -205,6 +205,16 @@ def test_safetensors_layout_is_the_published_one(tmp_path):
     assert raw[8 + n:] == torch.tensor([1.0, 2.0]).numpy().tobytes() + (7).to_bytes(8, "little")
 
 
+def test_safetensors_agree_with_the_safetensors_package_both_ways(tmp_path):
+    st = pytest.importorskip("safetensors.torch")  # not a requirement: checked against it where it is installed
+    tensors = {"w": torch.randn(3, 4).bfloat16(), "b": torch.randn(4), "i": torch.arange(6).reshape(2, 3)}
+    ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+    checkpoints.save_safetensors(tensors, ours)
+    st.save_file(tensors, theirs)
+    for read in (st.load_file(ours), checkpoints.read_safetensors(theirs)):
+        assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+
+
 @pytest.mark.parametrize("header, message", [
     (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', "do not hold [4] F32"),
     (b'{"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}', "bad header entry"),
