@@ -779,7 +779,10 @@ def _tokenizer(path: str | None, mix: Mix):
     path = path or _release_tokenizer()
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no tokenizer model (give --tokenizer PATH)")
-    return Tokenizer(path)
+    try:
+        return Tokenizer(path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
+        raise SystemExit(f"{path}: not a sentencepiece model ({e})") from None
 
 
 def _show(mix: Mix, args):

@@ -408,3 +408,13 @@ def test_resume_from_a_malicious_ckpt_is_a_named_error_and_runs_no_code(base, tm
     assert f"error: {out / 'ckpt.pt'}: not a mmgpt training state (it holds objects other than tensors" \
         in done.stderr.splitlines()[-1]
     assert not marker.exists()
+
+
+def test_data_check_with_a_broken_tokenizer_is_a_named_error(tmp_path):
+    dolly = str(tmp_path / "dolly.jsonl")
+    write_annotations("dolly", dolly, RECORDS["dolly"][0])
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"vl": [], "lang": [{"kind": "dolly", "ann": [dolly]}]}))
+    (tmp_path / "tok.model").write_bytes(b"\x0a\x03abc")
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'tok.model'}: not a sentencepiece model"):
+        data.main([str(cfg), "--check", "--tokenizer", str(tmp_path / "tok.model")])
