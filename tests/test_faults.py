@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,12 +166,12 @@ def test_train_state_round_trips_rng_states_with_weights_only(tmp_path):
     import train
     torch.manual_seed(5)
     rng = train.rng_state()
-    before = (torch.rand(3), random.random(), float(__import__("numpy").random.rand()))
+    before = (torch.rand(3), random.random(), float(np.random.rand()))
     path = str(tmp_path / "ckpt.pt")
     checkpoints.save_train_state({**{k: 0 for k in checkpoints.TRAIN_STATE_KEYS}, "rng": [rng]}, path)
     torch.load(path, weights_only=True)  # plain data only
     train.set_rng_state(checkpoints.read_train_state(path)["rng"][0])
-    after = (torch.rand(3), random.random(), float(__import__("numpy").random.rand()))
+    after = (torch.rand(3), random.random(), float(np.random.rand()))
     assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
 
 
