@@ -232,11 +232,22 @@ def interactive_lines():
 def rounds(args):
     """The rounds' lines: the --prompt texts, else stdin's lines when it is not a terminal, else the user's."""
     if args.prompt:
-        return args.prompt
+        return valid_text(args.prompt)
+    sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 (pasted, typed) must not end the chat
     if not sys.stdin.isatty():
-        return (line.rstrip("\r\n") for line in sys.stdin)
+        return valid_text(line.rstrip("\r\n") for line in sys.stdin)
     notice(f"chatting {'about ' + args.image if args.image else 'without a picture'}; /help lists the commands")
-    return interactive_lines()
+    return valid_text(interactive_lines())
+
+
+def valid_text(lines):
+    """Lines as valid Unicode: what is not (bytes that are not UTF-8, lone surrogates, as the terminal or the
+    command line hand them over) becomes U+FFFD, and the user is told."""
+    for line in lines:
+        fixed = line.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        if fixed != line or "\ufffd" in line:
+            notice("note: that line held bytes that are not UTF-8 text; they are read as \ufffd")
+        yield fixed
 
 
 def use_picture(chat: Chat, path: str) -> bool:

@@ -9,6 +9,8 @@ Read top-down:
   save_*, RELEASE, load_run          the same layouts written back; where the release lives; train.py's run folders
 """
 import json
+import math
+import mmap
 import os
 import pickle
 import re
@@ -58,22 +60,94 @@ class _restricted_pickle:  # what torch.load wants as a pickle_module
 
 def read_checkpoint(path: str):
     """A torch file, read with weights_only=True; a file that holds other objects (the release's pickled mmengine
-    config) is read by a restricted unpickler that only rebuilds plain containers and tensors."""
+    config) is read by a restricted unpickler that only rebuilds plain containers and tensors. A .safetensors
+    file is read by read_safetensors. A missing, truncated or corrupt file is a CheckpointError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
+        return read_safetensors(path)
     import zipfile
-    mmap = zipfile.is_zipfile(path)
+    mmap_ = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_)
     except pickle.UnpicklingError:
-        pass
+        pass  # objects besides tensors and containers: only the restricted unpickler may rebuild them
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... for a truncated or corrupt file
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt?): {_first_line(e)}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap_)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read safely: {e}") from None
+        what = str(e) if isinstance(e, pickle.UnpicklingError) else _first_line(e)
+        raise CheckpointError(f"{path}: cannot be read safely: {what}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
+
+
+# The safetensors format: 8 bytes (little-endian header length), a JSON header {name: {dtype, shape,
+# data_offsets}} (plus an optional "__metadata__"), then the tensors' raw little-endian bytes. Plain data only.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, memory-mapped copy-on-write (nothing is read until used)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its header)")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated (a header of {n} bytes in a "
+                                  f"file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        header.pop("__metadata__", None)
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else b""
+    body = memoryview(buffer)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r}: bad header entry {str(info)[:200]} (dtypes known: "
+                                  f"{', '.join(SAFETENSORS_DTYPES)})") from None
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= len(body) \
+                or end - start != count * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {[start, end]} do not hold {shape} "
+                                  f"{info['dtype']} in a body of {len(body)} bytes (truncated file?)")
+        tensors[name] = torch.frombuffer(body, dtype=dtype, count=count, offset=start).reshape(shape) if count \
+            else torch.empty(shape, dtype=dtype)
+    return tensors
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str):
+    """Write tensors in the safetensors format (atomically); read_safetensors and HF's loaders read it."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the body starts 8-byte aligned, so tensors can be mapped in place
+
+    def write(f):
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    atomic_write(path, write)
 
 
 def our_name(key: str) -> str | None:
@@ -125,12 +199,28 @@ def copy_into(model: nn.Module, tensors: dict, path: str, required) -> set[str]:
     return set(tensors)
 
 
+def read_json(path: str) -> dict:
+    """A JSON object from a file; a missing, undecodable or malformed file is named."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file: {e}") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return c
+
+
 def llama_files(directory: str) -> list[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         p = os.path.join(directory, index)
         if os.path.isfile(p):
-            with open(p) as f:
-                return [os.path.join(directory, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+            index = read_json(p)
+            if not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{p}: missing field 'weight_map' (a sharded checkpoint's index)")
+            return [os.path.join(directory, str(s)) for s in sorted(set(index["weight_map"].values()))]
     for single in ("model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(directory, single)):
             return [os.path.join(directory, single)]
@@ -141,8 +231,7 @@ def llama_files(directory: str) -> list[str]:
 def llama_config(directory: str) -> dict:
     """Config fields read off an HF LLaMA config.json."""
     path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        c = json.load(f)
+    c = read_json(path)
     try:
         if c.get("num_key_value_heads", c["num_attention_heads"]) != c["num_attention_heads"]:
             raise CheckpointError(f"{path}: grouped-query attention (num_key_value_heads) is not LLaMA-7B's layout")
@@ -154,10 +243,15 @@ def llama_config(directory: str) -> dict:
         raise CheckpointError(f"{path}: missing field {e}") from None
 
 
+def tensor_dict(obj, path: str, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors ({what})")
+    return obj
+
+
 def read_openflamingo(path: str) -> dict[str, torch.Tensor]:
-    sd = read_checkpoint(path)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a flat state dict of tensors (OpenFlamingo checkpoint.pt)")
+    sd = tensor_dict(read_checkpoint(path), path, "OpenFlamingo checkpoint.pt")
     return {n: t for k, t in sd.items() if (n := our_name(k)) is not None}
 
 
@@ -194,13 +288,17 @@ def read_lora(path: str) -> LoRAWeights:
     """This project's lora.pt, or the MultiModal-GPT release (peft keys under `module.`, a pickled tuning_config)."""
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == "mmgpt-lora":
-        s = ckpt["settings"]
-        return LoRAWeights(s["lora_r"], s["lora_alpha"], s.get("lora_dropout", 0.0), tuple(s["lora_targets"]),
-                           dict(ckpt["weights"]), s)
+        try:
+            s = ckpt["settings"]
+            return LoRAWeights(s["lora_r"], s["lora_alpha"], s.get("lora_dropout", 0.0), tuple(s["lora_targets"]),
+                               tensor_dict(ckpt["weights"], path, "lora.pt weights"), s)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: a damaged lora.pt: missing or bad field {e}") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise CheckpointError(f"{path}: neither this project's lora.pt nor a MultiModal-GPT checkpoint "
                               f"(no 'model_state_dict')")
-    tensors = {n: t for k, t in ckpt["model_state_dict"].items() if (n := our_name(k)) is not None}
+    sd = tensor_dict(ckpt["model_state_dict"], path, "MultiModal-GPT model_state_dict")
+    tensors = {n: t for k, t in sd.items() if (n := our_name(k)) is not None}
     ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")}
     if len(ranks) != 1:
         raise CheckpointError(f"{path}: expected lora_A tensors of one rank, found ranks {sorted(ranks) or 'none'}")
@@ -274,10 +372,14 @@ def vision_weights_file(vision: str, weights: str) -> str:
 def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
     """A full CLIP state dict (visual.* keys) or a visual-only one; OpenAI's TorchScript archives too."""
     if is_torchscript(path):
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
+        try:
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable TorchScript archive: {_first_line(e)}") from None
     else:
         sd = read_checkpoint(path)
-        sd = sd.get("state_dict", sd)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = tensor_dict(sd, path, "CLIP weights")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -306,7 +408,10 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     tokenizer_file = os.path.join(llama, "tokenizer.model")
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"{tokenizer_file}: no such file (the LLaMA directory must hold tokenizer.model)")
-    tokenizer = Tokenizer(tokenizer_file)
+    try:
+        tokenizer = Tokenizer(tokenizer_file)
+    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
+        raise CheckpointError(f"{tokenizer_file}: not a sentencepiece model: {_first_line(e)}") from None
     flamingo = read_openflamingo(openflamingo) if openflamingo else None
     vcfg = vision_model_config(vision, vision_weights)
     cfg = Config(**llama_config(llama), vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, vision=vcfg,
@@ -322,7 +427,8 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     required = [n for n in lora_lib.file_tensors(model) if is_llama_param(n)]
     loaded = set()
     for path in llama_files(llama):
-        tensors = {n: t for k, t in read_checkpoint(path).items() if (n := our_name(k)) is not None}
+        shard = tensor_dict(read_checkpoint(path), path, "LLaMA weights")
+        tensors = {n: t for k, t in shard.items() if (n := our_name(k)) is not None}
         loaded |= copy_into(model, tensors, path, [])
         del tensors
     missing = [n for n in required if n not in loaded]
@@ -338,7 +444,6 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
 
 def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
     """Write the language model as an HF LLaMA directory (config.json, model.safetensors, tokenizer.model)."""
-    from safetensors.torch import save_file
     import shutil
     cfg = model.cfg
     os.makedirs(directory, exist_ok=True)
@@ -350,7 +455,7 @@ def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
                    "hidden_act": "silu"}, f, indent=2)
     tensors = {_hf_name(n): t.detach().contiguous() for n, t in lora_lib.file_tensors(model).items()
                if is_llama_param(n)}
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
+    save_safetensors(tensors, os.path.join(directory, "model.safetensors"))
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(directory, "tokenizer.model")):
         shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.model"))
 
@@ -384,11 +489,59 @@ RELEASE_SOURCES = {
 BASE_FILES = ("llama", "openflamingo", "vision", "vision_weights")  # what a lora.pt's settings name to rebuild
 
 
-def atomic_save(obj, path: str):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file under `path`."""
+def atomic_write(path: str, write):
+    """write(f) into a temporary file, fsync it, rename it over `path`, fsync the folder: a crash or power cut
+    leaves the old file or the new one, never a half-written or empty one, under `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
+
+
+def atomic_save(obj, path: str):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+TRAIN_STATE_KEYS = ("step", "bad_steps", "world", "batch_size", "grad_accum", "settings", "trainable", "optimizer",
+                    "scheduler", "vl_stream", "lang_stream", "rng")
+
+
+def save_train_state(state: dict, path: str):
+    """train.py's ckpt.pt: tensors and plain containers only (RNG states included), so that it loads with
+    weights_only=True; written atomically."""
+    atomic_save({"format": "mmgpt-train-state", **state}, path)
+
+
+def read_train_state(path: str) -> dict:
+    """A ckpt.pt written by save_train_state. Run folders are shared: nothing in the file may run code, and a
+    file that is not one names itself."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not a mmgpt training state (it holds objects other than tensors and plain "
+                              f"containers; refused: {_first_line(e)[:200]})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt?): {_first_line(e)}") from None
+    if not isinstance(state, dict) or state.get("format") != "mmgpt-train-state":
+        raise CheckpointError(f"{path}: not a mmgpt training state (no format 'mmgpt-train-state')")
+    missing = [k for k in TRAIN_STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a mmgpt training state (missing keys: {', '.join(missing)})")
+    return state
 
 
 def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):

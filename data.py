@@ -245,8 +245,16 @@ def _records(path: str, container: str) -> list[tuple[str, object, object]]:
     A malformed JSON line comes as a DataError in place of its record, so that only it can be skipped."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.end]!r}); "
+                        f"re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
     if not path.endswith(".jsonl"):
         try:
             return _json_records(path, json.loads(text), container)
@@ -306,10 +314,22 @@ def _as_text(value, name: str, where: str, empty_ok: bool = False) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}': expected text, got {type(value).__name__}")
+    if _has_surrogate(value):  # JSON "\ud800": scraped data has it; no tokenizer or file can take it
+        at = next(i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff")
+        raise DataError(f"{where}: field '{name}': a lone surrogate (\\u{ord(value[at]):04x}) at character {at} "
+                        f"is not text")
     value = value.strip()
     if not value and not empty_ok:
         raise DataError(f"{where}: field '{name}' is empty")
     return value
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _text(rec, name: str, where: str, empty_ok: bool = False) -> str:
@@ -759,7 +779,10 @@ def _tokenizer(path: str | None, mix: Mix):
     path = path or _release_tokenizer()
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no tokenizer model (give --tokenizer PATH)")
-    return Tokenizer(path)
+    try:
+        return Tokenizer(path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
+        raise SystemExit(f"{path}: not a sentencepiece model ({e})") from None
 
 
 def _show(mix: Mix, args):

@@ -113,7 +113,9 @@ def cosine(step: int, warmup: int, total: int) -> float:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain lists/ints, so that ckpt.pt loads with weights_only=True."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": [kind, keys.tolist(), *rest]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -121,10 +123,38 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def open_metrics(path: str, resume_step: int | None):
+    """metrics.jsonl for appending. On --resume, the records after the checkpoint's step (the run went on past
+    it before it was stopped) and a torn last line (killed mid-write) are dropped first: the resumed run writes
+    those steps again, so the file reads as one uninterrupted run's."""
+    if resume_step is not None and os.path.isfile(path):
+        kept = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not line.endswith("\n") or record.get("step", 0) > resume_step:
+                    break
+                kept.append(line)
+        checkpoints.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return open(path, "a", encoding="utf-8")
+
+
+def write_metrics(f, record: dict):
+    """One whole line, on disk before training goes on: a crash leaves at most a torn last line."""
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 @torch.no_grad()
@@ -240,7 +270,7 @@ def main(argv=None):
     if args.resume:
         if not os.path.isfile(ckpt_path):
             sys.exit(f"--resume: {ckpt_path} not found")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: RNG states inside
+        ckpt = checkpoints.read_train_state(ckpt_path)  # nothing in it can run code
         if ckpt["world"] * ckpt["batch_size"] * ckpt["grad_accum"] != world * args.batch_size * args.grad_accum:
             sys.exit(f"--resume: {ckpt_path} was written with another effective batch")
         with torch.no_grad():
@@ -265,7 +295,7 @@ def main(argv=None):
         else:
             states = [rng_state()]
         if main_rank:
-            checkpoints.atomic_save({
+            checkpoints.save_train_state({
                 "step": step, "bad_steps": bad_total, "world": world, "batch_size": args.batch_size,
                 "grad_accum": args.grad_accum, "settings": settings,
                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -286,7 +316,8 @@ def main(argv=None):
         f"({len(unfrozen)} tensors in full); {len(vl_stream.dataset)} vision-language + {len(lang_stream.dataset)} "
         f"language samples; effective batch {effective} = {world} ranks x {args.batch_size} x {args.grad_accum} "
         f"accumulation x 2 kinds; {steps} of {total} optimizer steps on {device}")
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if main_rank else None
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step if args.resume else None) \
+        if main_rank else None
     vl_iter, lang_iter = iter(vl_stream), iter(lang_stream)
     bar = tqdm(total=steps, initial=step, disable=not main_rank, dynamic_ncols=True)
     started, tokens_seen, last = time.time(), 0, {}
@@ -336,8 +367,7 @@ def main(argv=None):
                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens * world / (time.time() - t0)}
             if main_rank:
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                write_metrics(metrics, last)
                 bar.update(1)
                 bar.set_postfix(vl=f"{last['loss_vl']:.3f}", lang=f"{last['loss_lang']:.3f}", lr=f"{last['lr']:.2e}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
@@ -351,8 +381,7 @@ def main(argv=None):
                 if main_rank:
                     record = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items,
                                                        args.max_len, autocast, device)}
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    write_metrics(metrics, record)
                     bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
                 if distributed:
                     dist.barrier()
@@ -378,7 +407,7 @@ def main(argv=None):
     if main_rank and (held_out or demo_items):
         final = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items, args.max_len,
                                           autocast, device)}
-        metrics.write(json.dumps(final) + "\n")
+        write_metrics(metrics, final)
     if main_rank and args.demo:  # a few held-out pictures to chat about
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         for i, (conv, _) in enumerate(demo_items[-4:]):
@@ -399,4 +428,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (checkpoints.CheckpointError, data.DataError, FileNotFoundError) as e:  # the user's files: named
+        sys.exit(f"error: {e}")
