@@ -105,9 +105,10 @@ def is_flamingo_param(name: str) -> bool:
 
 
 def copy_into(model: nn.Module, tensors: dict, path: str, required) -> set[str]:
-    """Copy tensors (our names) into the model's parameters. Errors name the file and every bad key. Embedding and
-    lm_head rows may number V (sentencepiece) instead of V + 3: the added tokens' rows then stay as they are."""
-    params = dict(model.named_parameters())
+    """Copy tensors (our names, fused projections by their parts' names: lora.file_layout) into the model's
+    parameters. Errors name the file and every bad key. Embedding and lm_head rows may number V (sentencepiece)
+    instead of V + 3: the added tokens' rows then stay as they are."""
+    params = lora_lib.file_tensors(model)
     unknown = [k for k in tensors if k not in params]
     missing = [k for k in required if k not in tensors]
     wrong = [f"{k} {tuple(t.shape)} (model: {tuple(params[k].shape)})" for k, t in tensors.items()
@@ -210,9 +211,11 @@ def read_lora(path: str) -> LoRAWeights:
                        tensors, {})
 
 
-def apply_lora(model: "MMGPT", weights: LoRAWeights, path: str):
-    """Inject LoRA layers (into the language model only, as MultiModal-GPT does) and load their weights."""
-    names = lora_lib.inject(model, weights.r, weights.alpha, weights.dropout, weights.targets, within="layers.")
+def apply_lora(model: "MMGPT", weights: LoRAWeights, path: str, dtype=torch.float32):
+    """Inject LoRA layers (into the language model only, as MultiModal-GPT does) and load their weights, held in
+    `dtype` (default fp32, the files' precision, whatever the frozen weights' dtype)."""
+    names = lora_lib.inject(model, weights.r, weights.alpha, weights.dropout, weights.targets, within="layers.",
+                            dtype=dtype)
     required = [f"{n}.{ab}" for n in names for ab in ("lora_A", "lora_B")]
     copy_into(model, weights.tensors, path, required)
     return names
@@ -316,7 +319,7 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     if vision_weights:
         path = vision_weights_file(vision, vision_weights)
         copy_into(model.vision.visual, read_vision_weights(path), path, dict(model.vision.visual.named_parameters()))
-    required = [n for n, _ in model.named_parameters() if is_llama_param(n)]
+    required = [n for n in lora_lib.file_tensors(model) if is_llama_param(n)]
     loaded = set()
     for path in llama_files(llama):
         tensors = {n: t for k, t in read_checkpoint(path).items() if (n := our_name(k)) is not None}
@@ -345,7 +348,8 @@ def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
                    "num_attention_heads": cfg.n_heads, "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
                    "max_position_embeddings": cfg.max_seq_len, "bos_token_id": 1, "eos_token_id": 2,
                    "hidden_act": "silu"}, f, indent=2)
-    tensors = {_hf_name(n): p.detach().contiguous() for n, p in model.named_parameters() if is_llama_param(n)}
+    tensors = {_hf_name(n): t.detach().contiguous() for n, t in lora_lib.file_tensors(model).items()
+               if is_llama_param(n)}
     save_file(tensors, os.path.join(directory, "model.safetensors"))
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(directory, "tokenizer.model")):
         shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.model"))
@@ -391,8 +395,8 @@ def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
     """This project's lora.pt: the LoRA tensors, any parameters trained in full (names in `unfrozen`), and the
     settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets, attend_previous; llama,
     openflamingo, vision, vision_weights: paths relative to the file's folder or absolute)."""
-    weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-               if n.endswith((".lora_A", ".lora_B")) or n in set(unfrozen)}
+    weights = {n: t.detach().cpu().clone() for p, views in lora_lib.file_layout(model).items()
+               for n, t in views.items() if n.endswith((".lora_A", ".lora_B")) or p in set(unfrozen)}
     here = os.path.dirname(os.path.abspath(path))
 
     def relative(p):  # a file inside the run folder is stored relative to it, so the folder can move

@@ -234,11 +234,7 @@ def make_base(out: str, seed: int) -> dict:
         return paths
     os.makedirs(paths["llama"], exist_ok=True)
     tok = mmgpt.Tokenizer(tokenizer(os.path.join(base, "tokenizer")))
-    vision = {"embed_dim": 64, "quick_gelu": False,
-              "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32}}
-    cfg = mmgpt.Config(vocab_size=tok.vocab_size, image_id=tok.image_id, dim=192, n_layers=4, n_heads=6,
-                       hidden_dim=512, max_seq_len=256, xattn_layers=(0, 1, 2, 3), perceiver_depth=2,
-                       perceiver_latents=16, vision=vision)
+    cfg = mmgpt.config("demo", vocab_size=tok.vocab_size, image_id=tok.image_id)
     torch.manual_seed(seed)
     model = mmgpt.build(cfg)
     # The cross-attention gates start at 0 so that a pretrained LLaMA is unchanged at first. A random LLaMA has
@@ -252,6 +248,6 @@ def make_base(out: str, seed: int) -> dict:
     checkpoints.save_llama(model, paths["llama"], os.path.join(base, "tokenizer.model"))
     checkpoints.save_openflamingo(model, paths["openflamingo"])
     with open(paths["vision"], "w") as f:
-        json.dump(vision, f)
+        json.dump(cfg.vision, f)
     torch.save(model.vision.visual.state_dict(), paths["vision_weights"])
     return paths

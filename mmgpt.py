@@ -1,16 +1,18 @@
 """MultiModal-GPT = OpenFlamingo (CLIP ViT -> perceiver resampler -> LLaMA with gated cross-attention) + LoRA.
 
 Read top-down:
-  Config, Tokenizer                  what the model is and how text becomes ids (same ids as MultiModal-GPT's)
-  RMSNorm, RoPE, Attention, MLP      the LLaMA decoder, written out (HF weight layout: rotate-half RoPE)
+  Config, PRESETS, Tokenizer         what the model is, named sizes, how text becomes ids (MultiModal-GPT's ids)
+  RMSNorm, RoPE, Attention, MLP      the LLaMA decoder, written out (HF layout: rotate-half RoPE; q/k/v and gate/up
+                                     each one fused matmul, files still name the parts)
   VisionEncoder                      open_clip's ViT, returning patch tokens WITHOUT ln_post (see its docstring)
-  MMGPT                              the whole model: forward for training, extend() for KV-cached decoding
+  MMGPT                              the whole model: forward / loss for training, extend() for KV-cached decoding
   lm_loss, sample, generate          the masked next-token loss and decoding
   build                              a random model made directly on its device and dtype
 
 The weight files (HF LLaMA dirs, OpenFlamingo checkpoint.pt, MultiModal-GPT LoRA .pt, load()) are in checkpoints.py.
 """
 import contextlib
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -66,6 +68,33 @@ class Config:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+
+# Named configs (vocab_size / image_id come from the tokenizer unless given). "7b": OpenFlamingo-9B's shapes, the
+# Config defaults; "demo": the built-in demo's base model; "tiny": the tests'; "bench-tiny": bench.py --tiny, the
+# full 32-layer depth at small widths (counting the ops one training step dispatches needs the real depth).
+_SMALL_VISION = {"embed_dim": 32, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 28, "layers": 1, "width": 64, "patch_size": 14}}
+PRESETS = {
+    "7b": {},
+    "demo": dict(dim=192, n_layers=4, n_heads=6, hidden_dim=512, max_seq_len=256, xattn_layers=(0, 1, 2, 3),
+                 perceiver_depth=2, perceiver_latents=16,
+                 vision={"embed_dim": 64, "quick_gelu": False, "vision_cfg": {"image_size": 32, "layers": 2,
+                                                                              "width": 128, "patch_size": 8,
+                                                                              "head_width": 32}}),
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, hidden_dim=128, max_seq_len=256, xattn_layers=(1, 3),
+                 perceiver_depth=2, perceiver_latents=4, vision=_SMALL_VISION),
+    "bench-tiny": dict(vocab_size=512, image_id=509, dim=128, n_layers=32, n_heads=4, hidden_dim=256,
+                       max_seq_len=1024, perceiver_depth=2, perceiver_latents=8,
+                       vision=dict(_SMALL_VISION, vision_cfg=dict(_SMALL_VISION["vision_cfg"], layers=2))),
+}
+
+
+def config(preset: str, **overrides) -> Config:
+    """Config(**PRESETS[preset], **overrides): a named config with some fields changed."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    return Config(**copy.deepcopy({**PRESETS[preset], **overrides}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,34 +200,42 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim) for rotate-half RoPE (HF's layout; q/k weights are permuted for it)."""
+    """cos, sin of shape (max_seq_len, head_dim) for rotate-half RoPE (HF's layout; q/k weights are permuted for
+    it), with rotate-half's sign folded into sin's first half: apply_rope then needs no negation."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): the minus lives in rope_tables' sin."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of the same input in one matmul: rows = the `parts` side by side, each `out` rows.
+    Files (HF LLaMA, LoRA) still name the parts; lora.file_layout splits them."""
+
+    def __init__(self, in_features: int, out_features: int, parts: tuple[str, ...]):
+        super().__init__(in_features, out_features * len(parts), bias=False)
+        self.parts = parts
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv_proj = FusedLinear(cfg.dim, cfg.dim, ("q_proj", "k_proj", "v_proj"))
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
+        """cos, sin: (T, 1, 1, head_dim), already in the activations' dtype (MMGPT._decode)."""
         B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, :2], cos, sin)             # q and k rotated together
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (B, heads, T, d)
         if cache is not None:
             # Write this step's keys/values at input_pos and attend over the whole preallocated cache (the mask
             # hides what lies beyond): every decode step has the same shapes, so it compiles/graphs once.
@@ -214,12 +251,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.gate_up_proj = FusedLinear(cfg.dim, cfg.hidden_dim, ("gate_proj", "up_proj"))
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -312,6 +349,24 @@ class MMGPT(nn.Module):
         """images: (B, N, 3, H, W) in the order of the <image> tokens, or None for language-only (then the
         cross-attention blocks are skipped entirely); attention_mask: (B, T) 1 = token, 0 = right padding;
         attend_previous: the media-masking rule, by default cfg.attend_previous. Returns logits (B, T, vocab)."""
+        return self.lm_head(self.norm(self.hidden(images, input_ids, attention_mask, attend_previous)))
+
+    def loss(self, images, input_ids, labels, attend_previous: bool | None = None):
+        """lm_loss(forward(...), labels), with the final norm and lm_head applied only where a next-token label
+        exists: no (T, vocab) logits for the prompt. Mean over the labelled positions of all rows; a row without
+        labels adds nothing, and a batch without any gives NaN, as lm_loss does.
+
+        No attention_mask: right padding (all the loader makes) changes nothing here -- causal attention never
+        lets a token see a later pad, and pads carry no labels -- so the layers run the unmasked causal path.
+        Selecting the labelled positions has a data-dependent size (one host sync), outside the decoder layers."""
+        h = self.hidden(images, input_ids, attend_previous=attend_previous)[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.lm_head(self.norm(h[keep]))
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def hidden(self, images, input_ids, attention_mask=None, attend_previous: bool | None = None):
+        """The last decoder layer's output (B, T, dim), before the final norm (forward's arguments)."""
         kv = None if images is None else self.media_kv(self.encode_images(images))
         rule = self.cfg.attend_previous if attend_previous is None else attend_previous
         index = media_index(input_ids, self.cfg.image_id, rule)
@@ -320,13 +375,20 @@ class MMGPT(nn.Module):
             T = input_ids.shape[1]
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal & attention_mask.bool()[:, None, None, :]
-        return self._decode(input_ids, kv, index, mask)
+        return self._layers(input_ids, kv, index, mask)
 
     def _decode(self, input_ids, kv, index, mask, cache=None, input_pos=None):
+        return self.lm_head(self.norm(self._layers(input_ids, kv, index, mask, cache, input_pos)))
+
+    def _layers(self, input_ids, kv, index, mask, cache=None, input_pos=None):
         x = self.embed_tokens(input_ids)
         T = input_ids.shape[1]
         cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if input_pos is None
                     else (self.rope_cos[input_pos], self.rope_sin[input_pos]))
+        # Cast once here, not in every layer: to the dtype q/k will have (autocast's when it is on).
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        cos, sin = (t.to(dtype)[:, None, None, :] for t in (cos, sin))      # (T, 1, 1, d): q/k are (B, T, 2, h, d)
         for i, layer in enumerate(self.layers):
             media = (kv[i], index) if kv is not None and layer.xattn is not None else None
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
@@ -334,7 +396,7 @@ class MMGPT(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, media, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, media, layer_cache, input_pos)
-        return self.lm_head(self.norm(x))
+        return x
 
     # -- KV-cached decoding -----------------------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> "KVCache":

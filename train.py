@@ -181,22 +181,21 @@ class WithLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, input_ids, labels, attention_mask, attend_previous):
-        return mmgpt.lm_loss(self.model(images, input_ids, attention_mask, attend_previous), labels)
+    def forward(self, images, input_ids, labels, attend_previous):
+        return self.model.loss(images, input_ids, labels, attend_previous)
 
 
 def to_device(batch: dict, device, bucket: int = 0, max_len: int = 0):
-    """A batch's images, ids, labels, mask on the device. With a bucket (the fast path) the length is padded up
-    to a multiple of it (at most max_len), so that compiled code and CUDA graphs see few shapes, and the mask is
-    dropped: the padding is on the right, so causal attention already keeps real tokens from seeing it (and
-    plain causal attention takes the fastest kernel, with no host sync to check the mask); its labels are -100."""
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    """A batch's images, ids and labels on the device. The loss needs no attention mask: the padding is on the
+    right, causal attention never lets a real token see it, and it has no labels. With a bucket (the fast path)
+    the length is padded up to a multiple of it (at most max_len), so that compiled code and CUDA graphs see a
+    few shapes only."""
+    ids, labels, images = batch["input_ids"], batch["labels"], batch["images"]
     if bucket:
         pad = min(max_len, -(-ids.shape[1] // bucket) * bucket) - ids.shape[1]
-        ids, labels, mask = F.pad(ids, (0, pad)), F.pad(labels, (0, pad), value=-100), None
-    images = batch["images"]
+        ids, labels = F.pad(ids, (0, pad)), F.pad(labels, (0, pad), value=-100)
     return (None if images is None else images.to(device, non_blocking=True), ids.to(device, non_blocking=True),
-            labels.to(device, non_blocking=True), None if mask is None else mask.to(device, non_blocking=True))
+            labels.to(device, non_blocking=True))
 
 
 @dataclass
@@ -217,10 +216,10 @@ def train_iteration(step_fn, micro_batches, device, autocast=nullcontext(), buck
     for micro, pair in enumerate(micro_batches):
         for kind, batch in zip(("lang", "vl"), pair):
             last_backward = micro == len(micro_batches) - 1 and kind == "vl"
-            images, ids, labels, mask = to_device(batch, device, bucket, max_len)
+            images, ids, labels = to_device(batch, device, bucket, max_len)
             with step_fn.no_sync() if ddp and not last_backward else nullcontext():
                 with autocast:
-                    loss = step_fn(images, ids, labels, mask, batch.get("attend_previous"))
+                    loss = step_fn(images, ids, labels, batch.get("attend_previous"))
                 (loss / len(micro_batches)).backward()
             out.losses[kind].append(loss.detach())
             real = int(batch["attention_mask"].sum())
@@ -331,10 +330,8 @@ def make_model(args, ranks: Ranks):
                                                   args.attend_previous)
     lora_r, lora_alpha, targets = args.lora_r, args.lora_alpha, list(args.lora_targets)
     if args.lora:  # started from LoRA weights: train those (their rank, alpha and targets)
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, lora_lib.LoRALinear)}
-        first = next(iter(layers.values()))
-        # Targets as name suffixes ("self_attn.q_proj", "xattn.ff.1"): what inject() needs to rebuild the same set.
-        lora_r, lora_alpha, targets = first.r, first.alpha, sorted({n.split(".", 2)[2] for n in layers})
+        first = lora_lib.lora_layers(model)[0]
+        lora_r, lora_alpha, targets = first.r, first.alpha, lora_lib.targets_of(model)
     else:
         torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
         lora_lib.inject(model, lora_r, lora_alpha, args.lora_dropout, targets, within="layers.")
@@ -344,10 +341,8 @@ def make_model(args, ranks: Ranks):
     # Slow path: trained weights in fp32 under autocast. Fast path: everything in the frozen weights' dtype (the
     # optimizer keeps fp32 masters), so nothing is cast per call.
     trained_dtype = frozen_dtype if args.fast else torch.float32
-    for n, p in model.named_parameters():
-        p.requires_grad_(".lora_" in n or n in unfrozen)
-        if p.requires_grad:
-            p.data = p.data.to(trained_dtype)
+    for n in lora_lib.mark_trainable(model, unfrozen):
+        model.get_parameter(n).data = model.get_parameter(n).data.to(trained_dtype)
     model.train()
     model.grad_checkpointing = args.grad_checkpointing
     if args.fast and cuda:  # compiling on the CPU takes longer than it saves (tests compile on the CPU directly)

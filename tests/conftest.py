@@ -40,16 +40,11 @@ def tokenizer(sp_model) -> mmgpt.Tokenizer:
     return mmgpt.Tokenizer(sp_model)
 
 
-TINY_VISION = {"embed_dim": 32, "quick_gelu": True,
-               "vision_cfg": {"image_size": 28, "layers": 1, "width": 64, "patch_size": 14}}
+TINY_VISION = mmgpt.PRESETS["tiny"]["vision"]
 
 
 def tiny_config(tokenizer, **overrides) -> mmgpt.Config:
-    cfg = dict(vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, dim=64, n_layers=4, n_heads=4,
-               hidden_dim=128, max_seq_len=256, xattn_layers=(1, 3),
-               perceiver_depth=2, perceiver_latents=4, vision=TINY_VISION)
-    cfg.update(overrides)
-    return mmgpt.Config(**cfg)
+    return mmgpt.config("tiny", **{"vocab_size": tokenizer.vocab_size, "image_id": tokenizer.image_id, **overrides})
 
 
 def tiny_model(tokenizer, seed: int = 0, gates: tuple = (0.7, -0.5), **overrides) -> mmgpt.MMGPT:

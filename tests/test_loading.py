@@ -20,7 +20,7 @@ from conftest import TINY_VISION, tiny_model
 def hf_tensors(model):
     """The language model under HF names as LLaMA-7B's files have it: V embedding and lm_head rows (no added
     tokens), and the rotary buffers 2023 checkpoints carry."""
-    sd = {checkpoints._hf_name(n): p.detach().clone() for n, p in model.named_parameters()
+    sd = {checkpoints._hf_name(n): p.detach().clone() for n, p in lora.file_tensors(model).items()
           if checkpoints.is_llama_param(n)}
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         sd[k] = sd[k][:-3]
