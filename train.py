@@ -272,6 +272,12 @@ def optimizer_step(optimizer: MasterAdamW, scheduler, max_norm: float = 1.0) -> 
     return grad_norm
 
 
+def set_trained_dtype(model: nn.Module, dtype: torch.dtype):
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 def compile_layers(model: mmgpt.MMGPT, cuda_graphs: bool = False):
     """torch.compile each decoder layer. They share their code, and Dynamo guards on a module's type and tensor
     shapes, not its identity, so the 32 layers reuse a handful of graphs (first layer, plain, cross-attention;
@@ -340,9 +346,8 @@ def make_model(args, ranks: Ranks):
                  if ".lora_" not in n and not n.startswith("vision.") and any(s in n for s in args.unfreeze)]
     # Slow path: trained weights in fp32 under autocast. Fast path: everything in the frozen weights' dtype (the
     # optimizer keeps fp32 masters), so nothing is cast per call.
-    trained_dtype = frozen_dtype if args.fast else torch.float32
-    for n in lora_lib.mark_trainable(model, unfrozen):
-        model.get_parameter(n).data = model.get_parameter(n).data.to(trained_dtype)
+    lora_lib.mark_trainable(model, unfrozen)
+    set_trained_dtype(model, frozen_dtype if args.fast else torch.float32)
     model.train()
     model.grad_checkpointing = args.grad_checkpointing
     if args.fast and cuda:  # compiling on the CPU takes longer than it saves (tests compile on the CPU directly)
