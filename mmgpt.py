@@ -215,8 +215,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class FusedLinear(nn.Linear):
-    """Several projections of the same input in one matmul: rows = the `parts` side by side, each `out` rows.
-    Files (HF LLaMA, LoRA) still name the parts; lora.file_layout splits them."""
+    """Several projections of the same input in one matmul: the `parts` side by side, out_features rows each
+    (q/k/v: 3 matmuls become 1). Files (HF LLaMA, LoRA) still name the parts; lora.file_layout splits them."""
 
     def __init__(self, in_features: int, out_features: int, parts: tuple[str, ...]):
         super().__init__(in_features, out_features * len(parts), bias=False)
@@ -231,7 +231,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, input_pos=None):
-        """cos, sin: (T, 1, 1, head_dim), already in the activations' dtype (MMGPT._decode)."""
+        """cos, sin: (T, 1, 1, head_dim), already in the activations' dtype (MMGPT._layers)."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)
         qk = apply_rope(qkv[:, :, :2], cos, sin)             # q and k rotated together

@@ -38,7 +38,7 @@ def files(tmp_path_factory, sp_model, tokenizer):
     """A tiny model with LoRA and nonzero gates, written as an HF LLaMA dir, an OpenFlamingo checkpoint.pt, the
     MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back."""
     tmp = tmp_path_factory.mktemp("chat")
-    model = tiny_model(tokenizer, seed=7)
+    model = tiny_model(tokenizer, seed=8)  # a random model whose greedy answers depend on the picture
     lora.inject(model, r=4, alpha=8, within="layers.")
     with torch.no_grad():
         for m in lora.lora_layers(model):

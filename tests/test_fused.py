@@ -127,6 +127,10 @@ def test_merge_leaves_unadapted_parts_bit_identical(tokenizer):
     model = with_lora(tokenizer, SUBSET)
     images, ids = inputs(tokenizer)
     unmerged = model(images, ids)
+    # Unmerged, too, the rows of k (not adapted) are exactly the frozen projection's.
+    qkv, x = model.layers[0].self_attn.qkv_proj, torch.randn(2, 5, 64)
+    assert torch.equal(qkv(x)[..., 64:128], F.linear(x, lora.file_tensors(model)["layers.0.self_attn.k_proj.weight"]))
+    assert not torch.equal(qkv(x)[..., :64], F.linear(x, qkv.weight[:64]))
     before = {n: t.clone() for n, t in lora.file_tensors(model).items() if n.endswith(".weight")}
     lora.merge(model)
     torch.testing.assert_close(model(images, ids), unmerged, rtol=1e-4, atol=1e-4)
@@ -260,3 +264,23 @@ def test_presets(tokenizer):
     assert tiny.n_layers == 2 and tiny.dim == 64 and mmgpt.PRESETS["tiny"]["vision"] is not tiny.vision
     with pytest.raises(ValueError, match=r"unknown preset 'huge'; known: 7b, demo, tiny, bench-tiny"):
         mmgpt.config("huge")
+
+
+def test_decoder_layer_traces_as_one_graph(tokenizer):
+    """No host sync or Python branch on tensor values inside a layer: dynamo captures it whole (fullgraph), so
+    one compiled layer can serve all of them. backend="eager": the capture is what is tested, in well under a
+    second."""
+    model = with_lora(tokenizer, SUBSET)
+    model.train()
+    lora.mark_trainable(model)
+    images, ids = inputs(tokenizer)
+    kv = model.media_kv(model.encode_images(images))
+    index = mmgpt.media_index(ids, tokenizer.image_id)
+    x = model.embed_tokens(ids)
+    T = ids.shape[1]
+    cos, sin = (t[:T, None, None, :] for t in (model.rope_cos, model.rope_sin))
+    layer = model.layers[1]
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    want = layer(x, cos, sin, None, (kv[1], index))
+    got = compiled(x, cos, sin, None, (kv[1], index))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -251,10 +251,8 @@ def test_grad_checkpointing_gives_the_same_gradients(tokenizer):
     with torch.no_grad():
         for m in lora.lora_layers(model):
             m.lora_B.normal_(0, 0.1)
-    model.requires_grad_(False)
-    trainable = [p for n, p in model.named_parameters() if ".lora_" in n]
-    for p in trainable:
-        p.requires_grad_(True)
+    lora.mark_trainable(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     ids, images = two_image_input(tokenizer)
     x = torch.tensor([ids])
     model.train()
