@@ -386,26 +386,48 @@ def make_optimizer(model, args, total: int):
     return optimizer, scheduler
 
 
-def save_checkpoint(path, ranks: Ranks, step: int, bad_total: int, args, settings, optimizer, scheduler, streams):
+@dataclass
+class Run:
+    """What the setup steps build and the loop, the checkpoints and the end use."""
+    args: argparse.Namespace
+    ranks: Ranks
+    model: mmgpt.MMGPT
+    tokenizer: mmgpt.Tokenizer
+    transform: object
+    settings: dict          # saved with the run: they rebuild its model
+    unfrozen: list          # parameters trained in full besides the LoRA
+    streams: tuple          # (vision-language, language-only)
+    held_out: list
+    demo_items: list
+    optimizer: "MasterAdamW"
+    scheduler: object
+    total: int              # optimizer steps of the schedule
+    autocast: object
+    ckpt_path: str
+
+
+def save_checkpoint(run: Run, step: int, bad_total: int):
     """ckpt.pt: everything --resume needs to continue exactly (the fp32 masters, optimizer, schedule, stream
     positions, every rank's RNG states)."""
-    states = [None] * ranks.world
-    if ranks.distributed:
+    states = [None] * run.ranks.world
+    if run.ranks.distributed:
         dist.all_gather_object(states, rng_state())
     else:
         states = [rng_state()]
-    if ranks.main:
+    if run.ranks.main:
         checkpoints.atomic_save({
-            "step": step, "bad_steps": bad_total, "world": ranks.world, "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum, "settings": settings,
-            "trainable": {n: m.detach().cpu() for n, m in optimizer.masters.items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "vl_stream": streams[0].state_dict(), "lang_stream": streams[1].state_dict(), "rng": states}, path)
+            "step": step, "bad_steps": bad_total, "world": run.ranks.world, "batch_size": run.args.batch_size,
+            "grad_accum": run.args.grad_accum, "settings": run.settings,
+            "trainable": {n: m.detach().cpu() for n, m in run.optimizer.masters.items()},
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "vl_stream": run.streams[0].state_dict(), "lang_stream": run.streams[1].state_dict(), "rng": states},
+            run.ckpt_path)
 
 
-def resume(path, ranks: Ranks, args, optimizer, scheduler, streams) -> tuple[int, int]:
+def resume(run: Run) -> tuple[int, int]:
     """Load ckpt.pt into the optimizer (masters, then parameters), schedule, streams and RNGs; returns (step,
     non-finite steps so far)."""
+    path, ranks, args = run.ckpt_path, run.ranks, run.args
     if not os.path.isfile(path):
         sys.exit(f"--resume: {path} not found")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states inside
@@ -413,14 +435,22 @@ def resume(path, ranks: Ranks, args, optimizer, scheduler, streams) -> tuple[int
         sys.exit(f"--resume: {path} was written with another effective batch")
     with torch.no_grad():
         for n, t in ckpt["trainable"].items():
-            optimizer.masters[n].copy_(t)
-    optimizer.masters_to_params()
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    streams[0].load_state_dict(ckpt["vl_stream"])
-    streams[1].load_state_dict(ckpt["lang_stream"])
+            run.optimizer.masters[n].copy_(t)
+    run.optimizer.masters_to_params()
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.streams[0].load_state_dict(ckpt["vl_stream"])
+    run.streams[1].load_state_dict(ckpt["lang_stream"])
     set_rng_state(ckpt["rng"][ranks.rank] if ranks.rank < len(ckpt["rng"]) else ckpt["rng"][0])
     return ckpt["step"], ckpt["bad_steps"]
+
+
+def evaluate_run(run: Run, step: int, metrics) -> dict:
+    """Rank 0 evaluates (held-out loss; the demo's accuracy) and records it."""
+    record = {"step": step, **evaluate(run.model, run.tokenizer, run.transform, run.held_out, run.demo_items,
+                                       run.args.max_len, run.autocast, run.ranks.device)}
+    write(metrics, record)
+    return record
 
 
 def next_batch(it) -> dict:
@@ -475,15 +505,20 @@ def main(argv=None):
     args = parse_args(argv)
     ranks = setup(args)
     os.makedirs(args.out, exist_ok=True)
+    # -- the model, the data, the optimizer ----------------------------------------------------------------------
     model, tokenizer, transform, settings, unfrozen = make_model(args, ranks)
     vl_stream, lang_stream, held_out, demo_items = make_data(args, ranks, tokenizer, transform)
     total = max(1, int(args.epochs * vl_stream.steps_per_epoch) // args.grad_accum)
     optimizer, scheduler = make_optimizer(model, args, total)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ranks.device.type == "cuda" and not args.fast \
+        else nullcontext()  # the fast path's model is all bf16: nothing to cast
+    run = Run(args, ranks, model, tokenizer, transform, settings, unfrozen, (vl_stream, lang_stream), held_out,
+              demo_items, optimizer, scheduler, total, autocast, os.path.join(args.out, "ckpt.pt"))
+    # -- state: resumed, or seeded -------------------------------------------------------------------------------
     step, bad_total = 0, 0
     if args.resume:
-        step, bad_total = resume(ckpt_path, ranks, args, optimizer, scheduler, (vl_stream, lang_stream))
-        log(ranks, f"resumed from {ckpt_path} at step {step}")
+        step, bad_total = resume(run)
+        log(ranks, f"resumed from {run.ckpt_path} at step {step}")
     else:
         torch.manual_seed(args.seed + ranks.rank)
         random.seed(args.seed + ranks.rank)
@@ -494,36 +529,27 @@ def main(argv=None):
         f"effective batch {ranks.world * args.batch_size * args.grad_accum * 2} = {ranks.world} ranks x "
         f"{args.batch_size} x {args.grad_accum} accumulation x 2 kinds; {min(total, args.max_steps or total)} of "
         f"{total} optimizer steps on {ranks.device}" + (" (fast path)" if args.fast else ""))
+    # -- the loop ------------------------------------------------------------------------------------------------
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if ranks.main else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ranks.device.type == "cuda" and not args.fast \
-        else nullcontext()  # the fast path's model is all bf16: nothing to cast
     started = time.time()
     try:
-        step, bad_total, last, tokens_seen = train(args, ranks, model, optimizer, scheduler, (vl_stream, lang_stream),
-                                                   step, bad_total, total, settings, held_out, demo_items, tokenizer,
-                                                   transform, autocast, metrics)
+        step, bad_total, last, tokens_seen = train(run, step, bad_total, metrics)
     except Stop as s:
-        save_checkpoint(ckpt_path, ranks, s.step, s.bad_total, args, settings, optimizer, scheduler,
-                        (vl_stream, lang_stream))
-        log(ranks, f"{s}: stopped at step {s.step}; {ckpt_path} written, continue with --resume")
+        save_checkpoint(run, s.step, s.bad_total)
+        log(ranks, f"{s}: stopped at step {s.step}; {run.ckpt_path} written, continue with --resume")
         return
     except torch.OutOfMemoryError:
         sys.exit("out of memory: try --grad-checkpointing, a smaller --max-len or --batch-size "
                  "(the effective batch is kept by raising --grad-accum)")
-
     # -- the end -------------------------------------------------------------------------------------------------
-    save_checkpoint(ckpt_path, ranks, step, bad_total, args, settings, optimizer, scheduler, (vl_stream, lang_stream))
-    if ranks.main:  # so that a run cut short by --max-steps can go on with --resume
-        with holding(model, {n: m for n, m in optimizer.masters.items()}):  # lora.pt in fp32
+    save_checkpoint(run, step, bad_total)  # so that a run cut short by --max-steps can go on with --resume
+    if ranks.main:
+        with holding(model, optimizer.masters):  # lora.pt in fp32
             checkpoints.save_lora(model, os.path.join(args.out, "lora.pt"), settings, unfrozen)
     if ranks.distributed:
         dist.barrier()
     if ranks.main:
-        final = {}
-        if held_out or demo_items:
-            final = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items, args.max_len,
-                                              autocast, ranks.device)}
-            write(metrics, final)
+        final = evaluate_run(run, step, metrics) if held_out or demo_items else {}
         metrics.close()
         if args.demo:  # a few held-out pictures to chat about
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
@@ -546,17 +572,16 @@ def log(ranks: Ranks, *a):
         print(*a)
 
 
-def train(args, ranks, model, optimizer, scheduler, streams, step, bad_total, total, settings, held_out,
-          demo_items, tokenizer, transform, autocast, metrics):
+def train(run: Run, step: int, bad_total: int, metrics):
     """The loop: optimizer steps from `step` to the last; checkpoints and evaluations on their schedule.
     Returns (step, non-finite steps, the last step's record, tokens seen); raises Stop on SIGTERM/SIGINT."""
-    steps = min(total, args.max_steps or total)
-    step_fn = WithLoss(model)
+    args, ranks = run.args, run.ranks
+    steps = min(run.total, args.max_steps or run.total)
+    step_fn = WithLoss(run.model)
     if ranks.distributed:  # only the trainable parameters are reduced: DDP skips those that don't require grad
         step_fn = DistributedDataParallel(step_fn, device_ids=[ranks.device] if ranks.device.type == "cuda" else None,
                                           broadcast_buffers=False)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    vl_iter, lang_iter = (iter(s) for s in streams)
+    vl_iter, lang_iter = (iter(s) for s in run.streams)
     aug_rng = random.Random(args.seed)
     stop = StopSignal()
     bar = tqdm(total=steps, initial=step, disable=not ranks.main, dynamic_ncols=True)
@@ -567,18 +592,17 @@ def train(args, ranks, model, optimizer, scheduler, streams, step, bad_total, to
         for _, vl in micro_batches:  # OpenFlamingo's media-placement augmentation: the other rule, half the time
             if args.media_augmentation and aug_rng.random() < 0.5:
                 vl["attend_previous"] = not args.attend_previous
-        done = train_iteration(step_fn, micro_batches, ranks.device, autocast,
+        done = train_iteration(step_fn, micro_batches, ranks.device, run.autocast,
                                args.bucket if args.fast else 0, args.max_len)
         losses = mean_losses(done.losses, ranks)
-        grad_norm = optimizer_step(optimizer, scheduler)
+        grad_norm = optimizer_step(run.optimizer, run.scheduler)
         bad_in_a_row = 0 if math.isfinite(grad_norm) else bad_in_a_row + 1
         if bad_in_a_row:
             bad_total += 1
             log(ranks, f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_total} so far)")
         step += 1
         tokens_seen += done.tokens * ranks.world
-        last = {"step": step, "loss_vl": losses["loss_vl"], "loss_lang": losses["loss_lang"],
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+        last = {"step": step, **losses, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens_per_s": done.tokens * ranks.world / (time.time() - t0), "padding": done.padding / done.tokens}
         write(metrics, last)
         bar.update(1)
@@ -586,15 +610,13 @@ def train(args, ranks, model, optimizer, scheduler, streams, step, bad_total, to
                         tok_s=f"{last['tokens_per_s']:.0f}", pad=f"{last['padding']:.0%}")
         if bad_in_a_row >= MAX_BAD_STEPS:
             log(ranks, f"stopping: {MAX_BAD_STEPS} optimizer steps in a row had non-finite losses or gradients "
-                f"(lower --lr?); the last good checkpoint is {ckpt_path}")
+                f"(lower --lr?); the last good checkpoint is {run.ckpt_path}")
             sys.exit(1)
         if args.save_every and step % args.save_every == 0 and step < steps:
-            save_checkpoint(ckpt_path, ranks, step, bad_total, args, settings, optimizer, scheduler, streams)
-        if args.eval_every and step % args.eval_every == 0 and step < steps and (held_out or demo_items):
+            save_checkpoint(run, step, bad_total)
+        if args.eval_every and step % args.eval_every == 0 and step < steps and (run.held_out or run.demo_items):
             if ranks.main:
-                record = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items, args.max_len,
-                                                   autocast, ranks.device)}
-                write(metrics, record)
+                record = evaluate_run(run, step, metrics)
                 bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
             if ranks.distributed:
                 dist.barrier()
