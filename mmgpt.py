@@ -388,7 +388,7 @@ class MMGPT(nn.Module):
         # Cast once here, not in every layer: to the dtype q/k will have (autocast's when it is on).
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        cos, sin = (t.to(dtype)[:, None, None, :] for t in (cos, sin))      # (T, 1, 1, d): q/k are (B, T, 2, h, d)
+        cos, sin = (t.to(dtype)[..., None, None, :] for t in (cos, sin))    # (T, 1, 1, d): q/k are (B, T, 2, h, d)
         for i, layer in enumerate(self.layers):
             media = (kv[i], index) if kv is not None and layer.xattn is not None else None
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
