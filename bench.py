@@ -6,18 +6,18 @@
 
 train: one iteration is what train.py runs for one optimizer step (train.train_iteration + train.optimizer_step,
 the same functions) with one micro-batch pair: V language-only then V vision-language samples of --seq tokens,
-half of each sample labelled (answers), LoRA r=16 trainable. Rows: the paper's layout (1+1 x 512) on the slow path
-(fp32 LoRA under autocast, eager) and on the fast path (bf16 + fp32 masters, compiled layers; --cuda-graphs: also
-with CUDA graphs), the larger layouts of --layouts, and --long tokens with activation checkpointing. Each row
-reports tokens/s, MFU against a bf16 matmul peak measured in the same run, peak memory, the warm-up (compile)
-time, and on a GPU the kernels launched per iteration and the fraction of the step the GPU is busy
-(torch.profiler). --tiny also counts the aten ops one iteration dispatches (a proxy for kernel launches).
+the second half of each labelled (the answers), LoRA r=16 trainable. Rows: the paper's layout (1+1 x 512) on
+the slow path (fp32 LoRA under autocast, eager) and on the fast path (bf16 + fp32 masters, compiled layers;
+--cuda-graphs: also with CUDA graphs), the larger layouts of --layouts, and --long tokens with activation
+checkpointing. Each row reports tokens/s, MFU against a bf16 matmul peak measured in the same run, peak memory,
+the warm-up (compile) time, and on a GPU the kernels launched per iteration and the fraction of the step the GPU
+is busy (torch.profiler). --tiny also counts the aten ops one iteration dispatches (a proxy for launches).
 chat: prefill of a picture + 96-token prompt, then decoding 128 tokens at batch 1, eager and compiled.
 
 FLOPs counted per iteration (for MFU): frozen weights 4N per token (forward 2N + activation gradient 2N, no
-weight gradient), LoRA 6 per parameter per token, causal attention (QK^T and AV: 2 * 2 * T * d / 2 per token
-and layer forward, x3 with backward), cross-attention against 64 latents likewise (not causal), the ViT and
-perceiver forward (no backward: nothing upstream is trained).
+weight gradient; lm_head only where a label is), LoRA 6 per parameter per token, causal attention (QK^T and AV:
+2 * 2 * T * d / 2 per token and layer forward, x3 with backward), cross-attention against 64 latents likewise
+(not causal), the ViT and perceiver forward (no backward: nothing upstream is trained).
 """
 import argparse
 import json
@@ -32,6 +32,7 @@ import lora
 import mmgpt
 import train
 
+LABELLED = 0.5  # the fraction of tokens with a label (the answers) in the benchmark's samples
 PEAK_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}        # HBM bandwidth, datasheet
 
 
@@ -68,12 +69,14 @@ def count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int) -> float:
+def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int, labelled: float = LABELLED) -> float:
     cfg = model.cfg
     named = dict(model.named_parameters())
     lora_n = count(p for n, p in named.items() if ".lora_" in n)
     xattn_n = count(p for n, p in named.items() if ".xattn." in n and ".lora_" not in n)
-    llama_n = count(p for n, p in named.items() if checkpoints.is_llama_param(n) and n != "embed_tokens.weight")
+    llama_n = count(p for n, p in named.items() if checkpoints.is_llama_param(n)
+                    and n not in ("embed_tokens.weight", "lm_head.weight"))
+    head_n = model.lm_head.weight.numel()
     vit_n = count(model.vision.parameters())
     perceiver_n = count(model.perceiver.parameters())
     patches = (cfg.vision["vision_cfg"]["image_size"] // cfg.vision["vision_cfg"]["patch_size"]) ** 2 + 1
@@ -81,6 +84,7 @@ def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int) -> float:
     attn = 3 * 2 * 2 * seq * cfg.dim / 2 * cfg.n_layers                       # per token, causal, fwd + bwd
     xattn = 3 * 2 * 2 * cfg.perceiver_latents * cfg.xattn_heads * cfg.xattn_dim_head * len(cfg.xattn_layers)
     flops = (tokens_vl + tokens_lang) * (4 * llama_n + attn) + (tokens_vl + tokens_lang) * 6 * lora_n
+    flops += (tokens_vl + tokens_lang) * labelled * 4 * head_n   # logits only where a label is
     flops += tokens_vl * (4 * xattn_n + xattn)
     flops += n_vl * (2 * vit_n * patches + 2 * perceiver_n * (patches + cfg.perceiver_latents))
     return flops
@@ -88,7 +92,7 @@ def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int) -> float:
 
 def batches(cfg, n: int, seq: int):
     """One micro-batch pair (language-only, vision-language) as the loader makes it: the picture early in the
-    prompt, as in the template, and labels on the second half of each sample (the answers)."""
+    prompt, as in the template, and labels on the last LABELLED of each sample (the answers)."""
     size = cfg.vision["vision_cfg"]["image_size"]
     g = torch.Generator().manual_seed(0)
     pair = []
@@ -97,7 +101,7 @@ def batches(cfg, n: int, seq: int):
         if kind == "vl":
             ids[:, 20] = cfg.image_id
         labels = ids.clone()
-        labels[:, :seq // 2] = -100
+        labels[:, :int(seq * (1 - LABELLED))] = -100
         pair.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
                      "images": torch.randn(n, 1, 3, size, size, generator=g) if kind == "vl" else None})
     return [tuple(pair)]
