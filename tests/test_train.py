@@ -74,6 +74,13 @@ def test_resume_continues_exactly(base):
     assert [r["loss_vl"] for r in losses[0]] == pytest.approx([r["loss_vl"] for r in losses[1]], abs=1e-6)
 
 
+def test_fast_path_two_ranks_equal_one_rank(base):
+    fast = ("--fast", "--bucket", "32", "--max-steps", "2", "--lr", "3e-4")
+    run(base, base["tmp"] / "fast_one", "--grad-accum", "4", *fast)
+    run(base, base["tmp"] / "fast_two", "--grad-accum", "2", *fast, nproc=2)
+    assert_same(weights(base["tmp"] / "fast_one"), weights(base["tmp"] / "fast_two"))
+
+
 def test_fast_path_resume_continues_exactly(base):
     """--fast on the CPU: fp32 master copies in the optimizer and ckpt.pt, lengths padded to buckets."""
     run(base, base["tmp"] / "fast", "--grad-accum", "2", "--max-steps", "3", "--fast", "--bucket", "32")
