@@ -1,19 +1,25 @@
 """Speed and memory of fine-tuning and chat at OpenFlamingo-9B shapes, with random weights.
 
     python bench.py                      # one GPU: LLaMA-7B + ViT-L/14 + 8 cross-attention blocks, LoRA r=16, bf16
-    python bench.py --tiny               # the same code on a tiny model on the CPU, in seconds (CI runs this)
-    python bench.py --json out.json
+    python bench.py --tiny               # the "bench-tiny" preset (32 layers, small widths) on the CPU, in seconds
+    python bench.py --train-only --cuda-graphs --json out.json
 
-train: one iteration = V vision-language samples + V language samples of --seq tokens (forward + backward,
-LoRA trainable), for each micro-batch layout and option (activation checkpointing, torch.compile).
+train: one iteration is what train.py runs for one optimizer step (train.train_iteration + train.optimizer_step,
+the same functions) with one micro-batch pair: V language-only then V vision-language samples of --seq tokens,
+the second half of each labelled (the answers), LoRA r=16 trainable. Rows: the paper's layout (1+1 x 512) on
+the slow path (fp32 LoRA under autocast, eager) and on the fast path (bf16 + fp32 masters, compiled layers;
+--cuda-graphs: also with CUDA graphs), the larger layouts of --layouts, and --long tokens with activation
+checkpointing. Each row reports tokens/s, MFU against a bf16 matmul peak measured in the same run, peak memory,
+the warm-up (compile) time, and on a GPU the kernels launched per iteration and the fraction of the step the GPU
+is busy (torch.profiler). --tiny also counts the aten ops one iteration dispatches (a proxy for launches).
 chat: chat.py's path, eager and fast (LoRA merged, compiled, CUDA graphs): prefill of a picture + 96-token prompt,
 decoding 128 tokens at batch 1, a second round's first token, the fraction of the weight-read limit (weight bytes
 per token against a device copy's bandwidth measured in the same run); generate_batch decoding at batch 8 and 32.
 
 FLOPs counted per iteration (for MFU): frozen weights 4N per token (forward 2N + activation gradient 2N, no
-weight gradient), LoRA 6 per parameter per token, causal attention (QK^T and AV: 2 * 2 * T * d / 2 per token
-and layer forward, x3 with backward), cross-attention against 64 latents likewise (not causal), the ViT and
-perceiver forward (no backward: nothing upstream is trained).
+weight gradient; lm_head only where a label is), LoRA 6 per parameter per token, causal attention (QK^T and AV:
+2 * 2 * T * d / 2 per token and layer forward, x3 with backward), cross-attention against 64 latents likewise
+(not causal), the ViT and perceiver forward (no backward: nothing upstream is trained).
 """
 import argparse
 import json
@@ -21,22 +27,15 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import chat
 import checkpoints
 import lora
 import mmgpt
+import train
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, datasheet
-
-
-def config(tiny: bool) -> mmgpt.Config:
-    if not tiny:
-        return mmgpt.Config()  # LLaMA-7B, ViT-L/14 (quick GELU), cross-attention before layers 3, 7, ..., 31
-    vision = {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {"image_size": 28, "layers": 2, "width": 64,
-                                                                  "patch_size": 14}}
-    return mmgpt.Config(vocab_size=512, image_id=509, dim=128, n_layers=4, n_heads=4, hidden_dim=256,
-                        max_seq_len=1024, perceiver_depth=2, perceiver_latents=8, vision=vision)
+LABELLED = 0.5  # the fraction of tokens with a label (the answers) in the benchmark's samples
 
 
 def sync(device):
@@ -72,12 +71,14 @@ def count(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int) -> float:
+def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int, labelled: float = LABELLED) -> float:
     cfg = model.cfg
     named = dict(model.named_parameters())
     lora_n = count(p for n, p in named.items() if ".lora_" in n)
     xattn_n = count(p for n, p in named.items() if ".xattn." in n and ".lora_" not in n)
-    llama_n = count(p for n, p in named.items() if checkpoints.is_llama_param(n) and n != "embed_tokens.weight")
+    llama_n = count(p for n, p in named.items() if checkpoints.is_llama_param(n)
+                    and n not in ("embed_tokens.weight", "lm_head.weight"))
+    head_n = model.lm_head.weight.numel()
     vit_n = count(model.vision.parameters())
     perceiver_n = count(model.perceiver.parameters())
     patches = (cfg.vision["vision_cfg"]["image_size"] // cfg.vision["vision_cfg"]["patch_size"]) ** 2 + 1
@@ -85,38 +86,106 @@ def train_flops(model: mmgpt.MMGPT, seq: int, n_vl: int, n_lang: int) -> float:
     attn = 3 * 2 * 2 * seq * cfg.dim / 2 * cfg.n_layers                       # per token, causal, fwd + bwd
     xattn = 3 * 2 * 2 * cfg.perceiver_latents * cfg.xattn_heads * cfg.xattn_dim_head * len(cfg.xattn_layers)
     flops = (tokens_vl + tokens_lang) * (4 * llama_n + attn) + (tokens_vl + tokens_lang) * 6 * lora_n
+    flops += (tokens_vl + tokens_lang) * labelled * 4 * head_n   # logits only where a label is
     flops += tokens_vl * (4 * xattn_n + xattn)
     flops += n_vl * (2 * vit_n * patches + 2 * perceiver_n * (patches + cfg.perceiver_latents))
     return flops
 
 
-def bench_train(model, cfg, device, seq, n_vl, n_lang, checkpointing, compiled, repeat):
+def batches(cfg, n: int, seq: int):
+    """One micro-batch pair (language-only, vision-language) as the loader makes it: the picture early in the
+    prompt, as in the template, and labels on the last LABELLED of each sample (the answers)."""
+    size = cfg.vision["vision_cfg"]["image_size"]
+    g = torch.Generator().manual_seed(0)
+    pair = []
+    for kind in ("lang", "vl"):
+        ids = torch.randint(3, cfg.image_id - 2, (n, seq), generator=g)
+        if kind == "vl":
+            ids[:, 20] = cfg.image_id
+        labels = ids.clone()
+        labels[:, :int(seq * (1 - LABELLED))] = -100
+        pair.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+                     "images": torch.randn(n, 1, 3, size, size, generator=g) if kind == "vl" else None})
+    return [tuple(pair)]
+
+
+def matmul_peak(device) -> float:
+    """TFLOP/s of a large matmul in the training dtype on this device (the MFU denominator)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeat=10, warmup=3) / 1e12
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched (what an eager GPU run launches kernels for)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def gpu_profile(fn) -> tuple[int, float]:
+    """Kernels launched by fn() and the microseconds the GPU was busy (union of kernel intervals)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in kernels:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return len(kernels), busy
+
+
+def iteration_fn(model, device, micro_batches, fast: bool, seq: int):
+    """One training iteration exactly as train.py runs it (slow or fast path); returns the callable."""
+    train.set_trained_dtype(model, model.lm_head.weight.dtype if fast else torch.float32)
+    optimizer = train.MasterAdamW([{"params": {n: p for n, p in model.named_parameters() if p.requires_grad}}],
+                                  lr=1e-5, copies=fast)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and not fast else nullcontext()
+    step_fn = train.WithLoss(model)
+
+    def iteration():
+        train.train_iteration(step_fn, micro_batches, device, autocast, 128 if fast else 0, seq)
+        train.optimizer_step(optimizer, scheduler)
+    return iteration
+
+
+def bench_train(model, device, seq, n, checkpointing, fast, repeat, peak_tflops, cuda_graphs=False,
+                count_ops=False) -> dict:
     model.train()
     model.grad_checkpointing = checkpointing
-    size = cfg.vision["vision_cfg"]["image_size"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    vl_ids = torch.randint(0, cfg.image_id - 2, (n_vl, seq), generator=g).to(device)
-    vl_ids[:, 20] = cfg.image_id  # the picture early in the prompt, as in the template
-    lang_ids = torch.randint(0, cfg.image_id - 2, (n_lang, seq), generator=g).to(device)
-    images = torch.randn(n_vl, 1, 3, size, size, generator=g).to(device)
-    if compiled:  # compile each decoder layer (the ViT and the perceiver run once per picture)
-        for layer in model.layers:
-            layer.forward = torch.compile(layer.forward)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def step():
-        for imgs, ids in ((None, lang_ids), (images, vl_ids)):  # the language sample first, as train.py does
-            with autocast:
-                loss = mmgpt.lm_loss(model(imgs, ids), ids)
-            loss.backward()
-
+    micro_batches = batches(model.cfg, n, seq)
+    iteration = iteration_fn(model, device, micro_batches, fast, seq)
     reset_peak(device)
-    seconds = timed(step, device, repeat)
+    t0 = time.perf_counter()
+    iteration()  # compiles on the fast path (a new length or layout may recompile)
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    seconds = timed(iteration, device, repeat)
+    tokens = 2 * n * seq
+    flops = train_flops(model, seq, n, n)
+    row = {"seq": seq, "layout": f"{n}+{n}", "checkpointing": checkpointing, "fast": fast,
+           "cuda_graphs": cuda_graphs, "seconds": seconds, "warmup_s": warmup_s,
+           "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
+           "mfu": flops / seconds / 1e12 / peak_tflops, "peak_gib": peak_gib(device), "kernels": None,
+           "gpu_busy": None, "aten_ops": None}
+    if device.type == "cuda":
+        kernels, busy_us = gpu_profile(iteration)
+        row.update(kernels=kernels, gpu_busy=busy_us / 1e6 / seconds)
+    if count_ops:
+        with OpCounter() as counter:
+            iteration()
+        row["aten_ops"] = counter.ops
     model.zero_grad(set_to_none=True)
-    if compiled:
-        for layer in model.layers:
-            del layer.forward  # back to the class's method
-    return seconds, peak_gib(device)
+    return row
 
 
 def copy_bandwidth(device) -> float | None:
@@ -126,7 +195,6 @@ def copy_bandwidth(device) -> float | None:
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     seconds = timed(lambda: dst.copy_(src), device, repeat=10)
-    del src, dst
     return 2 * 2**30 / seconds
 
 
@@ -195,80 +263,111 @@ def bench_batch(model, cfg, device, batch: int, prompt_len=96, new_tokens=128) -
     return {"batch": batch, "decode_tokens_per_s": batch * (new_tokens - 1) / seconds, "peak_gib": peak_gib(device)}
 
 
+def bench_model(tiny: bool, device) -> mmgpt.MMGPT:
+    """OpenFlamingo-9B's shapes (or the bench-tiny preset) with random weights and LoRA r=16 trainable, made on
+    the device in its dtype (bf16 on a GPU): never an fp32 copy."""
+    torch.manual_seed(0)
+    model = mmgpt.build(mmgpt.config("bench-tiny" if tiny else "7b"), device,
+                        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    lora.inject(model, r=16, alpha=16, within="layers.")
+    lora.mark_trainable(model)
+    return model
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (seconds)")
+    ap.add_argument("--tiny", action="store_true", help="the bench-tiny preset on the CPU (seconds)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default 512; tiny: 64)")
-    ap.add_argument("--layouts", default="1,4", help="samples per kind per micro-step to try, e.g. 1,2,4")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--layouts", default="1,4", help="samples per kind per micro-batch to try on the fast path")
     ap.add_argument("--long", type=int, default=2048, help="also train at this length with checkpointing (0: no)")
-    ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--chat-only", action="store_true", help="skip the training figures")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also the training fast path with CUDA graphs")
     ap.add_argument("--batches", default="8,32", help="generate_batch sizes to time (fast path; empty: none)")
+    ap.add_argument("--train-only", action="store_true", help="skip chat")
+    ap.add_argument("--chat-only", action="store_true", help="skip training")
+    ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
     seq = args.seq or (64 if args.tiny else 512)
     repeat = 3 if args.tiny else 5
-    cfg = config(args.tiny)
-    torch.manual_seed(0)
-    model = mmgpt.build(cfg, device, dtype)      # made directly on the device in bf16: no fp32 copy
-    lora.inject(model, r=16, alpha=16, within="layers.")
-    model.requires_grad_(False)
-    for n, p in model.named_parameters():
-        if ".lora_" in n:
-            p.requires_grad_(True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    model = bench_model(args.tiny, device)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak_tflops = matmul_peak(device)
     n_params = count(model.parameters())
     n_lora = count(p for p in model.parameters() if p.requires_grad)
-    print(f"device {name}; {n_params / 1e9:.3f} B parameters, {n_lora / 1e6:.2f} M trainable (LoRA r=16)")
+    print(f"device {name}; {n_params / 1e9:.3f} B parameters, {n_lora / 1e6:.2f} M trainable (LoRA r=16); "
+          f"measured matmul peak {peak_tflops:.1f} TFLOP/s", flush=True)
+    results = {"device": name, "params": n_params, "trainable": n_lora, "matmul_tflops": peak_tflops,
+               "train": [], "chat": [], "batch": []}
+    if not args.chat_only:
+        bench_training(model, device, args, seq, repeat, peak_tflops, results)
+        if not args.train_only:  # chat gets a fresh model: the training rows compiled its layers
+            del model
+            torch._dynamo.reset()
+            if cuda:
+                torch.cuda.empty_cache()
+            model = bench_model(args.tiny, device)
+    if not args.train_only:
+        bench_chatting(model, device, args, results)
+    if args.tiny and results["train"]:
+        print(f"\naten ops per training iteration (1+1 x {seq}, 32 layers): {results['train'][0]['aten_ops']:,}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
-    results = {"device": name, "params": n_params, "trainable": n_lora, "train": [], "chat": [], "batch": []}
-    variants = [(False, False), (True, False)] + ([] if args.no_compile else [(False, True)])
-    runs = [(seq, int(v), ck, co) for v in args.layouts.split(",") for ck, co in variants]
-    if args.long and not args.tiny:
-        runs.append((args.long, 1, True, False))
-    for s, v, ckpt, comp in ([] if args.chat_only else runs):
-        try:
-            seconds, peak = bench_train(model, cfg, device, s, v, v, ckpt, comp, repeat)
-        except torch.OutOfMemoryError:
-            print(f"train seq {s} {v}+{v} ckpt={ckpt} compile={comp}: out of memory")
-            torch.cuda.empty_cache()
-            continue
-        tokens = 2 * v * s
-        flops = train_flops(model, s, v, v)
-        row = {"seq": s, "layout": f"{v}+{v}", "checkpointing": ckpt, "compile": comp, "seconds": seconds,
-               "tokens_per_s": tokens / seconds, "tflops": flops / seconds / 1e12,
-               "mfu": flops / seconds / 1e12 / peak_tflops if peak_tflops else None, "peak_gib": peak}
-        results["train"].append(row)
+
+def bench_training(model, device, args, seq, repeat, peak_tflops, results):
+    """(seq, samples per kind, checkpointing, fast path): the slow path first (the fast one compiles the layers).
+    On the CPU train.py's fast path does not compile, so --tiny times the slow path only."""
+    cuda = device.type == "cuda"
+    layouts = [int(v) for v in args.layouts.split(",")]
+    if args.tiny:
+        runs = [(seq, v, ck, False) for v in layouts for ck in (False, True)]
+    else:
+        runs = [(seq, 1, False, False)] + [(seq, v, False, True) for v in layouts]
+        runs += [(args.long, 1, True, True)] if args.long else []
+    for graphs in [False] + ([True] if args.cuda_graphs and cuda else []):
+        if cuda:
+            torch._dynamo.reset()
+            train.compile_layers(model, cuda_graphs=graphs)
+        for s, v, ckpt, fast in runs:
+            if graphs and not fast:
+                continue
+            try:
+                with nullcontext() if fast else torch.compiler.set_stance("force_eager"):
+                    row = bench_train(model, device, s, v, ckpt, fast, repeat, peak_tflops, graphs,
+                                      count_ops=args.tiny and (s, v, ckpt) == (seq, 1, False))
+            except Exception as e:  # out of memory, or a compile failure: report it and go on with the others
+                print(f"train seq {s} {v}+{v} ckpt={ckpt} fast={fast} graphs={graphs}: {type(e).__name__}: "
+                      f"{str(e)[:300]}", flush=True)
+                model.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
+            results["train"].append(row)
+            print_train(row, header=len(results["train"]) == 1)
+
+
+def bench_chatting(model, device, args, results):
+    """chat.py's path, eager then fast, and generate_batch at the sizes of --batches."""
+    cuda = device.type == "cuda"
     # Bytes read per decoded token: every LLaMA weight, and the cross-attention FFWs (the to_q/to_out too; the
     # picture's keys/values are cached).
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if (checkpoints.is_llama_param(n) and n != "embed_tokens.weight") or ".xattn." in n)
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
-    for fast in [False] + ([] if args.no_compile else [True]):
-        row = bench_chat(model, cfg, device, fast)
+    for fast in [False] + ([True] if cuda else []):
+        row = bench_chat(model, model.cfg, device, fast)
         row["weights_gb_per_token"] = weight_bytes / 1e9
         row["bandwidth_fraction"] = weight_bytes * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
         results["chat"].append(row)
         print(f"chat {row}", flush=True)
-    for batch in ([] if args.no_compile else [int(b) for b in args.batches.split(",") if b]):
-        results["batch"].append(bench_batch(model, cfg, device, batch))
+    for batch in [int(b) for b in args.batches.split(",") if b] if cuda else []:
+        results["batch"].append(bench_batch(model, model.cfg, device, batch))
         print(f"batch {results['batch'][-1]}", flush=True)
-
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
-
-    if results["train"]:
-        print(f"\n{'train':<8}{'seq':>6}{'layout':>8}{'ckpt':>6}{'compile':>8}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
-              f"{'peak GiB':>10}")
-        for r in results["train"]:
-            print(f"{'':<8}{r['seq']:>6}{r['layout']:>8}{str(r['checkpointing']):>6}{str(r['compile']):>8}"
-                  f"{r['tokens_per_s']:>10,.0f}{r['tflops']:>9.1f}{fmt(r['mfu'], '.1%'):>7}{fmt(r['peak_gib'], '.1f'):>10}")
     print(f"\n{'chat':<8}{'fast':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}{'of limit':>10}"
           f"{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")
     for r in results["chat"]:
@@ -278,9 +377,20 @@ def main():
     for r in results["batch"]:
         print(f"{'batch':<8}{r['batch']:>6}{'':>12}{r['decode_tokens_per_s']:>14.1f}{'':>24}"
               f"{fmt(r['peak_gib'], '.1f'):>10}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_train(r: dict, header: bool):
+    if header:
+        print(f"\n{'train':<6}{'seq':>6}{'layout':>7}{'ckpt':>6}{'path':>7}{'tok/s':>9}{'TFLOP/s':>9}{'MFU':>7}"
+              f"{'peak GiB':>9}{'warm-up s':>10}{'kernels':>9}{'GPU busy':>9}")
+    path = "graphs" if r["cuda_graphs"] else "fast" if r["fast"] else "slow"
+    print(f"{'':<6}{r['seq']:>6}{r['layout']:>7}{str(r['checkpointing']):>6}{path:>7}{r['tokens_per_s']:>9,.0f}"
+          f"{r['tflops']:>9.1f}{r['mfu']:>7.1%}{fmt(r['peak_gib'], '.1f'):>9}{r['warmup_s']:>10.1f}"
+          f"{fmt(r['kernels'], ',d'):>9}{fmt(r['gpu_busy'], '.0%'):>9}", flush=True)
 
 
 if __name__ == "__main__":

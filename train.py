@@ -19,11 +19,14 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -81,8 +84,16 @@ def parse_args(argv=None):
                     help="sort each window of this many samples by length (less padding)")
     ap.add_argument("--skip-bad", action="store_true", help="skip unreadable records and pictures, and count them")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--fast", action=argparse.BooleanOptionalAction,
+                    help="the fast path (default: on with CUDA): bf16 weights with fp32 master copies in the "
+                         "optimizer, each decoder layer compiled, lengths padded to multiples of --bucket")
+    ap.add_argument("--bucket", type=int, default=128, help="fast path: pad lengths to multiples of this")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="fast path: compile with mode='reduce-overhead' (CUDA graphs; one per bucket)")
     args = ap.parse_args(argv)
     args.demo = args.config is None and not (args.llama or args.openflamingo or args.lora)
+    if args.fast is None:  # compiling on the CPU costs more than it saves
+        args.fast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     for k, v in (demo.SETTINGS if args.demo else PAPER).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -104,6 +115,10 @@ def parse_args(argv=None):
 
 class Stop(Exception):
     """Raised out of the loop when SIGTERM/SIGINT arrived: save and exit cleanly."""
+
+    def __init__(self, signal_name: str, step: int, bad_total: int):
+        super().__init__(signal_name)
+        self.step, self.bad_total = step, bad_total
 
 
 def cosine(step: int, warmup: int, total: int) -> float:
@@ -131,33 +146,8 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def open_metrics(path: str, resume_step: int | None):
-    """metrics.jsonl for appending. On --resume, the records after the checkpoint's step (the run went on past
-    it before it was stopped) and a torn last line (killed mid-write) are dropped first: the resumed run writes
-    those steps again, so the file reads as one uninterrupted run's."""
-    if resume_step is not None and os.path.isfile(path):
-        kept = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if not line.endswith("\n") or record.get("step", 0) > resume_step:
-                    break
-                kept.append(line)
-        checkpoints.atomic_write(path, lambda f: f.write("".join(kept).encode()))
-    return open(path, "a", encoding="utf-8")
-
-
-def write_metrics(f, record: dict):
-    """One whole line, on disk before training goes on: a crash leaves at most a torn last line."""
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # decoding changes shapes every step: compiled layers would recompile
 def evaluate(model, tokenizer, transform, held_out, demo_items, max_len, autocast, device) -> dict:
     """Held-out loss; for the demo also exact-answer accuracy of greedy answers, and its chance level."""
     model.eval()
@@ -185,60 +175,194 @@ def evaluate(model, tokenizer, transform, held_out, demo_items, max_len, autocas
     return out
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    distributed = "RANK" in os.environ
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
-    os.makedirs(args.out, exist_ok=True)
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step's work (bench.py times these very functions)
 
-    # -- model ---------------------------------------------------------------------------------------------------
-    if args.demo:
-        base = demo.make_base(args.out, args.seed) if main_rank else None
-        if distributed:
-            box = [base]
-            dist.broadcast_object_list(box)
-            base = box[0]
-        args.llama, args.openflamingo = base["llama"], base["openflamingo"]
-        args.vision, args.vision_weights = base["vision"], base["vision_weights"]
-    cuda = device.type == "cuda"
+class WithLoss(nn.Module):
+    """The model's training loss as a module's forward: DDP hooks forward, so the loss must run inside it."""
+
+    def __init__(self, model: mmgpt.MMGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, input_ids, labels, attend_previous):
+        return self.model.loss(images, input_ids, labels, attend_previous)
+
+
+def to_device(batch: dict, device, bucket: int = 0, max_len: int = 0):
+    """A batch's images, ids and labels on the device. The loss needs no attention mask: the padding is on the
+    right, causal attention never lets a real token see it, and it has no labels. With a bucket (the fast path)
+    the length is padded up to a multiple of it (at most max_len), so that compiled code and CUDA graphs see a
+    few shapes only."""
+    ids, labels, images = batch["input_ids"], batch["labels"], batch["images"]
+    if bucket:
+        pad = min(max_len, -(-ids.shape[1] // bucket) * bucket) - ids.shape[1]
+        ids, labels = F.pad(ids, (0, pad)), F.pad(labels, (0, pad), value=-100)
+    return (None if images is None else images.to(device, non_blocking=True), ids.to(device, non_blocking=True),
+            labels.to(device, non_blocking=True))
+
+
+@dataclass
+class Iteration:
+    losses: dict[str, list[torch.Tensor]]  # kind ("lang", "vl") -> the detached loss of each of its micro-batches
+    tokens: int                            # real tokens
+    padding: int                           # padded positions computed on top of them
+
+
+def train_iteration(step_fn, micro_batches, device, autocast=nullcontext(), bucket: int = 0,
+                    max_len: int = 0) -> Iteration:
+    """Forward and backward of one optimizer step: per micro-batch pair (language-only, vision-language) each
+    loss / len(micro_batches) is backpropagated and gradients accumulate. step_fn is WithLoss(model), or DDP of
+    it: then ranks all-reduce once, on the last backward, which is the vision-language one (it uses every
+    trainable parameter; the language-only forward skips the cross-attention); the others run under no_sync."""
+    ddp = isinstance(step_fn, DistributedDataParallel)
+    out = Iteration({"lang": [], "vl": []}, 0, 0)
+    for micro, pair in enumerate(micro_batches):
+        for kind, batch in zip(("lang", "vl"), pair):
+            last_backward = micro == len(micro_batches) - 1 and kind == "vl"
+            images, ids, labels = to_device(batch, device, bucket, max_len)
+            with step_fn.no_sync() if ddp and not last_backward else nullcontext():
+                with autocast:
+                    loss = step_fn(images, ids, labels, batch.get("attend_previous"))
+                (loss / len(micro_batches)).backward()
+            out.losses[kind].append(loss.detach())
+            real = int(batch["attention_mask"].sum())
+            out.tokens, out.padding = out.tokens + real, out.padding + ids.numel() - real
+    return out
+
+
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW on fp32 master copies of the trainable parameters.
+
+    On the fast path the model trains in bf16, LoRA included (so its forward casts nothing); bf16 cannot hold
+    small updates (a step of 1e-5 on a weight of 0.01 is below its resolution), so the optimizer keeps fp32
+    masters: gradients are cast onto them, AdamW updates them, the parameters take the rounded result, and the
+    checkpoints store the masters. Without `copies`, an fp32 parameter is its own master: plain AdamW.
+    `named_groups`: param groups whose "params" is a {name: parameter} dict."""
+
+    def __init__(self, named_groups: list[dict], lr: float, copies: bool):
+        self.masters: dict[str, torch.Tensor] = {}
+        self.pairs = []  # (parameter, its master) where they differ
+        groups = []
+        for group in named_groups:
+            for n, p in group["params"].items():
+                self.masters[n] = p.detach().float().clone() if copies or p.dtype != torch.float32 else p
+                if self.masters[n] is not p:
+                    self.pairs.append((p, self.masters[n]))
+            groups.append({**group, "params": [self.masters[n] for n in group["params"]]})
+        super().__init__(groups, lr=lr, weight_decay=0.0)
+
+    @torch.no_grad()
+    def grads_to_masters(self):
+        for p, m in self.pairs:
+            m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+
+    @torch.no_grad()
+    def masters_to_params(self):
+        for p, m in self.pairs:
+            p.copy_(m)
+
+
+def optimizer_step(optimizer: MasterAdamW, scheduler, max_norm: float = 1.0) -> float:
+    """Clip the gradients (in fp32, on the masters) and step, unless their norm is not finite (then the step
+    is skipped; the same on every rank: gradients were all-reduced). Returns the norm."""
+    optimizer.grads_to_masters()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(optimizer.masters.values()), max_norm))
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        optimizer.masters_to_params()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm
+
+
+def set_trained_dtype(model: nn.Module, dtype: torch.dtype):
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def compile_layers(model: mmgpt.MMGPT, cuda_graphs: bool = False):
+    """torch.compile each decoder layer. They share their code, and Dynamo guards on a module's type and tensor
+    shapes, not its identity, so the 32 layers reuse a handful of graphs (first layer, plain, cross-attention;
+    x a few lengths) instead of compiling 32 times; a whole-model graph would take minutes to compile."""
+    for layer in model.layers:
+        layer.compile(mode="reduce-overhead" if cuda_graphs else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe's steps
+
+@dataclass
+class Ranks:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(args) -> Ranks:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return Ranks(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return Ranks(device, dist.get_rank(), dist.get_world_size())
+
+
+def base_files(args, ranks: Ranks) -> dict:
+    """The base model's files: the demo's (made by rank 0, then shared) or those the flags name."""
+    if not args.demo:
+        return {k: getattr(args, k) for k in ("llama", "openflamingo", "vision", "vision_weights")}
+    box = [demo.make_base(args.out, args.seed) if ranks.main else None]
+    if ranks.distributed:
+        dist.broadcast_object_list(box)
+    return {k: box[0][k] for k in ("llama", "openflamingo", "vision", "vision_weights")}
+
+
+def make_model(args, ranks: Ranks):
+    """The model with its LoRA, trainable parameters set; returns model, tokenizer, transform, the run's
+    settings (saved with it; they rebuild the model) and the names of the parameters trained in full."""
+    base = base_files(args, ranks)
+    cuda = ranks.device.type == "cuda"
     frozen_dtype = torch.bfloat16 if cuda else torch.float32   # never an fp32 copy of the frozen 8B on a GPU
-    model, tokenizer, transform = checkpoints.load(args.llama, args.openflamingo, args.lora, args.vision,
-                                                  args.vision_weights, device, frozen_dtype, args.attend_previous)
+    model, tokenizer, transform = checkpoints.load(base["llama"], base["openflamingo"], args.lora, base["vision"],
+                                                  base["vision_weights"], ranks.device, frozen_dtype,
+                                                  args.attend_previous)
+    lora_r, lora_alpha, targets = args.lora_r, args.lora_alpha, list(args.lora_targets)
     if args.lora:  # started from LoRA weights: train those (their rank, alpha and targets)
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, lora_lib.LoRALinear)}
-        first = next(iter(layers.values()))
-        # Targets as name suffixes ("self_attn.q_proj", "xattn.ff.1"): what inject() needs to rebuild the same set.
-        args.lora_r, args.lora_alpha = first.r, first.alpha
-        args.lora_targets = lora_lib.targets_of(model)
+        first = lora_lib.lora_layers(model)[0]
+        lora_r, lora_alpha, targets = first.r, first.alpha, lora_lib.targets_of(model)
     else:
         torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
-        lora_lib.inject(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, within="layers.")
+        lora_lib.inject(model, lora_r, lora_alpha, args.lora_dropout, targets, within="layers.")
     unfrozen = [n for n, _ in model.named_parameters() if n.startswith("vision.")] if args.vision_lr else []
     unfrozen += [n for n, _ in model.named_parameters()
                  if ".lora_" not in n and not n.startswith("vision.") and any(s in n for s in args.unfreeze)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(".lora_" in n or n in unfrozen)
-        if p.requires_grad:
-            p.data = p.data.float()  # trained weights in fp32; the frozen ones stay in bf16
+    # Slow path: trained weights in fp32 under autocast. Fast path: everything in the frozen weights' dtype (the
+    # optimizer keeps fp32 masters), so nothing is cast per call.
+    lora_lib.mark_trainable(model, unfrozen)
+    set_trained_dtype(model, frozen_dtype if args.fast else torch.float32)
     model.train()
     model.grad_checkpointing = args.grad_checkpointing
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # Only the trainable parameters are reduced: DDP skips parameters that don't require grad.
-    ddp = DistributedDataParallel(model, device_ids=[device] if cuda else None, broadcast_buffers=False) \
-        if distributed else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    if args.fast and cuda:  # compiling on the CPU takes longer than it saves (tests compile on the CPU directly)
+        compile_layers(model, args.cuda_graphs)
+    settings = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": args.lora_dropout,
+                "lora_targets": targets, "unfreeze": args.unfreeze, "attend_previous": args.attend_previous, **base}
+    return model, tokenizer, transform, settings, unfrozen
 
-    # -- data ----------------------------------------------------------------------------------------------------
+
+def make_data(args, ranks: Ranks, tokenizer, transform):
+    """The vision-language and language-only streams, the held-out conversations, the demo's scored questions."""
     mix = data.load_mix(args.config, skip_bad=args.skip_bad)
     held_out, demo_items = [], []
     if args.demo:
@@ -248,183 +372,285 @@ def main(argv=None):
     elif args.eval_every:
         held_out, mix.vl = mix.vl[-args.eval_samples:], mix.vl[:-args.eval_samples]
     vl_stream, lang_stream = data.train_streams(
-        mix, tokenizer, transform, batch_size=args.batch_size, rank=rank, world_size=world, seed=args.seed,
-        max_len=args.max_len, num_workers=args.workers, group_window=args.group_by_length, skip_bad=args.skip_bad)
+        mix, tokenizer, transform, batch_size=args.batch_size, rank=ranks.rank, world_size=ranks.world,
+        seed=args.seed, max_len=args.max_len, num_workers=args.workers, group_window=args.group_by_length,
+        skip_bad=args.skip_bad)
     if vl_stream is None or lang_stream is None:
         sys.exit(f"{args.config}: the recipe needs both vision-language and language-only data")
-    total = max(1, int(args.epochs * vl_stream.steps_per_epoch) // args.grad_accum)
-    steps = min(total, args.max_steps or total)
+    return vl_stream, lang_stream, held_out, demo_items
 
-    params = dict(model.named_parameters())
-    groups = [{"params": [p for n, p in params.items() if p.requires_grad and not n.startswith("vision.")]}]
+
+def make_optimizer(model, args, total: int):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": {n: p for n, p in params.items() if not n.startswith("vision.")}}]
     if args.vision_lr:  # the demo's random ViT: held-out accuracy 0.765 at step 250 with 3e-4, 0.605 with 1e-3
-        groups.append({"params": list(model.vision.parameters()), "lr": args.vision_lr})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
+        groups.append({"params": {n: p for n, p in params.items() if n.startswith("vision.")}, "lr": args.vision_lr})
+    optimizer = MasterAdamW(groups, lr=args.lr, copies=args.fast)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine(s, args.warmup, total))
-    settings = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                "lora_targets": list(args.lora_targets), "unfreeze": args.unfreeze,
-                "attend_previous": args.attend_previous, "llama": args.llama,
-                "openflamingo": args.openflamingo, "vision": args.vision, "vision_weights": args.vision_weights}
-    step, bad_in_a_row, bad_total = 0, 0, 0
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            sys.exit(f"--resume: {ckpt_path} not found")
-        ckpt = checkpoints.read_train_state(ckpt_path)  # nothing in it can run code
-        if ckpt["world"] * ckpt["batch_size"] * ckpt["grad_accum"] != world * args.batch_size * args.grad_accum:
-            sys.exit(f"--resume: {ckpt_path} was written with another effective batch")
-        with torch.no_grad():
-            for n, t in ckpt["trainable"].items():
-                params[n].copy_(t)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        vl_stream.load_state_dict(ckpt["vl_stream"])
-        lang_stream.load_state_dict(ckpt["lang_stream"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        step, bad_total = ckpt["step"], ckpt["bad_steps"]
-        log(f"resumed from {ckpt_path} at step {step}")
+    return optimizer, scheduler
+
+
+@dataclass
+class Run:
+    """What the setup steps build and the loop, the checkpoints and the end use."""
+    args: argparse.Namespace
+    ranks: Ranks
+    model: mmgpt.MMGPT
+    tokenizer: mmgpt.Tokenizer
+    transform: object
+    settings: dict          # saved with the run: they rebuild its model
+    unfrozen: list          # parameters trained in full besides the LoRA
+    streams: tuple          # (vision-language, language-only)
+    held_out: list
+    demo_items: list
+    optimizer: "MasterAdamW"
+    scheduler: object
+    total: int              # optimizer steps of the schedule
+    autocast: object
+    ckpt_path: str
+
+
+def save_checkpoint(run: Run, step: int, bad_total: int):
+    """ckpt.pt: everything --resume needs to continue exactly (the fp32 masters, optimizer, schedule, stream
+    positions, every rank's RNG states)."""
+    states = [None] * run.ranks.world
+    if run.ranks.distributed:
+        dist.all_gather_object(states, rng_state())
     else:
-        torch.manual_seed(args.seed + rank)
-        random.seed(args.seed + rank)
-        np.random.seed(args.seed + rank)
+        states = [rng_state()]
+    if run.ranks.main:
+        checkpoints.save_train_state({
+            "step": step, "bad_steps": bad_total, "world": run.ranks.world, "batch_size": run.args.batch_size,
+            "grad_accum": run.args.grad_accum, "settings": run.settings,
+            "trainable": {n: m.detach().cpu() for n, m in run.optimizer.masters.items()},
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "vl_stream": run.streams[0].state_dict(), "lang_stream": run.streams[1].state_dict(), "rng": states},
+            run.ckpt_path)
 
-    def save_checkpoint():
-        states = [None] * world
-        if distributed:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if main_rank:
-            checkpoints.save_train_state({
-                "step": step, "bad_steps": bad_total, "world": world, "batch_size": args.batch_size,
-                "grad_accum": args.grad_accum, "settings": settings,
-                "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "vl_stream": vl_stream.state_dict(), "lang_stream": lang_stream.state_dict(), "rng": states},
-                ckpt_path)
 
-    stop = {"signal": None}
+def resume(run: Run) -> tuple[int, int]:
+    """Load ckpt.pt into the optimizer (masters, then parameters), schedule, streams and RNGs; returns (step,
+    non-finite steps so far)."""
+    path, ranks, args = run.ckpt_path, run.ranks, run.args
+    if not os.path.isfile(path):
+        sys.exit(f"--resume: {path} not found")
+    ckpt = checkpoints.read_train_state(path)  # nothing in it can run code
+    if ckpt["world"] * ckpt["batch_size"] * ckpt["grad_accum"] != ranks.world * args.batch_size * args.grad_accum:
+        sys.exit(f"--resume: {path} was written with another effective batch")
+    with torch.no_grad():
+        for n, t in ckpt["trainable"].items():
+            run.optimizer.masters[n].copy_(t)
+    run.optimizer.masters_to_params()
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.streams[0].load_state_dict(ckpt["vl_stream"])
+    run.streams[1].load_state_dict(ckpt["lang_stream"])
+    set_rng_state(ckpt["rng"][ranks.rank] if ranks.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"], ckpt["bad_steps"]
 
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def evaluate_run(run: Run, step: int, metrics) -> dict:
+    """Rank 0 evaluates (held-out loss; the demo's accuracy) and records it."""
+    record = {"step": step, **evaluate(run.model, run.tokenizer, run.transform, run.held_out, run.demo_items,
+                                       run.args.max_len, run.autocast, run.ranks.device)}
+    write(metrics, record)
+    return record
 
-    effective = world * args.batch_size * args.grad_accum * 2
-    log(f"{'demo: ' if args.demo else ''}{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters "
-        f"({len(unfrozen)} tensors in full); {len(vl_stream.dataset)} vision-language + {len(lang_stream.dataset)} "
-        f"language samples; effective batch {effective} = {world} ranks x {args.batch_size} x {args.grad_accum} "
-        f"accumulation x 2 kinds; {steps} of {total} optimizer steps on {device}")
-    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step if args.resume else None) \
-        if main_rank else None
-    vl_iter, lang_iter = iter(vl_stream), iter(lang_stream)
-    bar = tqdm(total=steps, initial=step, disable=not main_rank, dynamic_ncols=True)
-    started, tokens_seen, last = time.time(), 0, {}
-    aug_rng = random.Random(args.seed)
+
+def next_batch(it) -> dict:
+    batch = next(it)
+    while batch is None:  # every picture was unreadable (--skip-bad): take the next batch, so that every rank
+        batch = next(it)  # still makes the backward DDP waits for
+    return batch
+
+
+def mean_losses(losses: dict[str, list[torch.Tensor]], ranks: Ranks) -> dict[str, float]:
+    """{"loss_lang": ..., "loss_vl": ...}: the mean over micro-batches and ranks (each has as many)."""
+    means = torch.stack([torch.stack(losses[k]).mean() for k in losses])
+    if ranks.distributed:
+        dist.all_reduce(means)
+        means /= ranks.world
+    return {f"loss_{k}": v for k, v in zip(losses, means.tolist())}
+
+
+class StopSignal:
+    """SIGTERM/SIGINT handler: remembers the signal; the loop saves and exits cleanly after the current step."""
+
+    def __init__(self):
+        self.name = None
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+
+def open_metrics(path: str, resume_step: int | None):
+    """metrics.jsonl for appending. On --resume, the records after the checkpoint's step (the run went on past
+    it before it was stopped) and a torn last line (killed mid-write) are dropped first: the resumed run writes
+    those steps again, so the file reads as one uninterrupted run's."""
+    if resume_step is not None and os.path.isfile(path):
+        kept = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if not line.endswith("\n") or record.get("step", 0) > resume_step:
+                    break
+                kept.append(line)
+        checkpoints.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return open(path, "a", encoding="utf-8")
+
+
+def write(metrics, record: dict):
+    """One whole line, on disk before training goes on: a crash leaves at most a torn last line."""
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        os.fsync(metrics.fileno())
+
+
+@contextmanager
+def holding(model, tensors: dict[str, torch.Tensor]):
+    """Inside the block the named parameters hold `tensors` (the fp32 masters, for lora.pt), then their own."""
+    params = dict(model.named_parameters())
+    own = {n: params[n].data for n in tensors}
+    for n, t in tensors.items():
+        params[n].data = t
     try:
-        while step < steps:
-            t0, tokens = time.time(), 0
-            sums = torch.zeros(4, device=device)  # loss_vl sum, vl batches, loss_lang sum, lang batches
-            for micro in range(args.grad_accum):
-                for kind, it in (("lang", lang_iter), ("vl", vl_iter)):
-                    batch = next(it)
-                    while batch is None:  # every picture was unreadable (--skip-bad): take the next batch, so
-                        batch = next(it)  # that every rank still makes the backward DDP waits for
-                    # One all-reduce per optimizer step: on the last backward, which is the vision-language one
-                    # (it uses every trainable parameter; the language-only forward skips the cross-attention).
-                    last_backward = micro == args.grad_accum - 1 and kind == "vl"
-                    sync = nullcontext() if ddp is None or last_backward else ddp.no_sync()
-                    ids = batch["input_ids"].to(device, non_blocking=True)
-                    images = None if batch["images"] is None else batch["images"].to(device, non_blocking=True)
-                    flip = kind == "vl" and args.media_augmentation and aug_rng.random() < 0.5
-                    attend_previous = not args.attend_previous if flip else None  # None: the model's own rule
-                    with sync:
-                        with autocast:
-                            logits = (ddp or model)(images, ids, batch["attention_mask"].to(device), attend_previous)
-                            loss = mmgpt.lm_loss(logits, batch["labels"].to(device))
-                        (loss / args.grad_accum).backward()
-                    i = 0 if kind == "vl" else 2
-                    sums[i] += loss.detach()
-                    sums[i + 1] += 1
-                    tokens += int(batch["attention_mask"].sum())
-            if distributed:
-                dist.all_reduce(sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            if torch.isfinite(grad_norm):  # the same on every rank: gradients were all-reduced
-                optimizer.step()
-                bad_in_a_row = 0
-            else:
-                bad_in_a_row += 1
-                bad_total += 1
-                log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_total} so far)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            tokens_seen += tokens * world
-            sums = sums.tolist()
-            last = {"step": step, "loss_vl": sums[0] / max(1, sums[1]), "loss_lang": sums[2] / max(1, sums[3]),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens * world / (time.time() - t0)}
-            if main_rank:
-                write_metrics(metrics, last)
-                bar.update(1)
-                bar.set_postfix(vl=f"{last['loss_vl']:.3f}", lang=f"{last['loss_lang']:.3f}", lr=f"{last['lr']:.2e}",
-                                tok_s=f"{last['tokens_per_s']:.0f}")
-            if bad_in_a_row >= MAX_BAD_STEPS:
-                log(f"stopping: {MAX_BAD_STEPS} optimizer steps in a row had non-finite losses or gradients "
-                    f"(lower --lr?); the last good checkpoint is {ckpt_path}")
-                sys.exit(1)
-            if args.save_every and step % args.save_every == 0 and step < steps:
-                save_checkpoint()
-            if args.eval_every and step % args.eval_every == 0 and step < steps and (held_out or demo_items):
-                if main_rank:
-                    record = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items,
-                                                       args.max_len, autocast, device)}
-                    write_metrics(metrics, record)
-                    bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
-                if distributed:
-                    dist.barrier()
-            if stop["signal"]:
-                raise Stop(stop["signal"])
+        yield
+    finally:
+        for n, t in own.items():
+            params[n].data = t
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ranks = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    # -- the model, the data, the optimizer ----------------------------------------------------------------------
+    model, tokenizer, transform, settings, unfrozen = make_model(args, ranks)
+    vl_stream, lang_stream, held_out, demo_items = make_data(args, ranks, tokenizer, transform)
+    total = max(1, int(args.epochs * vl_stream.steps_per_epoch) // args.grad_accum)
+    optimizer, scheduler = make_optimizer(model, args, total)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ranks.device.type == "cuda" and not args.fast \
+        else nullcontext()  # the fast path's model is all bf16: nothing to cast
+    run = Run(args, ranks, model, tokenizer, transform, settings, unfrozen, (vl_stream, lang_stream), held_out,
+              demo_items, optimizer, scheduler, total, autocast, os.path.join(args.out, "ckpt.pt"))
+    # -- state: resumed, or seeded -------------------------------------------------------------------------------
+    step, bad_total = 0, 0
+    if args.resume:
+        step, bad_total = resume(run)
+        log(ranks, f"resumed from {run.ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(args.seed + ranks.rank)
+        random.seed(args.seed + ranks.rank)
+        np.random.seed(args.seed + ranks.rank)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(ranks, f"{'demo: ' if args.demo else ''}{trainable / 1e6:.2f} M trainable parameters ({len(unfrozen)} "
+        f"tensors in full); {len(vl_stream.dataset)} vision-language + {len(lang_stream.dataset)} language samples; "
+        f"effective batch {ranks.world * args.batch_size * args.grad_accum * 2} = {ranks.world} ranks x "
+        f"{args.batch_size} x {args.grad_accum} accumulation x 2 kinds; {min(total, args.max_steps or total)} of "
+        f"{total} optimizer steps on {ranks.device}" + (" (fast path)" if args.fast else ""))
+    # -- the loop ------------------------------------------------------------------------------------------------
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step if args.resume else None) \
+        if ranks.main else None
+    started = time.time()
+    try:
+        step, bad_total, last, tokens_seen = train(run, step, bad_total, metrics)
     except Stop as s:
-        save_checkpoint()
-        bar.close()
-        log(f"{s}: stopped at step {step}; {ckpt_path} written, continue with --resume")
+        save_checkpoint(run, s.step, s.bad_total)
+        log(ranks, f"{s}: stopped at step {s.step}; {run.ckpt_path} written, continue with --resume")
         return
     except torch.OutOfMemoryError:
         sys.exit("out of memory: try --grad-checkpointing, a smaller --max-len or --batch-size "
                  "(the effective batch is kept by raising --grad-accum)")
-    bar.close()
-
     # -- the end -------------------------------------------------------------------------------------------------
-    save_checkpoint()  # so that a run cut short by --max-steps can go on with --resume
-    if main_rank:
-        checkpoints.save_lora(model, os.path.join(args.out, "lora.pt"), settings, unfrozen)
-    if distributed:
+    save_checkpoint(run, step, bad_total)  # so that a run cut short by --max-steps can go on with --resume
+    if ranks.main:
+        with holding(model, optimizer.masters):  # lora.pt in fp32
+            checkpoints.save_lora(model, os.path.join(args.out, "lora.pt"), settings, unfrozen)
+    if ranks.distributed:
         dist.barrier()
-    final = {}
-    if main_rank and (held_out or demo_items):
-        final = {"step": step, **evaluate(model, tokenizer, transform, held_out, demo_items, args.max_len,
-                                          autocast, device)}
-        write_metrics(metrics, final)
-    if main_rank and args.demo:  # a few held-out pictures to chat about
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        for i, (conv, _) in enumerate(demo_items[-4:]):
-            data.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
-    if main_rank:
+    if ranks.main:
+        final = evaluate_run(run, step, metrics) if held_out or demo_items else {}
         metrics.close()
-        took = time.time() - started
-        print(f"done: {step} steps, {tokens_seen:,} tokens in {took / 60:.1f} min; final loss_vl "
+        if args.demo:  # a few held-out pictures to chat about
+            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+            for i, (conv, _) in enumerate(demo_items[-4:]):
+                data.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
+        skipped = vl_stream.skipped + lang_stream.skipped
+        print(f"done: {step} steps, {tokens_seen:,} tokens in {(time.time() - started) / 60:.1f} min; final loss_vl "
               f"{last.get('loss_vl', float('nan')):.4f}, loss_lang {last.get('loss_lang', float('nan')):.4f}"
               + "".join(f", {k} {v:.3f}" for k, v in final.items() if k != "step")
               + (f"; {bad_total} steps skipped (non-finite)" if bad_total else "")
-              + (f"; {vl_stream.skipped + lang_stream.skipped} samples skipped (unreadable)"
-                 if vl_stream.skipped + lang_stream.skipped else "")
+              + (f"; {skipped} samples skipped (unreadable)" if skipped else "")
               + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
               + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
-    if distributed:
+    if ranks.distributed:
         dist.destroy_process_group()
+
+
+def log(ranks: Ranks, *a):
+    if ranks.main:
+        print(*a)
+
+
+def train(run: Run, step: int, bad_total: int, metrics):
+    """The loop: optimizer steps from `step` to the last; checkpoints and evaluations on their schedule.
+    Returns (step, non-finite steps, the last step's record, tokens seen); raises Stop on SIGTERM/SIGINT."""
+    args, ranks = run.args, run.ranks
+    steps = min(run.total, args.max_steps or run.total)
+    step_fn = WithLoss(run.model)
+    if ranks.distributed:  # only the trainable parameters are reduced: DDP skips those that don't require grad
+        step_fn = DistributedDataParallel(step_fn, device_ids=[ranks.device] if ranks.device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+    vl_iter, lang_iter = (iter(s) for s in run.streams)
+    aug_rng = random.Random(args.seed)
+    stop = StopSignal()
+    bar = tqdm(total=steps, initial=step, disable=not ranks.main, dynamic_ncols=True)
+    bad_in_a_row, tokens_seen, last = 0, 0, {}
+    while step < steps:
+        t0 = time.time()
+        micro_batches = [(next_batch(lang_iter), next_batch(vl_iter)) for _ in range(args.grad_accum)]
+        for _, vl in micro_batches:  # OpenFlamingo's media-placement augmentation: the other rule, half the time
+            if args.media_augmentation and aug_rng.random() < 0.5:
+                vl["attend_previous"] = not args.attend_previous
+        done = train_iteration(step_fn, micro_batches, ranks.device, run.autocast,
+                               args.bucket if args.fast else 0, args.max_len)
+        losses = mean_losses(done.losses, ranks)
+        grad_norm = optimizer_step(run.optimizer, run.scheduler)
+        bad_in_a_row = 0 if math.isfinite(grad_norm) else bad_in_a_row + 1
+        if bad_in_a_row:
+            bad_total += 1
+            log(ranks, f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_total} so far)")
+        step += 1
+        tokens_seen += done.tokens * ranks.world
+        last = {"step": step, **losses, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens_per_s": done.tokens * ranks.world / (time.time() - t0), "padding": done.padding / done.tokens}
+        write(metrics, last)
+        bar.update(1)
+        bar.set_postfix(vl=f"{last['loss_vl']:.3f}", lang=f"{last['loss_lang']:.3f}", lr=f"{last['lr']:.2e}",
+                        tok_s=f"{last['tokens_per_s']:.0f}", pad=f"{last['padding']:.0%}")
+        if bad_in_a_row >= MAX_BAD_STEPS:
+            log(ranks, f"stopping: {MAX_BAD_STEPS} optimizer steps in a row had non-finite losses or gradients "
+                f"(lower --lr?); the last good checkpoint is {run.ckpt_path}")
+            sys.exit(1)
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            save_checkpoint(run, step, bad_total)
+        if args.eval_every and step % args.eval_every == 0 and step < steps and (run.held_out or run.demo_items):
+            if ranks.main:
+                record = evaluate_run(run, step, metrics)
+                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
+            if ranks.distributed:
+                dist.barrier()
+        if stop.name:
+            bar.close()
+            raise Stop(stop.name, step, bad_total)
+    bar.close()
+    return step, bad_total, last, tokens_seen
 
 
 if __name__ == "__main__":

@@ -60,4 +60,12 @@ def tiny_model(tokenizer, seed: int = 0, gates: tuple = (0.7, -0.5), **overrides
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with `pytest -m gpu tests`; skipped without one)")
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); run them with `pytest -m gpu tests`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

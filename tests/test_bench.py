@@ -1,23 +1,62 @@
-"""bench.py --tiny runs the full benchmark code path on a CPU (compile variants are for the GPU run)."""
+"""bench.py --tiny: the training rows on a CPU, their figures consistent, and its op count the real one."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bench
+import lora
+import mmgpt
+import train
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench.py", "--tiny", "--no-compile", "--layouts", "1,2",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "bench.py", "--tiny", "--train-only", "--layouts", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    assert [(r["layout"], r["checkpointing"]) for r in result["train"]] == \
-        [("1+1", False), ("1+1", True), ("2+2", False), ("2+2", True)]
-    for r in result["train"]:
-        assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["seconds"] > 0
-    chat = result["chat"][0]
-    assert chat["prefill_ms"] > 0 and chat["decode_tokens_per_s"] > 0 and chat["weights_gb_per_token"] > 0
-    assert result["trainable"] < result["params"] / 5
-    assert "decode tok/s" in done.stdout and "MFU" in done.stdout
+    rows = result["train"]
+    assert [(r["seq"], r["layout"], r["checkpointing"], r["fast"]) for r in rows] == \
+        [(64, "1+1", False, False), (64, "1+1", True, False)]
+    for r in rows:
+        assert r["tokens_per_s"] * r["seconds"] == pytest.approx(2 * 64, rel=1e-12)
+        assert abs(r["mfu"] - r["tflops"] / result["matmul_tflops"]) < 1e-12
+        assert r["warmup_s"] > 0 and r["kernels"] is None and r["gpu_busy"] is None and r["peak_gib"] is None
+    # The same work with and without checkpointing (recomputation is not counted as useful FLOPs).
+    assert rows[0]["tflops"] * rows[0]["seconds"] == pytest.approx(rows[1]["tflops"] * rows[1]["seconds"], rel=1e-9)
+    assert result["trainable"] < result["params"] / 5 and result["chat"] == []
+
+    # The op count is what one train.py iteration (train_iteration + optimizer_step) on that model dispatches.
+    torch.manual_seed(0)
+    model = mmgpt.build(mmgpt.config("bench-tiny"))
+    assert model.cfg.n_layers == 32
+    lora.inject(model, r=16, alpha=16, within="layers.")
+    named = {n: model.get_parameter(n) for n in lora.mark_trainable(model)}
+    assert sum(p.numel() for p in named.values()) == result["trainable"]
+    optimizer = train.MasterAdamW([{"params": named}], lr=1e-5, copies=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    batches = bench.batches(model.cfg, 1, 64)
+    for counting in (False, True):  # the first step makes AdamW's state: count the second
+        with Count() if counting else bench.nullcontext() as count:
+            train.train_iteration(train.WithLoss(model.train()), batches, "cpu")
+            train.optimizer_step(optimizer, scheduler)
+    assert rows[0]["aten_ops"] == count.n > 1000
+    assert rows[1]["aten_ops"] is None
+    assert f"aten ops per training iteration (1+1 x 64, 32 layers): {count.n:,}" in done.stdout

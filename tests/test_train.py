@@ -74,6 +74,25 @@ def test_resume_continues_exactly(base):
     assert [r["loss_vl"] for r in losses[0]] == pytest.approx([r["loss_vl"] for r in losses[1]], abs=1e-6)
 
 
+def test_fast_path_two_ranks_equal_one_rank(base):
+    fast = ("--fast", "--bucket", "32", "--max-steps", "2", "--lr", "3e-4")
+    run(base, base["tmp"] / "fast_one", "--grad-accum", "4", *fast)
+    run(base, base["tmp"] / "fast_two", "--grad-accum", "2", *fast, nproc=2)
+    assert_same(weights(base["tmp"] / "fast_one"), weights(base["tmp"] / "fast_two"))
+
+
+def test_fast_path_resume_continues_exactly(base):
+    """--fast on the CPU: fp32 master copies in the optimizer and ckpt.pt, lengths padded to buckets."""
+    run(base, base["tmp"] / "fast", "--grad-accum", "2", "--max-steps", "3", "--fast", "--bucket", "32")
+    run(base, base["tmp"] / "fast_split", "--grad-accum", "2", "--max-steps", "1", "--fast", "--bucket", "32")
+    out = run(base, base["tmp"] / "fast_split", "--grad-accum", "2", "--max-steps", "3", "--fast", "--bucket", "32",
+              "--resume")
+    assert "at step 1" in out and "(fast path)" in out
+    assert_same(weights(base["tmp"] / "fast"), weights(base["tmp"] / "fast_split"))
+    records = [json.loads(line) for line in open(base["tmp"] / "fast" / "metrics.jsonl")]
+    assert all(r["padding"] > 0 for r in records)  # --max-len 96: samples padded to 32 or 64 or 96
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(base):
     out = base["tmp"] / "term"
     proc = run(base, out, "--max-steps", "100000", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
