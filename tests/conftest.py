@@ -59,6 +59,16 @@ def tiny_model(tokenizer, seed: int = 0, gates: tuple = (0.7, -0.5), **overrides
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy machine they cost seconds per forward. A module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); run them with `pytest -m gpu tests`")
 

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 import lora
@@ -14,16 +13,6 @@ import mmgpt
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_bench_tiny(tmp_path):
@@ -54,9 +43,9 @@ def test_bench_tiny(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     batches = bench.batches(model.cfg, 1, 64)
     for counting in (False, True):  # the first step makes AdamW's state: count the second
-        with Count() if counting else bench.nullcontext() as count:
+        with bench.OpCounter() if counting else bench.nullcontext() as count:
             train.train_iteration(train.WithLoss(model.train()), batches, "cpu")
             train.optimizer_step(optimizer, scheduler)
-    assert rows[0]["aten_ops"] == count.n > 1000
+    assert rows[0]["aten_ops"] == count.ops > 1000
     assert rows[1]["aten_ops"] is None
-    assert f"aten ops per training iteration (1+1 x 64, 32 layers): {count.n:,}" in done.stdout
+    assert f"aten ops per training iteration (1+1 x 64, 32 layers): {count.ops:,}" in done.stdout

@@ -19,18 +19,11 @@ import mmgpt
 from conftest import tiny_model
 from test_loading import write_release, write_vision
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHAT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "chat.py")
 Q1, Q2, Q3 = "what colour is the square?", "how many circles are there?", "and what shape is on the left?"
 IMAGE_BLOCK = "\n\n### Image:\n<image>"     # the paper's template, written out here to check chat.py against
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy machine they cost seconds per forward."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -273,18 +266,24 @@ def test_question_too_long_or_with_special_tokens_is_refused(files, capsys):
     assert c.ask(Q2) == reference(files, open_text(c), [], 8)
 
 
-def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
-    c = new_chat(files)
-    c.add_picture(files["pic1"])
+def interrupt_sampling(monkeypatch, at: int):
+    """Ctrl-C during an answer: mmgpt.sample raises KeyboardInterrupt on its at-th call. Returns the real sample."""
     sample, calls = mmgpt.sample, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == at:
             raise KeyboardInterrupt
         return sample(*args, **kwargs)
 
     monkeypatch.setattr(mmgpt, "sample", interrupted)
+    return sample
+
+
+def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
+    c = new_chat(files)
+    c.add_picture(files["pic1"])
+    sample = interrupt_sampling(monkeypatch, at=4)
     partial = c.ask(Q1)
     monkeypatch.setattr(mmgpt, "sample", sample)
     assert len(partial) == 3 and "[stopped]" in capsys.readouterr().err
@@ -350,15 +349,7 @@ def scripted_chat(files, model, monkeypatch) -> list:
     c.add_picture(files["pic1"])
     got = [c.ask(Q1), c.ask(Q2)]
     c.add_picture(files["pic2"])
-    sample, calls = mmgpt.sample, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return sample(*args, **kwargs)
-
-    monkeypatch.setattr(mmgpt, "sample", interrupted)
+    sample = interrupt_sampling(monkeypatch, at=3)
     got.append(c.ask(Q3))
     monkeypatch.setattr(mmgpt, "sample", sample)
     got += [c.ask(f"{Q1} {i}") for i in range(4)]

@@ -5,16 +5,10 @@ import torch
 import mmgpt
 from conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["the cat sat on <image> a mat", "<image> red <image> blue square", "what colour is the dog",
            "a picture shows two three four circles on the left <image> and"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batch_input(tokenizer):
