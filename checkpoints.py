@@ -563,7 +563,8 @@ def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
 def load_run(path: str, device="cpu", dtype=torch.float32):
     """A train.py output folder (or its lora.pt): load the base it was trained on, then its weights."""
     file = os.path.join(path, "lora.pt") if os.path.isdir(path) else path
-    settings = read_lora(file).settings
+    weights = read_lora(file)   # read once: its settings name the base, its tensors go on top of it
+    settings = weights.settings
     if not settings:
         raise CheckpointError(f"{file}: not a train.py output (it names no base model); "
                               f"pass --llama, --openflamingo and --lora instead")
@@ -572,5 +573,7 @@ def load_run(path: str, device="cpu", dtype=torch.float32):
     def where(p):  # paths are stored relative to the run folder when they lie inside it
         return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
 
-    return load(**{k: where(settings.get(k)) for k in BASE_FILES}, lora=file, device=device, dtype=dtype,
-                attend_previous=settings.get("attend_previous", False))
+    model, tokenizer, transform = load(**{k: where(settings.get(k)) for k in BASE_FILES}, device=device,
+                                       dtype=dtype, attend_previous=settings.get("attend_previous", False))
+    apply_lora(model, weights, file)
+    return model.requires_grad_(False), tokenizer, transform

@@ -19,8 +19,7 @@ Config file (JSON):
   SOURCE = {"kind": one of KINDS, "ann": [annotation files], "image_root": picture folder (vision kinds),
             "sample": N (draw N conversations once, seeded) or null (all), "weight": times per epoch (default 1;
             a fraction draws that share of the conversations once), "name": label in the counts (default: kind),
-            and the kind's options: "option_prob" (aokvqa), "all_captions" (minigpt4, coco_caption),
-            "ocr_turns" (ocr_vqa); see `read`}.
+            and the kind's options (the fields of Options, each naming the kinds that take it)}.
   Relative paths are relative to the current directory (configs/mmgpt.json expects the repository root).
 
 Batch (from `collate`, yielded by `Stream`):
@@ -39,7 +38,7 @@ import re
 import sys
 import tempfile
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import numpy as np
@@ -189,9 +188,16 @@ WHY_QUESTIONS = ["Why?", "Why is this?", "And why?", "What is the reason?", "And
 
 @dataclass
 class Options:
-    option_prob: float = 0.5    # aokvqa: chance that the choices are shown as "### Input:"
-    all_captions: bool = False  # minigpt4, coco_caption: one conversation per caption (else one random caption)
-    ocr_turns: bool = True      # ocr_vqa: all of a record's question/answer pairs as turns (else one per pair)
+    """The per-source options of a config, each with the kinds that take it (the one list of them)."""
+    # aokvqa: chance that the choices are shown as "### Input:"
+    option_prob: float = field(default=0.5, metadata={"kinds": ("aokvqa",)})
+    # minigpt4, coco_caption: one conversation per caption (else one random caption)
+    all_captions: bool = field(default=False, metadata={"kinds": ("minigpt4", "coco_caption")})
+    # ocr_vqa: all of a record's question/answer pairs as turns (else one per pair)
+    ocr_turns: bool = field(default=True, metadata={"kinds": ("ocr_vqa",)})
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Options))
 
 
 def read(kind: str, ann_paths, image_root: str | None = None, *, seed: int | str = 0,
@@ -466,8 +472,7 @@ READERS = {
     "baize": (_baize, "list", False),
 }
 KINDS = tuple(READERS)
-KIND_OPTIONS = {"aokvqa": ("option_prob",), "minigpt4": ("all_captions",), "coco_caption": ("all_captions",),
-                "ocr_vqa": ("ocr_turns",)}
+KIND_OPTIONS = {kind: tuple(f.name for f in fields(Options) if kind in f.metadata["kinds"]) for kind in KINDS}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,7 +486,7 @@ class Mix:
     errors: list[DataError]         # bad records and pictures skipped (only with skip_bad)
 
 
-SOURCE_KEYS = {"kind", "ann", "image_root", "sample", "weight", "name", "option_prob", "all_captions", "ocr_turns"}
+SOURCE_KEYS = {"kind", "ann", "image_root", "sample", "weight", "name", *OPTION_NAMES}
 
 
 def load_mix(config_path: str, *, skip_bad: bool = False, check_images: bool = True) -> Mix:
@@ -509,7 +514,7 @@ def load_mix(config_path: str, *, skip_bad: bool = False, check_images: bool = T
                 raise DataError(f"{where}: field 'kind': unknown kind {kind!r} (known: {', '.join(KINDS)})")
             if READERS[kind][2] != (group == "vl"):
                 raise DataError(f"{where}: field 'kind': {kind} belongs in \"{'vl' if READERS[kind][2] else 'lang'}\"")
-            options = {k: src[k] for k in ("option_prob", "all_captions", "ocr_turns") if k in src}
+            options = {k: src[k] for k in OPTION_NAMES if k in src}
             convs = read(kind, _get(src, "ann", where), src.get("image_root"), seed=f"{seed}:{group}:{i}",
                          errors=mix.errors if skip_bad else None, check_images=check_images, **options)
             convs = _sample_and_weight(convs, src.get("sample"), src.get("weight", 1), f"{seed}:{group}:{i}", where)

@@ -272,9 +272,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, media=None, input_pos=None):
-        if self.xattn is not None and media is not None:
-            kv, index, rows = media
+    def forward(self, x, cos, sin, mask, pictures=None, input_pos=None):
+        """pictures: (this layer's keys/values of the pictures' latents, media_index, rows with pictures or None),
+        or None for language-only input."""
+        if self.xattn is not None and pictures is not None:
+            kv, index, rows = pictures
             y = self.xattn(x, kv, index)
             # rows: in a batch that mixes rows with and without pictures, those without skip the block, as a
             # language-only forward does (the gated FFW would otherwise still change them).
@@ -344,9 +346,9 @@ class MMGPT(nn.Module):
             patches = self.vision(images.flatten(0, 1))
         return self.perceiver(patches.view(B, N, *patches.shape[1:]).to(self.perceiver.latents.dtype))
 
-    def media_kv(self, latents: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def picture_kv(self, latents: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Each cross-attention layer's keys/values of the pictures' latents (computed once per picture)."""
-        return {i: self.layers[i].xattn.attn.media_kv(latents) for i in self.cfg.xattn_layers}
+        return {i: self.layers[i].xattn.attn.picture_kv(latents) for i in self.cfg.xattn_layers}
 
     # -- training / full forward ------------------------------------------------------------------------------
     def forward(self, images, input_ids, attention_mask=None, attend_previous: bool | None = None):
@@ -371,7 +373,7 @@ class MMGPT(nn.Module):
 
     def hidden(self, images, input_ids, attention_mask=None, attend_previous: bool | None = None):
         """The last decoder layer's output (B, T, dim), before the final norm (forward's arguments)."""
-        kv = None if images is None else self.media_kv(self.encode_images(images))
+        kv = None if images is None else self.picture_kv(self.encode_images(images))
         rule = self.cfg.attend_previous if attend_previous is None else attend_previous
         index = media_index(input_ids, self.cfg.image_id, rule)
         mask = None
@@ -400,11 +402,11 @@ class MMGPT(nn.Module):
         dtype = self.activation_dtype()
         cos, sin = (t.to(dtype)[..., None, None, :] for t in (cos, sin))
         for i, layer in enumerate(self.layers):
-            media = (kv[i], index, rows) if kv is not None and layer.xattn is not None else None
+            pictures = (kv[i], index, rows) if kv is not None and layer.xattn is not None else None
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, media, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, pictures, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, media, input_pos)
+                x = layer(x, cos, sin, mask, pictures, input_pos)
         return x
 
     # -- KV-cached decoding -----------------------------------------------------------------------------------
@@ -498,11 +500,11 @@ class MMGPT(nn.Module):
             self.cache_owner = cache
         cache.dtype = dtype
         self.setup_cache(1, cache.max_len, dtype)
-        media = cache.media
+        picture_kv = cache.picture_kv
         if n_new:
-            kv = self.media_kv(self.encode_images(images.to(self.rope_cos.device)))
-            media = kv if media is None else {i: tuple(torch.cat([a, b], dim=2) for a, b in zip(media[i], kv[i]))
-                                              for i in kv}
+            kv = self.picture_kv(self.encode_images(images.to(self.rope_cos.device)))
+            picture_kv = kv if picture_kv is None else {
+                i: tuple(torch.cat([a, b], dim=2) for a, b in zip(picture_kv[i], kv[i])) for i in kv}
             if not self.cfg.attend_previous:
                 last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
                 ids = cache.ids[last + 1:] + ids
@@ -510,10 +512,10 @@ class MMGPT(nn.Module):
         index = media_index(torch.tensor([ids]), self.cfg.image_id, self.cfg.attend_previous,
                             images_before=cache.ids.count(self.cfg.image_id))
         start = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
-        logits = self._step([ids], index, media, len(cache.ids), start)
+        logits = self._step([ids], index, picture_kv, len(cache.ids), start)
         # Only now is the cache updated: interrupted above (Ctrl-C), it still holds a valid (shorter) context.
         cache.ids += ids
-        cache.media = media
+        cache.picture_kv = picture_kv
         return logits[0]
 
     def decode_step(self, input_ids, kv, index, input_pos, start, last, rows=None):
@@ -545,17 +547,17 @@ class KVCache:
         self.max_len, self.image_id = max_len, model.cfg.image_id
         self.dtype = None
         self.ids: list[int] = []
-        self.media = None
+        self.picture_kv = None
 
     def reset(self):
-        self.ids, self.media = [], None
+        self.ids, self.picture_kv = [], None
 
     def truncate(self, n: int):
         """Keep the first n tokens (and the pictures among them); what lies past them is masked, then overwritten."""
         del self.ids[n:]
         pictures = self.ids.count(self.image_id)
-        if self.media is not None:
-            self.media = {i: (k[:, :, :pictures], v[:, :, :pictures]) for i, (k, v) in self.media.items()} \
+        if self.picture_kv is not None:
+            self.picture_kv = {i: (k[:, :, :pictures], v[:, :, :pictures]) for i, (k, v) in self.picture_kv.items()} \
                 if pictures else None
 
 
@@ -635,7 +637,7 @@ def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Te
         firsts = [sum(counts[:i]) for i in range(B)]
         for i, (first, n) in enumerate(zip(firsts, counts)):
             padded[i, :n] = latents[first:first + n]
-        kv = model.media_kv(padded)
+        kv = model.picture_kv(padded)
         rows = torch.tensor([n > 0 for n in counts], device=device) if not all(counts) else None
     ids = [[0] * (T - len(p)) + p for p in prompts]                                   # left padding
     index = torch.cat([F.pad(media_index(torch.tensor([p]), cfg.image_id, cfg.attend_previous), (T - len(p), 0))

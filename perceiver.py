@@ -38,7 +38,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class PerceiverAttention(nn.Module):
-    """Latents attend to [media; latents]: the latents can also look at themselves."""
+    """Latents attend to [patches; latents]: the latents can also look at themselves."""
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64):
         super().__init__()
@@ -49,10 +49,10 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        media, latents = self.norm_media(media), self.norm_latents(latents)
+    def forward(self, patches: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        patches, latents = self.norm_media(patches), self.norm_latents(latents)
         q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([media, latents], dim=-2)).chunk(2, dim=-1)
+        k, v = self.to_kv(torch.cat([patches, latents], dim=-2)).chunk(2, dim=-1)
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         return self.to_out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
@@ -66,11 +66,11 @@ class PerceiverResampler(nn.Module):
             nn.ModuleList([PerceiverAttention(dim, heads, dim_head), feed_forward(dim, ff_mult)]) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, media: torch.Tensor) -> torch.Tensor:
-        """media: (B, N, patches, dim) -> latents (B, N, num_latents, dim); each picture on its own."""
-        latents = self.latents.expand(*media.shape[:2], *self.latents.shape)
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches: (B, N, patches, dim) -> latents (B, N, num_latents, dim); each picture on its own."""
+        latents = self.latents.expand(*patches.shape[:2], *self.latents.shape)
         for attn, ff in self.layers:
-            latents = latents + attn(media, latents)
+            latents = latents + attn(patches, latents)
             latents = latents + ff(latents)
         return self.norm(latents)
 
@@ -107,7 +107,7 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def picture_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents (B, N, n, dv) -> keys, values (B, heads, N, n, d). Computed once per picture when decoding."""
         k, v = self.to_kv(latents).chunk(2, dim=-1)
         return split_heads(k, self.heads).transpose(1, 2), split_heads(v, self.heads).transpose(1, 2)

@@ -52,7 +52,7 @@ def reference_logits(model, t, images, ids):
             y = y + (x @ t[f"{name}.lora_A"].T @ t[f"{name}.lora_B"].T) * 2.0  # alpha / r = 8 / 4
         return y
 
-    kv = model.media_kv(model.encode_images(images))
+    kv = model.picture_kv(model.encode_images(images))
     index = mmgpt.media_index(ids, cfg.image_id, cfg.attend_previous)
     B, T = ids.shape
     # HF's rotary embedding, written out: rotate_half(x) = (-x2, x1)
@@ -274,7 +274,7 @@ def test_decoder_layer_traces_as_one_graph(tokenizer):
     model.train()
     lora.mark_trainable(model)
     images, ids = inputs(tokenizer)
-    kv = model.media_kv(model.encode_images(images))
+    kv = model.picture_kv(model.encode_images(images))
     index = mmgpt.media_index(ids, tokenizer.image_id)
     x = model.embed_tokens(ids)
     T = ids.shape[1]

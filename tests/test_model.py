@@ -131,7 +131,7 @@ def test_cross_attention_sees_only_its_picture_and_zero_without_one():
     index = torch.tensor([[1, 1, 2, 2, 2, 0, 0]])
 
     def attn_out(lat):
-        return block.attn(x, block.attn.media_kv(lat), index)
+        return block.attn(x, block.attn.picture_kv(lat), index)
 
     base = attn_out(latents)
     changed2 = latents.clone()
@@ -146,7 +146,7 @@ def test_cross_attention_sees_only_its_picture_and_zero_without_one():
     # ... but the FFW branch still runs for them.
     with torch.no_grad():
         block.ff_gate.fill_(1.0)
-    y = block(x, block.attn.media_kv(latents), index)
+    y = block(x, block.attn.picture_kv(latents), index)
     torch.testing.assert_close(y[0, 5:], x[0, 5:] + block.ff(x)[0, 5:] * torch.tanh(torch.tensor(1.0)))
 
 
@@ -274,8 +274,8 @@ def test_cache_overflow_and_truncate_keep_the_cache_valid(tokenizer):
     model.extend(cache, ids[:p2 + 1], images)
     with pytest.raises(ValueError, match="cannot extend a context"):
         model.extend(cache, ids[p2 + 1:] + [5])
-    assert cache.ids == ids[:p2 + 1] and cache.media[1][0].shape[2] == 2  # untouched
+    assert cache.ids == ids[:p2 + 1] and cache.picture_kv[1][0].shape[2] == 2  # untouched
     cache.truncate(p1 + 2)  # back to before the second picture: its keys/values go too
-    assert cache.media[1][0].shape[2] == 1
+    assert cache.picture_kv[1][0].shape[2] == 1
     out = model.extend(cache, ids[p1 + 2:], images[:, 1:])
     torch.testing.assert_close(out, model(images, torch.tensor([ids]))[0, -1], rtol=1e-5, atol=1e-5)
