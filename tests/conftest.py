@@ -1,7 +1,11 @@
-"""Shared test fixtures: a sentencepiece model trained here (LLaMA's settings) and tiny model configs."""
+"""Shared test fixtures and helpers: a sentencepiece model trained here (LLaMA's settings), tiny model configs, and
+the writers and inputs that several test files use."""
+import json
 import os
 import random
+import re
 import sys
+import types
 
 import pytest
 import sentencepiece as spm
@@ -9,7 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import lora  # noqa: E402
 import mmgpt  # noqa: E402
+import train  # noqa: E402
 
 WORDS = ("the a cat dog sat on mat red blue green yellow square circle triangle picture shows two three four "
          "what colour is shape how many left right top bottom there are answer response instruction image below "
@@ -68,6 +74,133 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers shared by several test files
+
+def write_vision(model, tmp_path, full_clip=True):
+    cfg_path = tmp_path / "tiny-vit.json"
+    cfg_path.write_text(json.dumps(dict(TINY_VISION, text_cfg={"context_length": 8, "vocab_size": 50, "width": 32,
+                                                               "heads": 2, "layers": 1})))
+    sd = {k: v.clone() for k, v in model.vision.visual.state_dict().items()}
+    if full_clip:  # a whole CLIP state dict: the text tower's keys are ignored
+        sd = {f"visual.{k}": v for k, v in sd.items()}
+        sd.update({"token_embedding.weight": torch.zeros(50, 32), "logit_scale": torch.ones([])})
+    weights = tmp_path / "tiny-vit.pt"
+    torch.save(sd, weights)
+    return str(cfg_path), str(weights)
+
+
+def install_fake_mmengine():
+    """Classes with mmengine's ConfigDict / addict's Dict names and pickling, to write a release-like file."""
+    class Dict(dict):
+        def __getstate__(self):
+            return self
+
+        def __setstate__(self, state):
+            self.update(state)
+
+    class ConfigDict(Dict):
+        pass
+
+    Dict.__module__, Dict.__qualname__ = "addict.addict", "Dict"
+    ConfigDict.__module__, ConfigDict.__qualname__ = "mmengine.config.config", "ConfigDict"
+    mods = {name: types.ModuleType(name) for name in ("addict", "addict.addict", "mmengine", "mmengine.config",
+                                                       "mmengine.config.config")}
+    mods["addict.addict"].Dict = Dict
+    mods["mmengine.config.config"].ConfigDict = ConfigDict
+    sys.modules.update(mods)
+    return ConfigDict, list(mods)
+
+
+def peft_name(name):
+    """Our name -> the release's key (DDP `module.`, peft `base_model.model.`, FlamingoLayer wrapping)."""
+    m = re.match(r"layers\.(\d+)\.(xattn\.)?(.*)\.(lora_[AB])$", name)
+    i, xattn, path, ab = m.groups()
+    inner = f"gated_cross_attn_layer.{path}" if xattn else f"decoder_layer.{path}"
+    return f"module.lang_encoder.base_model.model.model.layers.{i}.{inner}.{ab}.default.weight"
+
+
+def write_release(model, path, r, alpha):
+    sd = {peft_name(n): t.clone() for n, t in lora.lora_state_dict(model).items()}
+    for n, t in list(sd.items()):  # the alias of the cross-attention blocks carries the same tensors
+        if ".gated_cross_attn_layer." in n:
+            alias = re.sub(r"model\.model\.layers\.(\d+)\.gated_cross_attn_layer\.",
+                           r"model.gated_cross_attn_layers.\1.", n)
+            sd[alias] = t.clone()
+    for i in model.cfg.xattn_layers:  # ... and the frozen block weights
+        for k, t in model.layers[i].xattn.state_dict().items():
+            if ".lora_" not in k:
+                sd[f"module.lang_encoder.base_model.model.gated_cross_attn_layers.{i}.{k}"] = t.clone()
+    sd["module.lang_encoder.base_model.model.model.layers.0.decoder_layer.self_attn.rotary_emb.inv_freq"] = \
+        torch.ones(model.cfg.head_dim // 2)
+    ConfigDict, names = install_fake_mmengine()
+    try:
+        config = ConfigDict(lora=True, lora_r=r, lora_alpha=alpha, lora_dropout=0.0, vis=True, unfrozen=[],
+                            lora_target_modules=list(lora.DEFAULT_TARGETS))
+        torch.save({"model_state_dict": sd, "tuning_config": config}, path)
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+def lora_model(tokenizer, **overrides):
+    model = tiny_model(tokenizer, **overrides)
+    torch.manual_seed(1)
+    lora.inject(model, r=4, alpha=8, within="layers.")
+    with torch.no_grad():  # B starts at zero: give it values so that A's gradients are not zero too
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    lora.mark_trainable(model)
+    return model.train()
+
+
+def micro_batches(tokenizer, n=2, lengths=(20, 13)):
+    """Loader-style pairs (language-only, vision-language): right padding, labels on the answers only."""
+    g = torch.Generator().manual_seed(2)
+    pairs = []
+    for length in lengths:
+        pair = []
+        for kind in ("lang", "vl"):
+            ids = torch.randint(3, tokenizer.image_id - 1, (n, 24), generator=g)
+            mask = torch.zeros_like(ids)
+            mask[0, :24], mask[1, :length] = 1, 1
+            ids[mask == 0] = tokenizer.pad_id
+            labels = torch.where(mask.bool(), ids, -100)
+            labels[:, :6] = -100
+            images = None
+            if kind == "vl":
+                ids[:, 2] = tokenizer.image_id
+                images = torch.randn(n, 1, 3, 28, 28, generator=g)
+            pair.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "images": images})
+        pairs.append(tuple(pair))
+    return pairs
+
+
+def grads_after(model, batches, bucket=0, device="cpu"):
+    done = train.train_iteration(train.WithLoss(model), batches, device, bucket=bucket, max_len=64)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return done, grads
+
+
+PROMPTS = ["the cat sat on <image> a mat", "<image> red <image> blue square", "what colour is the dog",
+           "a picture shows two three four circles on the left <image> and"]
+
+
+def batch_input(tokenizer):
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randn(p.count(tokenizer.image_id), 3, 28, 28, generator=g) if tokenizer.image_id in p else None
+              for p in prompts]
+    return prompts, images
+
+
+def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10):
+    return [list(mmgpt.generate(model, model.new_cache(), p, None if im is None else im[None], max_new_tokens=n,
+                                eos_id=eos_id, banned=tokenizer.never_generate, greedy=True))
+            for p, im in zip(prompts, images)]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); run them with `pytest -m gpu tests`")

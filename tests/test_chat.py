@@ -16,8 +16,7 @@ import data
 import lora
 import checkpoints
 import mmgpt
-from conftest import tiny_model
-from test_loading import write_release, write_vision
+from conftest import tiny_model, write_release, write_vision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

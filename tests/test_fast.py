@@ -3,50 +3,8 @@ nothing but the shapes. (The same on CUDA in bf16: tests/test_gpu.py.)"""
 import torch
 from torch._dynamo.utils import counters
 
-import lora
 import train
-from conftest import tiny_model
-
-
-def lora_model(tokenizer, **overrides):
-    model = tiny_model(tokenizer, **overrides)
-    torch.manual_seed(1)
-    lora.inject(model, r=4, alpha=8, within="layers.")
-    with torch.no_grad():  # B starts at zero: give it values so that A's gradients are not zero too
-        for n, p in model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.02)
-    lora.mark_trainable(model)
-    return model.train()
-
-
-def micro_batches(tokenizer, n=2, lengths=(20, 13)):
-    """Loader-style pairs (language-only, vision-language): right padding, labels on the answers only."""
-    g = torch.Generator().manual_seed(2)
-    pairs = []
-    for length in lengths:
-        pair = []
-        for kind in ("lang", "vl"):
-            ids = torch.randint(3, tokenizer.image_id - 1, (n, 24), generator=g)
-            mask = torch.zeros_like(ids)
-            mask[0, :24], mask[1, :length] = 1, 1
-            ids[mask == 0] = tokenizer.pad_id
-            labels = torch.where(mask.bool(), ids, -100)
-            labels[:, :6] = -100
-            images = None
-            if kind == "vl":
-                ids[:, 2] = tokenizer.image_id
-                images = torch.randn(n, 1, 3, 28, 28, generator=g)
-            pair.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "images": images})
-        pairs.append(tuple(pair))
-    return pairs
-
-
-def grads_after(model, batches, bucket=0, device="cpu"):
-    done = train.train_iteration(train.WithLoss(model), batches, device, bucket=bucket, max_len=64)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return done, grads
+from conftest import grads_after, lora_model, micro_batches
 
 
 def test_length_buckets_pad_and_change_no_loss_or_gradient(tokenizer):

@@ -3,26 +3,9 @@ import pytest
 import torch
 
 import mmgpt
-from conftest import tiny_model
+from conftest import batch_input, one_at_a_time, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PROMPTS = ["the cat sat on <image> a mat", "<image> red <image> blue square", "what colour is the dog",
-           "a picture shows two three four circles on the left <image> and"]
-
-
-def batch_input(tokenizer):
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    g = torch.Generator().manual_seed(3)
-    images = [torch.randn(p.count(tokenizer.image_id), 3, 28, 28, generator=g) if tokenizer.image_id in p else None
-              for p in prompts]
-    return prompts, images
-
-
-def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10):
-    return [list(mmgpt.generate(model, model.new_cache(), p, None if im is None else im[None], max_new_tokens=n,
-                                eos_id=eos_id, banned=tokenizer.never_generate, greedy=True))
-            for p, im in zip(prompts, images)]
 
 
 @pytest.mark.parametrize("attend_previous", [False, True])

@@ -13,9 +13,7 @@ import chat
 import lora
 import mmgpt
 import train
-from conftest import tiny_model
-from test_fast import grads_after, lora_model, micro_batches
-from test_generate import batch_input, one_at_a_time
+from conftest import batch_input, grads_after, lora_model, micro_batches, one_at_a_time, tiny_model
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,9 +3,7 @@ LoRA release) load back into the same numbers; bad files give one clear error na
 import json
 import os
 import pickle
-import re
 import sys
-import types
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import save_file
 import checkpoints
 import lora
 import mmgpt
-from conftest import TINY_VISION, tiny_model
+from conftest import TINY_VISION, install_fake_mmengine, tiny_model, write_release, write_vision
 
 
 def hf_tensors(model):
@@ -48,72 +46,6 @@ def write_llama(model, directory, sp_model, fmt="safetensors", shards=1):
     if shards > 1:
         with open(os.path.join(directory, f"{stem}.{ext}.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
-
-
-def write_vision(model, tmp_path, full_clip=True):
-    cfg_path = tmp_path / "tiny-vit.json"
-    cfg_path.write_text(json.dumps(dict(TINY_VISION, text_cfg={"context_length": 8, "vocab_size": 50, "width": 32,
-                                                               "heads": 2, "layers": 1})))
-    sd = {k: v.clone() for k, v in model.vision.visual.state_dict().items()}
-    if full_clip:  # a whole CLIP state dict: the text tower's keys are ignored
-        sd = {f"visual.{k}": v for k, v in sd.items()}
-        sd.update({"token_embedding.weight": torch.zeros(50, 32), "logit_scale": torch.ones([])})
-    weights = tmp_path / "tiny-vit.pt"
-    torch.save(sd, weights)
-    return str(cfg_path), str(weights)
-
-
-def install_fake_mmengine():
-    """Classes with mmengine's ConfigDict / addict's Dict names and pickling, to write a release-like file."""
-    class Dict(dict):
-        def __getstate__(self):
-            return self
-
-        def __setstate__(self, state):
-            self.update(state)
-
-    class ConfigDict(Dict):
-        pass
-
-    Dict.__module__, Dict.__qualname__ = "addict.addict", "Dict"
-    ConfigDict.__module__, ConfigDict.__qualname__ = "mmengine.config.config", "ConfigDict"
-    mods = {name: types.ModuleType(name) for name in ("addict", "addict.addict", "mmengine", "mmengine.config",
-                                                       "mmengine.config.config")}
-    mods["addict.addict"].Dict = Dict
-    mods["mmengine.config.config"].ConfigDict = ConfigDict
-    sys.modules.update(mods)
-    return ConfigDict, list(mods)
-
-
-def peft_name(name):
-    """Our name -> the release's key (DDP `module.`, peft `base_model.model.`, FlamingoLayer wrapping)."""
-    m = re.match(r"layers\.(\d+)\.(xattn\.)?(.*)\.(lora_[AB])$", name)
-    i, xattn, path, ab = m.groups()
-    inner = f"gated_cross_attn_layer.{path}" if xattn else f"decoder_layer.{path}"
-    return f"module.lang_encoder.base_model.model.model.layers.{i}.{inner}.{ab}.default.weight"
-
-
-def write_release(model, path, r, alpha):
-    sd = {peft_name(n): t.clone() for n, t in lora.lora_state_dict(model).items()}
-    for n, t in list(sd.items()):  # the alias of the cross-attention blocks carries the same tensors
-        if ".gated_cross_attn_layer." in n:
-            alias = re.sub(r"model\.model\.layers\.(\d+)\.gated_cross_attn_layer\.",
-                           r"model.gated_cross_attn_layers.\1.", n)
-            sd[alias] = t.clone()
-    for i in model.cfg.xattn_layers:  # ... and the frozen block weights
-        for k, t in model.layers[i].xattn.state_dict().items():
-            if ".lora_" not in k:
-                sd[f"module.lang_encoder.base_model.model.gated_cross_attn_layers.{i}.{k}"] = t.clone()
-    sd["module.lang_encoder.base_model.model.model.layers.0.decoder_layer.self_attn.rotary_emb.inv_freq"] = \
-        torch.ones(model.cfg.head_dim // 2)
-    ConfigDict, names = install_fake_mmengine()
-    try:
-        config = ConfigDict(lora=True, lora_r=r, lora_alpha=alpha, lora_dropout=0.0, vis=True, unfrozen=[],
-                            lora_target_modules=list(lora.DEFAULT_TARGETS))
-        torch.save({"model_state_dict": sd, "tuning_config": config}, path)
-    finally:
-        for name in names:
-            del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
