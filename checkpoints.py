@@ -393,6 +393,14 @@ def image_transform_for(vision_cfg: dict):
     return image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
 
+def read_tokenizer(path: str) -> Tokenizer:
+    """LLaMA's tokenizer.model (+ MultiModal-GPT's 3 added tokens); a file that is not one is named."""
+    try:
+        return Tokenizer(path)
+    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
+        raise CheckpointError(f"{path}: not a sentencepiece model: {_first_line(e)}") from None
+
+
 def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
          dtype=torch.float32, attend_previous: bool = False):
     """Build MultiModal-GPT from the files users have. Returns (model, tokenizer, image_transform).
@@ -408,10 +416,7 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     tokenizer_file = os.path.join(llama, "tokenizer.model")
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"{tokenizer_file}: no such file (the LLaMA directory must hold tokenizer.model)")
-    try:
-        tokenizer = Tokenizer(tokenizer_file)
-    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
-        raise CheckpointError(f"{tokenizer_file}: not a sentencepiece model: {_first_line(e)}") from None
+    tokenizer = read_tokenizer(tokenizer_file)
     flamingo = read_openflamingo(openflamingo) if openflamingo else None
     vcfg = vision_model_config(vision, vision_weights)
     cfg = Config(**llama_config(llama), vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, vision=vcfg,

@@ -245,10 +245,8 @@ def read(kind: str, ann_paths, image_root: str | None = None, *, seed: int | str
     return convs
 
 
-def _records(path: str, container: str) -> list[tuple[str, object, object]]:
-    """(where, key, record) for each record of an annotation file; `where` names the file and the record.
-    container: "list" (a JSON list, or JSON lines), "annotations" ({"annotations": [...]}), "dict" ({id: record}).
-    A malformed JSON line comes as a DataError in place of its record, so that only it can be skipped."""
+def read_text(path: str) -> str:
+    """An annotation file's text; a missing, empty or non-UTF-8 one is a DataError naming it (and the line)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found")
     with open(path, "rb") as f:
@@ -261,6 +259,14 @@ def _records(path: str, container: str) -> list[tuple[str, object, object]]:
                         f"re-save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: empty file")
+    return text
+
+
+def _records(path: str, container: str) -> list[tuple[str, object, object]]:
+    """(where, key, record) for each record of an annotation file; `where` names the file and the record.
+    container: "list" (a JSON list, or JSON lines), "annotations" ({"annotations": [...]}), "dict" ({id: record}).
+    A malformed JSON line comes as a DataError in place of its record, so that only it can be skipped."""
+    text = read_text(path)
     if not path.endswith(".jsonl"):
         try:
             return _json_records(path, json.loads(text), container)
@@ -320,22 +326,15 @@ def _as_text(value, name: str, where: str, empty_ok: bool = False) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}': expected text, got {type(value).__name__}")
-    if _has_surrogate(value):  # JSON "\ud800": scraped data has it; no tokenizer or file can take it
-        at = next(i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff")
-        raise DataError(f"{where}: field '{name}': a lone surrogate (\\u{ord(value[at]):04x}) at character {at} "
-                        f"is not text")
+    try:  # JSON "\ud800": scraped data has it; no tokenizer or file can take it
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field '{name}': a lone surrogate (\\u{ord(value[e.start]):04x}) at character "
+                        f"{e.start} is not text") from None
     value = value.strip()
     if not value and not empty_ok:
         raise DataError(f"{where}: field '{name}' is empty")
     return value
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def _text(rec, name: str, where: str, empty_ok: bool = False) -> str:
@@ -784,10 +783,11 @@ def _tokenizer(path: str | None, mix: Mix):
     path = path or _release_tokenizer()
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no tokenizer model (give --tokenizer PATH)")
+    import checkpoints
     try:
-        return Tokenizer(path)
-    except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
-        raise SystemExit(f"{path}: not a sentencepiece model ({e})") from None
+        return checkpoints.read_tokenizer(path)
+    except checkpoints.CheckpointError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _show(mix: Mix, args):

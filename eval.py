@@ -80,15 +80,11 @@ def kind(task: str) -> str:
 # Readers. Field access and its messages are data.py's (data._get, _text, ...): one wording for every bad record.
 
 def _load_json(path: str):
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: file not found")
+    text = data.read_text(path)     # missing, empty, not UTF-8: named as for training data
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise data.DataError(f"{path} line {e.lineno} column {e.colno}: malformed JSON: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise data.DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _records(path: str, key: str | None, content=None) -> list[tuple[str, object]]:
