@@ -3,7 +3,7 @@ formats so that everything downstream (loaders, data pipeline, train.py, chat.py
 
 Read top-down:
   SETTINGS                  train.py's defaults for the demo (where they differ from the paper's)
-  the pictures              synthetic scenes (one to four coloured shapes) as "demo:<json>" descriptions, drawn
+  the pictures              synthetic scenes (1-3 like shapes along a side) as "demo:<json>" descriptions, drawn
                             into PNG files (materialise) so that data.load_image reads them like any picture
   train_set, eval_set       conversations whose answers need the picture (colour, shape, count, position), and
                             short language-only instructions; a held-out set from another random stream
@@ -42,20 +42,22 @@ SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 235), "yellow": (240, 210, 20),
                 "purple": (150, 50, 210), "orange": (245, 130, 0)}
 SHAPES = ("square", "circle", "triangle")
-POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
-QUADRANTS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
-# Sizes (radius in pixels): a lone shape is drawn at one size, so its area tells its kind (square > circle >
-# triangle); shapes to be counted have equal areas (about 400 px), so the coloured area tells their number.
-LONE_RADIUS = 14
-COUNTED_RADIUS = {"square": 10, "circle": 11, "triangle": 14}
-ANSWERS = {"shape": SHAPES, "colour": tuple(COLOURS), "count": ("1", "2", "3", "4"),
-                "position": tuple(POSITIONS)}
+# The side of the picture the shapes stand on, and the line they stand along (centre x, y as fractions).
+SIDES = {"left": ((0.25, 0), (0.25, 1)), "right": ((0.75, 0), (0.75, 1)), "top": ((0, 0.25), (1, 0.25)),
+         "bottom": ((0, 0.75), (1, 0.75))}
+# Radius in pixels: areas of 220-290 px, so the coloured area tells the number and the outline the shape. Three
+# fit along a side without touching; with four, the shapes had to shrink to about half that area, and after 500
+# steps held-out accuracy was 0.70 (shape 0.30, count 0.65) against 0.995 with three.
+RADIUS = {"square": 8, "circle": 9, "triangle": 10}
+COUNTS = ("1", "2", "3")
+ANSWERS = {"shape": SHAPES, "colour": tuple(COLOURS), "count": COUNTS, "position": tuple(SIDES)}
 KIND = {a: kind for kind, answers in ANSWERS.items() for a in answers}  # answer -> its question kind
+# Each kind's wordings fit one shape and several alike: a question's words never tell how many there are.
 QUESTIONS = {
     "shape": ("What shape is it?", "Which shape do you see?"),
     "colour": ("What colour is the shape?", "What color are the shapes?"),
     "count": ("How many shapes are there?", "How many shapes do you see?"),
-    "position": ("Where is the shape?", "Where is it?"),   # never naming it: a later turn may ask for that
+    "position": ("Where is the shape?", "Where are they?"),   # never naming it: a later turn may ask for that
 }
 WORDS = ("cat", "dog", "sun", "tree", "book", "bird", "fish", "cup", "hat", "star")
 OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "big": "small",
@@ -63,27 +65,24 @@ OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
 
 
 def _picture(rng: random.Random) -> tuple[str, dict]:
-    """A random scene as a "demo:" path, and the facts that questions may ask about. One colour per picture, on
-    a dark tinted grey of random shade: either one shape at an edge (facts: shape, colour, position) or 1-4
-    shapes of any kinds in distinct quadrants (facts: count, colour).
+    """A random scene as a "demo:" path, and its facts (shape, colour, count, position): 1-3 shapes of one
+    kind and one colour, evenly spaced along one side of the picture (one shape: at that side's middle), on a
+    dark tinted grey of random shade. Every fact is drawn uniformly, so each question's chance is 1 / answers.
 
     Why dark: in the demo's random ViT, pooled over the picture, a background of any lightness (0-255) takes
     most of the variance between pictures and the count explains 2% of it; on shades 0-60 the count explains
     10% and the colour 58% (400 pictures), which a model trained for minutes can pick up."""
-    colour = rng.choice(list(COLOURS))
+    shape, colour, side = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIDES))
+    n = rng.randint(1, len(COUNTS))
     grey = rng.randint(0, 60)
     background = [min(255, max(0, grey + rng.randint(-15, 15))) for _ in range(3)]
-    if rng.random() < 0.5:
-        shape, position = rng.choice(SHAPES), rng.choice(list(POSITIONS))
-        placed = [(shape, POSITIONS[position], LONE_RADIUS)]
-        facts = {"shape": shape, "colour": colour, "position": position}
-    else:
-        kinds = [rng.choice(SHAPES) for _ in range(rng.randint(1, 4))]
-        placed = [(k, c, COUNTED_RADIUS[k]) for k, c in zip(kinds, rng.sample(QUADRANTS, len(kinds)))]
-        facts = {"count": str(len(kinds)), "colour": colour}
-    shapes = [[kind, colour, round(x * SIZE) + rng.randint(-2, 2), round(y * SIZE) + rng.randint(-2, 2), r]
-              for kind, (x, y), r in placed]
+    (x0, y0), (x1, y1) = SIDES[side]
+    centres = [(x0 + (x1 - x0) * (i + 0.5) / n, y0 + (y1 - y0) * (i + 0.5) / n) for i in range(n)]
+    across = [rng.randint(-2, 2) for _ in centres]   # jitter across the line only: neighbours never overlap
+    shapes = [[shape, colour, round(x * SIZE) + (d if x0 == x1 else 0), round(y * SIZE) + (0 if x0 == x1 else d),
+               RADIUS[shape]] for (x, y), d in zip(centres, across)]
     scene = {"background": background, "shapes": shapes}
+    facts = {"shape": shape, "colour": colour, "count": str(n), "position": side}
     return "demo:" + json.dumps(scene, separators=(",", ":")), facts
 
 
@@ -122,11 +121,10 @@ def materialise(convs: list[Conversation], folder: str) -> list[Conversation]:
 
 
 def _vl(rng: random.Random) -> Conversation:
-    """A picture with questions of different types about it: half the time all that apply, else 1 to all.
-    Several turns per picture give a tiny model more to learn from each one."""
+    """A picture with questions of different kinds about it, in random order: half the time all four kinds, else
+    one to four. Several turns per picture give a tiny model more to learn from each one."""
     image, facts = _picture(rng)
-    kinds = [k for k in QUESTIONS if k in facts]
-    kinds = rng.sample(kinds, len(kinds) if rng.random() < 0.5 else rng.randint(1, len(kinds)))
+    kinds = rng.sample(list(QUESTIONS), len(QUESTIONS) if rng.random() < 0.5 else rng.randint(1, len(QUESTIONS)))
     turns = [Turn(rng.choice(QUESTIONS[k]), facts[k]) for k in kinds]
     return Conversation(image, turns, source="demo")
 
@@ -245,6 +243,11 @@ def make_base(out: str, seed: int) -> dict:
             if layer.xattn is not None:
                 layer.xattn.attn_gate.fill_(1.0)
                 layer.xattn.ff_gate.fill_(1.0)
+        # The random ViT's position embeddings (std width^-0.5) are small beside its patch embeddings, so once the
+        # perceiver pools the patches, where the shapes stand is faint (a linear probe on the mean latent reads
+        # the side right 72% of the time; the shape 85%, the count 96%). Three times larger: the side 92%, and
+        # held-out "Where are they?" after 500 steps went from 0.44 to 0.81 (measured with up to four shapes).
+        model.vision.visual.positional_embedding.mul_(3)
     checkpoints.save_llama(model, paths["llama"], os.path.join(base, "tokenizer.model"))
     checkpoints.save_openflamingo(model, paths["openflamingo"])
     with open(paths["vision"], "w") as f:

@@ -17,37 +17,51 @@ def test_demo_set_is_deterministic():
 
 def test_demo_answers_follow_the_pictures():
     vl, lang = demo.train_set(400, 200)
-    kinds = set()
+    asked = set()
     for conv in vl:
         scene = json.loads(conv.image[len("demo:"):])
         pixels = np.asarray(demo.draw(conv.image)).astype(int)
         assert pixels.shape == (demo.SIZE, demo.SIZE, 3)
         for shape, colour, cx, cy, r in scene["shapes"]:
             assert (pixels[cy + r // 2, cx] == demo.COLOURS[colour]).all()   # drawn where the scene says
-        assert 1 <= len(conv.turns) <= 3
+        assert 1 <= len(conv.turns) <= 4
         words = {w.strip("?").lower() for t in conv.turns for w in t.question.split()}
         assert not words & {t.answer for t in conv.turns}    # no question gives away an answer
+        n = len(scene["shapes"])
         for t in conv.turns:
             if t.question.startswith("How many"):
-                kinds.add("count")
-                assert t.answer == str(len(scene["shapes"]))
+                kind = "count"
+                assert t.answer == str(n)
             elif "colo" in t.question:
-                kinds.add("colour")
+                kind = "colour"
                 assert {s[1] for s in scene["shapes"]} == {t.answer}
             elif "shape" in t.question and t.question.startswith(("What shape", "Which shape")):
-                kinds.add("shape")
+                kind = "shape"
                 assert {s[0] for s in scene["shapes"]} == {t.answer}
             else:
-                kinds.add("position")
-                ((_, _, cx, cy, _),) = scene["shapes"]
-                fx, fy = demo.POSITIONS[t.answer]
-                assert abs(cx - fx * demo.SIZE) <= 2 and abs(cy - fy * demo.SIZE) <= 2
-    assert kinds == {"count", "colour", "shape", "position"}
+                kind = "position"
+                (x0, y0), (x1, y1) = demo.SIDES[t.answer]    # every shape on that side's line, in order along it
+                along = [cy if x0 == x1 else cx for _, _, cx, cy, _ in scene["shapes"]]
+                for _, _, cx, cy, _ in scene["shapes"]:
+                    assert abs((cx - x0 * demo.SIZE) if x0 == x1 else (cy - y0 * demo.SIZE)) <= 2
+                assert along == [round((i + 0.5) / n * demo.SIZE) for i in range(n)]
+            asked.add((kind, n))
+    # every question kind is asked of one shape and of several
+    assert asked == {(k, n) for k in demo.ANSWERS for n in range(1, len(demo.COUNTS) + 1)}
     assert any(len(c.turns) > 1 for c in vl) and all(c.image is None for c in lang)
     assert any(t.input for c in lang for t in c.turns)
     # every answer of each type occurs
     answers = {t.answer for c in vl for t in c.turns}
     assert answers == {a for v in demo.ANSWERS.values() for a in v}
+
+
+def test_demo_shapes_never_touch():
+    """Shapes stand apart (three along a side included), so the coloured area and the blobs tell their number."""
+    vl, _ = demo.train_set(400, 0)
+    for conv in vl:
+        boxes = [(cx - r, cy - r, cx + r, cy + r) for _, _, cx, cy, r in json.loads(conv.image[5:])["shapes"]]
+        for a, b in zip(boxes, boxes[1:]):
+            assert a[2] < b[0] or a[3] < b[1]       # the next one starts after this one ends (right or below)
 
 
 def test_demo_eval_split_scoring_and_chance():
@@ -57,6 +71,10 @@ def test_demo_eval_split_scoring_and_chance():
     for conv, expected in items:
         assert conv.turns[-1].answer == "" and data.prompt(conv).endswith("### Response:\n")
         assert any(expected in answers for answers in demo.ANSWERS.values())
+    # the held-out questions ask every kind of one shape and of several, each kind about as often
+    held_out = {(demo.KIND[e], len(json.loads(conv.image[5:])["shapes"])) for conv, e in items}
+    assert held_out == {(k, n) for k in demo.ANSWERS for n in range(1, len(demo.COUNTS) + 1)}
+    assert all(30 <= [demo.KIND[e] for _, e in items].count(k) <= 70 for k in demo.ANSWERS)
     chance = demo.chance([e for _, e in items])
     assert 0.2 < chance < 0.3
     kinds = [next(k for k, v in demo.ANSWERS.items() if e in v) for _, e in items]
@@ -96,4 +114,4 @@ def test_score_per_question_kind():
     out = demo.score(expected, ["Red.", "red", "3", "square"])
     assert out == {"accuracy": 0.5, "chance": demo.chance(expected), "accuracy_shape": 0.0,
                    "accuracy_colour": 0.5, "accuracy_count": 1.0}
-    assert demo.chance(expected) == (1 / 6 + 1 / 6 + 1 / 4 + 1 / 3) / 4
+    assert demo.chance(expected) == (1 / 6 + 1 / 6 + 1 / 3 + 1 / 3) / 4     # 6 colours, 3 counts, 3 shapes
