@@ -12,9 +12,10 @@ the slow path (fp32 LoRA under autocast, eager) and on the fast path (bf16 + fp3
 checkpointing. Each row reports tokens/s, MFU against a bf16 matmul peak measured in the same run, peak memory,
 the warm-up (compile) time, and on a GPU the kernels launched per iteration and the fraction of the step the GPU
 is busy (torch.profiler). --tiny also counts the aten ops one iteration dispatches (a proxy for launches).
-chat: chat.py's path, eager and fast (LoRA merged, compiled, CUDA graphs): prefill of a picture + 96-token prompt,
-decoding 128 tokens at batch 1, a second round's first token, the fraction of the weight-read limit (weight bytes
-per token against a device copy's bandwidth measured in the same run); generate_batch decoding at batch 8 and 32.
+chat: chat.py's path, eager, fast (LoRA merged, compiled, CUDA graphs) and --int8 (quantize.py): prefill of a
+picture + 96-token prompt, decoding 128 tokens at batch 1, a second round's first token, the fraction of the
+weight-read limit (weight bytes per token against a device copy's bandwidth measured in the same run);
+generate_batch decoding at batch 8 and 32.
 
 FLOPs counted per iteration (for MFU): frozen weights 4N per token (forward 2N + activation gradient 2N, no
 weight gradient; lm_head only where a label is), LoRA 6 per parameter per token, causal attention (QK^T and AV:
@@ -33,6 +34,7 @@ import chat
 import checkpoints
 import lora
 import mmgpt
+import quantize
 import train
 
 LABELLED = 0.5  # the fraction of tokens with a label (the answers) in the benchmark's samples
@@ -198,6 +200,14 @@ def copy_bandwidth(device) -> float | None:
     return 2 * 2**30 / seconds
 
 
+def decode_bytes(model) -> int:
+    """The bytes of weights one decoded token reads: the decoder's (LLaMA's and the cross-attention blocks'; the
+    picture's keys/values are cached) and lm_head's, as they are held (int8 + scales after quantize_int8)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sum(t.numel() * t.element_size() for n, t in tensors
+               if n.startswith(("layers.", "norm.", "lm_head.")) and not n.endswith(("_cache", ".mask")))
+
+
 def bench_chat(model, cfg, device, fast: bool, prompt_len=96, new_tokens=128, question_len=20) -> dict:
     """chat.py's own path (chat.make_fast, mmgpt.generate on a cache of the model's whole context), timed: the
     prefill of a picture + prompt_len tokens, decoding new_tokens at batch 1, and a second round's first token."""
@@ -351,31 +361,35 @@ def bench_training(model, device, args, seq, repeat, peak_tflops, results):
 
 
 def bench_chatting(model, device, args, results):
-    """chat.py's path, eager then fast, and generate_batch at the sizes of --batches."""
+    """chat.py's path eager and (on a GPU) fast; generate_batch at the sizes of --batches (on a GPU); last, as
+    quantization replaces the weights, --int8 (fast on a GPU, eager elsewhere)."""
     cuda = device.type == "cuda"
-    # Bytes read per decoded token: every LLaMA weight, and the cross-attention FFWs (the to_q/to_out too; the
-    # picture's keys/values are cached).
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if (checkpoints.is_llama_param(n) and n != "embed_tokens.weight") or ".xattn." in n)
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
-    for fast in [False] + ([True] if cuda else []):
-        row = bench_chat(model, model.cfg, device, fast)
-        row["weights_gb_per_token"] = weight_bytes / 1e9
-        row["bandwidth_fraction"] = weight_bytes * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
+
+    def chat_row(fast: bool, int8: bool):
+        row = bench_chat(model, model.cfg, device, fast) | {"int8": int8,
+                                                            "weights_gb_per_token": decode_bytes(model) / 1e9}
+        row["bandwidth_fraction"] = decode_bytes(model) * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
         results["chat"].append(row)
         print(f"chat {row}", flush=True)
+
+    for fast in [False] + ([True] if cuda else []):
+        chat_row(fast, int8=False)
     for batch in [int(b) for b in args.batches.split(",") if b] if cuda else []:
         results["batch"].append(bench_batch(model, model.cfg, device, batch))
         print(f"batch {results['batch'][-1]}", flush=True)
-    print(f"\n{'chat':<8}{'fast':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}{'of limit':>10}"
+    quantize.quantize_int8(model)
+    chat_row(cuda, int8=True)
+    print(f"\n{'chat':<8}{'fast':>6}{'int8':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}"
+          f"{'of limit':>10}"
           f"{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")
     for r in results["chat"]:
-        print(f"{'':<8}{str(r['fast']):>6}{r['prefill_ms']:>12.1f}{r['decode_tokens_per_s']:>14.1f}"
+        print(f"{'':<8}{str(r['fast']):>6}{str(r['int8']):>6}{r['prefill_ms']:>12.1f}{r['decode_tokens_per_s']:>14.1f}"
               f"{r['second_round_first_token_ms']:>14.1f}{fmt(r['bandwidth_fraction'], '.0%'):>10}"
               f"{fmt(r['peak_gib'], '.1f'):>10}{fmt(r.get('warmup_s'), '.0f'):>11}")
     for r in results["batch"]:
-        print(f"{'batch':<8}{r['batch']:>6}{'':>12}{r['decode_tokens_per_s']:>14.1f}{'':>24}"
+        print(f"{'batch':<8}{r['batch']:>6}{'':>18}{r['decode_tokens_per_s']:>14.1f}{'':>24}"
               f"{fmt(r['peak_gib'], '.1f'):>10}")
 
 

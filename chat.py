@@ -30,6 +30,7 @@ import data
 import checkpoints
 import lora
 import mmgpt
+import quantize
 
 DEMO_RUN = "runs/demo"  # where train.py's demo run goes
 COMMANDS = """commands:
@@ -162,6 +163,8 @@ def add_weight_args(group):
     group.add_argument("--lora", help="the MultiModal-GPT LoRA release .pt, or a train.py lora.pt")
     group.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
     group.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or a CLIP weights file")
+    group.add_argument("--int8", action="store_true",
+                       help="decoder weights in int8 (LoRA merged first; quantize.py): half the memory of bf16")
 
 
 def find_weights(args) -> dict:
@@ -197,13 +200,20 @@ def load_model(args, device: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     weights = find_weights(args)
+    # int8: built and quantized in host memory, then moved, so the card never holds the bf16 weights
+    where = "cpu" if args.int8 else device
     try:
         if "run" in weights:
-            return checkpoints.load_run(weights["run"], device=device, dtype=dtype)
-        return checkpoints.load(**weights, vision=args.vision, vision_weights=args.vision_weights, device=device,
-                               dtype=dtype)
+            model, tokenizer, transform = checkpoints.load_run(weights["run"], device=where, dtype=dtype)
+        else:
+            model, tokenizer, transform = checkpoints.load(**weights, vision=args.vision,
+                                                           vision_weights=args.vision_weights, device=where,
+                                                           dtype=dtype)
     except (OSError, ValueError) as e:   # FileNotFoundError, CheckpointError (a ValueError), ...
         raise SystemExit(f"error: {e}") from None
+    if args.int8:
+        model = quantize.quantize_int8(model).to(device)
+    return model, tokenizer, transform
 
 
 def make_fast(model: mmgpt.MMGPT, backend: str = "inductor"):

@@ -10,6 +10,7 @@ import torch
 import bench
 import lora
 import mmgpt
+import quantize
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +50,16 @@ def test_bench_tiny(tmp_path):
     assert rows[0]["aten_ops"] == count.ops > 1000
     assert rows[1]["aten_ops"] is None
     assert f"aten ops per training iteration (1+1 x 64, 32 layers): {count.ops:,}" in done.stdout
+
+
+def test_decode_bytes_count_the_weights_a_token_reads():
+    """The decoder's weights and lm_head as held (not the embeddings, ViT, perceiver or KV cache): fp32 4 bytes
+    per weight; after quantize_int8 1 byte per linear weight + a scale per row + the norms and gates."""
+    torch.manual_seed(0)
+    model = mmgpt.build(mmgpt.config("bench-tiny", n_layers=2))
+    decoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layers.", "norm.", "lm_head.")))
+    model.setup_cache(1, 64, torch.float32)
+    assert bench.decode_bytes(model) == 4 * decoder
+    quantize.quantize_int8(model)
+    int8 = bench.decode_bytes(model)
+    assert decoder < int8 < 1.1 * decoder

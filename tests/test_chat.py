@@ -16,6 +16,7 @@ import data
 import lora
 import checkpoints
 import mmgpt
+import quantize
 from conftest import tiny_model, write_release, write_vision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,6 +116,21 @@ def test_two_greedy_rounds_equal_a_full_forward_over_the_conversation(files):
     assert a2["ids"] == reference(files, data.prompt(conv), [files["pic1"]], 12)
     for rec in (a1, a2):
         no_special(files, rec)
+
+
+def test_int8_chat_answers_as_the_quantized_model_does(files):
+    """chat.py --int8: LoRA merged, the decoder in int8 (quantize.py); its greedy answer is that model's own full
+    forward decode (here the same as the fp32 model's), and the model chat loads with --int8 is quantized."""
+    r = run_chat(files["pic1"], "--ckpt", files["run"], "--int8", "--greedy", "--json", "--max-new-tokens", "12",
+                 "--prompt", Q1)
+    (a1,) = answers(r)
+    quantized = quantize.quantize_int8(checkpoints.load_run(files["run"])[0]).eval()
+    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, ""))))
+    assert a1["ids"] == reference(dict(files, model=quantized), text, [files["pic1"]], 12)
+    args = argparse.Namespace(ckpt=files["run"], llama=None, openflamingo=None, lora=None, vision="ViT-L-14",
+                              vision_weights="openai", int8=True, dtype=None)
+    model = chat.load_model(args, "cpu")[0]
+    assert isinstance(model.lm_head, quantize.Int8Linear) and model.lm_head.weight.dtype == torch.int8
 
 
 def test_piped_rounds_new_picture_and_bad_input(files):
