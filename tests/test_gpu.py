@@ -1,6 +1,6 @@
 """On CUDA (marker gpu: `pytest -m gpu tests`; skipped without a GPU): train.py's fast path in bf16 against the
 same computation in fp32 on the CPU, the demo end to end with its evaluation, chat's fast path in bf16 against
-its eager path, batched generation, and the cache under autocast."""
+its eager path (also with --int8), batched generation, and the cache under autocast."""
 import copy
 import os
 import subprocess
@@ -12,6 +12,7 @@ import torch
 import chat
 import lora
 import mmgpt
+import quantize
 import train
 from conftest import batch_input, grads_after, lora_model, micro_batches, one_at_a_time, tiny_model
 
@@ -76,6 +77,17 @@ def test_gpu_fast_chat_path_equals_eager_bf16(tokenizer):
                                              banned=tokenizer.never_generate)
     assert fast.answers == eager.answers and fast.rounds == eager.rounds
     assert fast.batched == eager.batched == eager.answers
+
+
+def test_gpu_int8_fast_chat_equals_int8_eager(tokenizer):
+    """chat.py --int8 on CUDA: the compiled path (CUDA graphs, the int8 -> bf16 conversion inside the compiled
+    matmuls) gives the int8 eager path's greedy ids."""
+    eager, fast = (quantize.quantize_int8(bf16_model(tokenizer)) for _ in range(2))
+    chat.make_fast(fast)
+    prompts, images = batch_input(tokenizer)
+    images = on_gpu(images)
+    assert one_at_a_time(fast, tokenizer, prompts, images, -1, 12) == \
+        one_at_a_time(eager, tokenizer, prompts, images, -1, 12)
 
 
 def test_gpu_cache_under_autocast(tokenizer):
