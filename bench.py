@@ -368,9 +368,9 @@ def bench_chatting(model, device, args, results):
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
 
     def chat_row(fast: bool, int8: bool):
-        row = bench_chat(model, model.cfg, device, fast) | {"int8": int8,
-                                                            "weights_gb_per_token": decode_bytes(model) / 1e9}
-        row["bandwidth_fraction"] = decode_bytes(model) * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
+        weights = decode_bytes(model)
+        row = bench_chat(model, model.cfg, device, fast) | {"int8": int8, "weights_gb_per_token": weights / 1e9}
+        row["bandwidth_fraction"] = weights * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
         results["chat"].append(row)
         print(f"chat {row}", flush=True)
 

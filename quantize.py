@@ -38,10 +38,8 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace the decoder's linear layers and lm_head by Int8Linear, in place (LoRA merged first). Returns model."""
     lora.merge(model)
-    decoder = [("layers." + n, m) for n, m in model.layers.named_modules()] + [("lm_head", model.lm_head)]
-    for name, m in decoder:
+    for name, m in [(n, m) for n, m in model.named_modules() if n.startswith(("layers.", "lm_head"))]:
         if isinstance(m, (nn.Linear, lora.LoRALinear)):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    Int8Linear(m.weight, getattr(m, "bias", None)))
+            setattr(model.get_submodule(parent), attr, Int8Linear(m.weight, m.bias))
     return model

@@ -197,6 +197,21 @@ def batch_input(tokenizer):
     return prompts, images
 
 
+def full_forward_greedy(model, ids, images, n, banned, eos_id=-1) -> list[int]:
+    """Greedy decoding with a full forward (no cache) over the whole sequence at every step: what cached
+    decoding is held against."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(images, torch.tensor([ids + out]))[0, -1].float()
+            logits[banned] = -float("inf")
+            token = int(logits.argmax())
+            if token == eos_id:
+                break
+            out.append(token)
+    return out
+
+
 def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10):
     return [list(mmgpt.generate(model, model.new_cache(), p, None if im is None else im[None], max_new_tokens=n,
                                 eos_id=eos_id, banned=tokenizer.never_generate, greedy=True))

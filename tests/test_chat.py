@@ -17,7 +17,7 @@ import lora
 import checkpoints
 import mmgpt
 import quantize
-from conftest import tiny_model, write_release, write_vision
+from conftest import full_forward_greedy, tiny_model, write_release, write_vision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,16 +65,7 @@ def reference(files, text: str, pictures: list[str], max_new_tokens: int) -> lis
     ids = tok.encode(text)
     assert ids.count(tok.image_id) == len(pictures)
     images = torch.stack([files["transform"](data.load_image(p)) for p in pictures])[None] if pictures else None
-    out = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(images, torch.tensor([ids + out]))[0, -1].float()
-            logits[tok.never_generate] = -float("inf")
-            token = int(logits.argmax())
-            if token == tok.eos_id:
-                break
-            out.append(token)
-    return out
+    return full_forward_greedy(model, ids, images, max_new_tokens, tok.never_generate, tok.eos_id)
 
 
 def run_chat(*args, stdin=None, cwd=None):

@@ -5,7 +5,7 @@ import torch
 
 import lora
 import mmgpt
-from conftest import tiny_model
+from conftest import full_forward_greedy, tiny_model
 from perceiver import GatedCrossAttentionBlock, media_index
 
 TEXT = "hello <image> the cat sat on <image> a mat red dog and a blue square"
@@ -224,11 +224,7 @@ def test_greedy_generation_equals_full_forward_argmax(tokenizer):
     cache = model.new_cache()
     out = list(mmgpt.generate(model, cache, ids, images, max_new_tokens=10, eos_id=-1,
                               banned=tokenizer.never_generate, greedy=True))
-    seq = list(ids)
-    for _ in range(10):
-        logits = model(images, torch.tensor([seq]))[0, -1]
-        logits[tokenizer.never_generate] = -float("inf")
-        seq.append(int(logits.argmax()))
+    seq = list(ids) + full_forward_greedy(model, list(ids), images, 10, tokenizer.never_generate)
     assert out == seq[len(ids):]
     assert cache.ids == seq
 

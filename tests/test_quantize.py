@@ -6,7 +6,7 @@ from torch import nn
 import lora
 import mmgpt
 import quantize
-from conftest import batch_input, lora_model, one_at_a_time
+from conftest import batch_input, full_forward_greedy, lora_model, one_at_a_time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,13 +53,7 @@ def test_quantized_cached_decoding_equals_its_full_forward(tokenizer):
     prompts, images = batch_input(tokenizer)
     cached = one_at_a_time(model, tokenizer, prompts, images, eos_id=-1, n=6)
     for p, im, got in zip(prompts, images, cached):
-        ids = list(p)
-        with torch.no_grad():
-            for _ in range(6):
-                logits = model(None if im is None else im[None], torch.tensor([ids]))[0, -1]
-                logits[tokenizer.never_generate] = -float("inf")
-                ids.append(int(logits.argmax()))
-        assert got == ids[len(p):]
+        assert got == full_forward_greedy(model, p, None if im is None else im[None], 6, tokenizer.never_generate)
     batched = list(mmgpt.generate_batch(model, prompts, images, max_new_tokens=6, eos_id=-1,
                                         banned=tokenizer.never_generate))
     assert batched == cached
