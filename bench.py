@@ -292,7 +292,7 @@ def main():
     ap.add_argument("--layouts", default="1,4", help="samples per kind per micro-batch to try on the fast path")
     ap.add_argument("--long", type=int, default=2048, help="also train at this length with checkpointing (0: no)")
     ap.add_argument("--cuda-graphs", action="store_true", help="also the training fast path with CUDA graphs")
-    ap.add_argument("--batches", default="8,32", help="generate_batch sizes to time (fast path; empty: none)")
+    ap.add_argument("--batches", default="8,32", help="generate_batch sizes to time (empty: none)")
     ap.add_argument("--train-only", action="store_true", help="skip chat")
     ap.add_argument("--chat-only", action="store_true", help="skip training")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -361,8 +361,8 @@ def bench_training(model, device, args, seq, repeat, peak_tflops, results):
 
 
 def bench_chatting(model, device, args, results):
-    """chat.py's path eager and (on a GPU) fast; generate_batch at the sizes of --batches (on a GPU); last, as
-    quantization replaces the weights, --int8 (fast on a GPU, eager elsewhere)."""
+    """chat.py's path eager and (on a GPU) fast; generate_batch at the sizes of --batches (after the fast row, so
+    fast on a GPU); last, as quantization replaces the weights, --int8 (fast on a GPU, eager elsewhere)."""
     cuda = device.type == "cuda"
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
@@ -376,7 +376,7 @@ def bench_chatting(model, device, args, results):
 
     for fast in [False] + ([True] if cuda else []):
         chat_row(fast, int8=False)
-    for batch in [int(b) for b in args.batches.split(",") if b] if cuda else []:
+    for batch in [int(b) for b in args.batches.split(",") if b]:
         results["batch"].append(bench_batch(model, model.cfg, device, batch))
         print(f"batch {results['batch'][-1]}", flush=True)
     quantize.quantize_int8(model)

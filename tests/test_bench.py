@@ -1,4 +1,4 @@
-"""bench.py --tiny: the training rows on a CPU, their figures consistent, and its op count the real one."""
+"""bench.py --tiny: the training and chat rows on a CPU, their figures consistent, and its op count the real one."""
 import json
 import os
 import subprocess
@@ -50,6 +50,29 @@ def test_bench_tiny(tmp_path):
     assert rows[0]["aten_ops"] == count.ops > 1000
     assert rows[1]["aten_ops"] is None
     assert f"aten ops per training iteration (1+1 x 64, 32 layers): {count.ops:,}" in done.stdout
+
+
+def test_bench_tiny_chat(tmp_path):
+    """The chat rows (chat.py's path: eager, then --int8) and a generate_batch row run on the CPU, as they will
+    on a GPU (where the fast rows are added), with consistent figures."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "bench.py", "--tiny", "--chat-only", "--batches", "2", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["train"] == [] and result["copy_bandwidth_gb_s"] is None
+    rows = result["chat"]
+    assert [(r["fast"], r["int8"]) for r in rows] == [(False, False), (False, True)]
+    for r in rows:
+        assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["second_round_first_token_ms"] > 0
+        assert r["bandwidth_fraction"] is None and r["peak_gib"] is None and "warmup_s" not in r
+    # fp32 weights + the unmerged LoRA factors, then int8 ones with LoRA merged (a byte per weight, a scale per
+    # row, the norms in fp32): about a quarter
+    assert 0.2 < rows[1]["weights_gb_per_token"] / rows[0]["weights_gb_per_token"] < 0.3
+    [batch] = result["batch"]
+    assert batch["batch"] == 2 and batch["decode_tokens_per_s"] > 0 and batch["peak_gib"] is None
+    table = done.stdout.splitlines()
+    assert sum(line.startswith("batch ") for line in table) == 2  # its row as measured, and in the table
 
 
 def test_decode_bytes_count_the_weights_a_token_reads():

@@ -49,7 +49,7 @@ def test_fp32_masters_equal_plain_adamw(tokenizer):
     assert len(masters.pairs) == len(named) and all(m is not p for p, m in masters.pairs)
     sched_a = torch.optim.lr_scheduler.LambdaLR(masters, lambda s: train.cosine(s, 1, 10))
     trainable_b = [p for p in b.parameters() if p.requires_grad]
-    plain = torch.optim.AdamW(trainable_b, lr=1e-2, weight_decay=0.0)
+    plain = torch.optim.AdamW(trainable_b, lr=1e-2, weight_decay=0.0, fused=True)
     sched_b = torch.optim.lr_scheduler.LambdaLR(plain, lambda s: train.cosine(s, 1, 10))
     batches = micro_batches(tokenizer)
     for _ in range(3):
