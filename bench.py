@@ -202,10 +202,13 @@ def copy_bandwidth(device) -> float | None:
 
 def decode_bytes(model) -> int:
     """The bytes of weights one decoded token reads: the decoder's (LLaMA's and the cross-attention blocks'; the
-    picture's keys/values are cached) and lm_head's, as they are held (int8 + scales after quantize_int8)."""
+    picture's keys/values are cached) and lm_head's, as they are held (int8 + scales after quantize_int8; a
+    merged LoRA layer reads its weight, not its factors)."""
+    merged = {f"{n}.{f}" for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) and m.merged
+              for f in ("lora_A", "lora_B")}
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return sum(t.numel() * t.element_size() for n, t in tensors
-               if n.startswith(("layers.", "norm.", "lm_head.")) and not n.endswith(("_cache", ".mask")))
+    return sum(t.numel() * t.element_size() for n, t in tensors if n.startswith(("layers.", "norm.", "lm_head."))
+               and not n.endswith(("_cache", ".mask")) and n not in merged)
 
 
 def bench_chat(model, cfg, device, fast: bool, prompt_len=96, new_tokens=128, question_len=20) -> dict:
@@ -368,8 +371,9 @@ def bench_chatting(model, device, args, results):
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
 
     def chat_row(fast: bool, int8: bool):
+        row = bench_chat(model, model.cfg, device, fast)   # the fast path merges LoRA: count what it read
         weights = decode_bytes(model)
-        row = bench_chat(model, model.cfg, device, fast) | {"int8": int8, "weights_gb_per_token": weights / 1e9}
+        row |= {"int8": int8, "weights_gb_per_token": weights / 1e9}
         row["bandwidth_fraction"] = weights * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
         results["chat"].append(row)
         print(f"chat {row}", flush=True)
@@ -382,8 +386,7 @@ def bench_chatting(model, device, args, results):
     quantize.quantize_int8(model)
     chat_row(cuda, int8=True)
     print(f"\n{'chat':<8}{'fast':>6}{'int8':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}"
-          f"{'of limit':>10}"
-          f"{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")
+          f"{'of limit':>10}{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")
     for r in results["chat"]:
         print(f"{'':<8}{str(r['fast']):>6}{str(r['int8']):>6}{r['prefill_ms']:>12.1f}{r['decode_tokens_per_s']:>14.1f}"
               f"{r['second_round_first_token_ms']:>14.1f}{fmt(r['bandwidth_fraction'], '.0%'):>10}"

@@ -77,11 +77,17 @@ def test_bench_tiny_chat(tmp_path):
 
 def test_decode_bytes_count_the_weights_a_token_reads():
     """The decoder's weights and lm_head as held (not the embeddings, ViT, perceiver or KV cache): fp32 4 bytes
-    per weight; after quantize_int8 1 byte per linear weight + a scale per row + the norms and gates."""
+    per weight; LoRA's factors while unmerged (merged, the weight holds them); after quantize_int8 1 byte per
+    linear weight + a scale per row + the norms and gates."""
     torch.manual_seed(0)
     model = mmgpt.build(mmgpt.config("bench-tiny", n_layers=2))
     decoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layers.", "norm.", "lm_head.")))
     model.setup_cache(1, 64, torch.float32)
+    assert bench.decode_bytes(model) == 4 * decoder
+    lora.inject(model, r=4, alpha=4, within="layers.")
+    factors = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert factors > 0 and bench.decode_bytes(model) == 4 * (decoder + factors)
+    lora.merge(model)
     assert bench.decode_bytes(model) == 4 * decoder
     quantize.quantize_int8(model)
     int8 = bench.decode_bytes(model)
