@@ -12,10 +12,11 @@ the slow path (fp32 LoRA under autocast, eager) and on the fast path (bf16 + fp3
 checkpointing. Each row reports tokens/s, MFU against a bf16 matmul peak measured in the same run, peak memory,
 the warm-up (compile) time, and on a GPU the kernels launched per iteration and the fraction of the step the GPU
 is busy (torch.profiler). --tiny also counts the aten ops one iteration dispatches (a proxy for launches).
-chat: chat.py's path, eager, fast (LoRA merged, compiled, CUDA graphs) and --int8 (quantize.py): prefill of a
-picture + 96-token prompt, decoding 128 tokens at batch 1, a second round's first token, the fraction of the
-weight-read limit (weight bytes per token against a device copy's bandwidth measured in the same run);
-generate_batch decoding at batch 8 and 32.
+chat: the aten ops one decode step dispatches at batch 1 (eager; LoRA unmerged, then merged); chat.py's path (the
+engine with one slot), eager, fast (LoRA merged, compiled, CUDA graphs) and --int8 (quantize.py): prefill of a
+picture + 96-token prompt, decoding 128 tokens at batch 1, a second round's first token (its prefix reused), the
+fraction of the weight-read limit (weight bytes per token against a device copy's bandwidth measured in the same
+run); the engine decoding 1, 4, 16 and 32 requests at once (--concurrency): tokens/s in all and per request.
 
 FLOPs counted per iteration (for MFU): frozen weights 4N per token (forward 2N + activation gradient 2N, no
 weight gradient; lm_head only where a label is), LoRA 6 per parameter per token, causal attention (QK^T and AV:
@@ -30,12 +31,12 @@ from contextlib import nullcontext
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import chat
 import checkpoints
 import lora
 import mmgpt
 import quantize
 import train
+from engine import Engine, Request, Sampling
 
 LABELLED = 0.5  # the fraction of tokens with a label (the answers) in the benchmark's samples
 
@@ -208,52 +209,81 @@ def decode_bytes(model) -> int:
               for f in ("lora_A", "lora_B")}
     tensors = [*model.named_parameters(), *model.named_buffers()]
     return sum(t.numel() * t.element_size() for n, t in tensors if n.startswith(("layers.", "norm.", "lm_head."))
-               and not n.endswith(("_cache", ".mask")) and n not in merged)
+               and not n.endswith(".mask") and n not in merged)
 
 
-def bench_chat(model, cfg, device, fast: bool, prompt_len=96, new_tokens=128, question_len=20) -> dict:
-    """chat.py's own path (chat.make_fast, mmgpt.generate on a cache of the model's whole context), timed: the
-    prefill of a picture + prompt_len tokens, decoding new_tokens at batch 1, and a second round's first token."""
-    model.eval()
+class Tokenizer:
+    """What the engine needs of a tokenizer, for random weights: no EOS (every answer runs to its limit), nothing
+    banned, and a decode of about a real one's cost (a character per id)."""
+    eos_id, never_generate = -1, []
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def requests(cfg, device, n: int, prompt_len: int, new_tokens: int, dtype) -> list[Request]:
+    """n greedy requests of a picture + prompt_len tokens, each with a picture of its own (no prefix reuse)."""
     size = cfg.vision["vision_cfg"]["image_size"]
-    prompt = [1] + [100] * 10 + [cfg.image_id] + [200 + i % 50 for i in range(prompt_len - 12)]
-    question = [300 + i for i in range(question_len)]
-    image = torch.randn(1, 1, 3, size, size, device=device, dtype=model.embed_tokens.weight.dtype)
+    return [Request([1] + [100 + b % 50] * 10 + [cfg.image_id] + [200 + (i + b) % 50 for i in range(prompt_len - 12)],
+                    [torch.randn(3, size, size, device=device, dtype=dtype)], new_tokens, Sampling(greedy=True))
+            for b in range(n)]
+
+
+def decode_rate(engine: Engine, batch: list[Request], device) -> float:
+    """Tokens per second over the batch once every request has its first token (the prefills excluded)."""
+    for r in batch:
+        engine.submit(r)
+    while any(not r.tokens for r in batch):
+        engine.step()
+    sync(device)
+    t0, n0 = time.perf_counter(), sum(len(r.tokens) for r in batch)
+    while engine.busy:
+        engine.step()
+    sync(device)
+    return (sum(len(r.tokens) for r in batch) - n0) / (time.perf_counter() - t0)
+
+
+def ops_per_token(model, device, steps: int = 10) -> float:
+    """aten ops one eager decode step of a one-slot engine (chat.py's) dispatches."""
+    engine = Engine(model, Tokenizer(), slots=1)
+    (r,) = [engine.submit(r) for r in requests(model.cfg, device, 1, 96, steps + 4, model.lm_head.weight.dtype)]
+    engine.step()
+    engine.step()
+    with OpCounter() as counter:
+        for _ in range(steps):
+            engine.step()
+    assert len(r.tokens) == steps + 3
+    return counter.ops / steps
+
+
+def bench_chat(model, device, fast: bool, prompt_len=96, new_tokens=128, question_len=20) -> dict:
+    """chat.py's path (an engine of one slot, as chat.py makes it), timed: the prefill of a picture + prompt_len
+    tokens to its first token, decoding new_tokens at batch 1, and a second round's first token (the slot keeps
+    the first round: only the question is fed)."""
+    model.eval()
+    dtype = model.lm_head.weight.dtype if not hasattr(model.lm_head, "scales") else model.lm_head.scales.dtype
     row = {"fast": fast}
+    t0 = time.perf_counter()
+    engine = Engine(model, Tokenizer(), slots=1, fast=fast)
     if fast:
-        t0 = time.perf_counter()
-        chat.make_fast(model)
-        cache = model.new_cache()
-        list(mmgpt.generate(model, cache, prompt, image, max_new_tokens=4, eos_id=-1, banned=[], greedy=True))
-        list(mmgpt.generate(model, cache, question, max_new_tokens=2, eos_id=-1, banned=[], greedy=True))
+        engine.generate(requests(model.cfg, device, 2, prompt_len, 4, dtype))   # compiles
         sync(device)
         row["warmup_s"] = time.perf_counter() - t0
-    cache = model.new_cache()
     reset_peak(device)
+    row["prefill_ms"] = timed(lambda: engine.generate(requests(model.cfg, device, 1, prompt_len, 1, dtype)), device,
+                              repeat=5) * 1e3
+    row["decode_tokens_per_s"] = sorted(decode_rate(engine, requests(model.cfg, device, 1, prompt_len, new_tokens,
+                                                                     dtype), device) for _ in range(3))[1]
 
-    def prefill():
-        cache.reset()
-        model.extend(cache, prompt, image)
-
-    row["prefill_ms"] = timed(prefill, device, repeat=5) * 1e3
-
-    def decode():  # seconds per token after the first (the first comes with the prefill)
-        cache.reset()
-        tokens = mmgpt.generate(model, cache, prompt, image, max_new_tokens=new_tokens, eos_id=-1, banned=[],
-                                greedy=True)
-        next(tokens)
-        t0 = time.perf_counter()
-        n = sum(1 for _ in tokens)
-        return (time.perf_counter() - t0) / n
-
-    row["decode_tokens_per_s"] = 1 / sorted(decode() for _ in range(3))[1]
-
-    def second_round():  # the time to the first token of a question asked after an answer (the cache kept)
-        cache.reset()
-        list(mmgpt.generate(model, cache, prompt, image, max_new_tokens=16, eos_id=-1, banned=[], greedy=True))
+    def second_round():
+        (first,) = engine.generate(requests(model.cfg, device, 1, prompt_len, 16, dtype))
+        again = Request(first.ids + first.tokens + [300 + i for i in range(question_len)], first.pictures, 1,
+                        Sampling(greedy=True))
         sync(device)
         t0 = time.perf_counter()
-        next(mmgpt.generate(model, cache, question, max_new_tokens=1, eos_id=-1, banned=[], greedy=True))
+        engine.generate([again])
+        sync(device)
+        assert again.cached == prompt_len + 15
         return time.perf_counter() - t0
 
     row["second_round_first_token_ms"] = sorted(second_round() for _ in range(3))[1] * 1e3
@@ -261,19 +291,17 @@ def bench_chat(model, cfg, device, fast: bool, prompt_len=96, new_tokens=128, qu
     return row
 
 
-def bench_batch(model, cfg, device, batch: int, prompt_len=96, new_tokens=128) -> dict:
-    """mmgpt.generate_batch (what eval.py runs): decode tokens/s over the batch, the prefill subtracted."""
-    size = cfg.vision["vision_cfg"]["image_size"]
-    prompts = [[1] + [100 + b] * 10 + [cfg.image_id] + [200 + (i + b) % 50 for i in range(prompt_len - 12)]
-               for b in range(batch)]
-    images = [torch.randn(1, 3, size, size, device=device, dtype=model.embed_tokens.weight.dtype)] * batch
+def bench_engine(model, device, concurrency: int, fast: bool, prompt_len=96, new_tokens=128) -> dict:
+    """The engine with `concurrency` slots decoding as many requests at once: tokens/s over all of them and per
+    request, the prefills excluded."""
+    engine = Engine(model, Tokenizer(), slots=concurrency, fast=fast)
+    dtype = model.lm_head.weight.dtype if not hasattr(model.lm_head, "scales") else model.lm_head.scales.dtype
+    if fast:
+        engine.generate(requests(model.cfg, device, concurrency, prompt_len, 4, dtype))   # compiles
     reset_peak(device)
-
-    def run(n):
-        return lambda: mmgpt.generate_batch(model, prompts, images, max_new_tokens=n, eos_id=-1, banned=[])
-
-    seconds = timed(run(new_tokens), device, repeat=3, warmup=1) - timed(run(1), device, repeat=3, warmup=1)
-    return {"batch": batch, "decode_tokens_per_s": batch * (new_tokens - 1) / seconds, "peak_gib": peak_gib(device)}
+    rate = decode_rate(engine, requests(model.cfg, device, concurrency, prompt_len, new_tokens, dtype), device)
+    return {"concurrency": concurrency, "fast": fast, "decode_tokens_per_s": rate,
+            "per_request_tokens_per_s": rate / concurrency, "peak_gib": peak_gib(device)}
 
 
 def bench_model(tiny: bool, device) -> mmgpt.MMGPT:
@@ -295,7 +323,7 @@ def main():
     ap.add_argument("--layouts", default="1,4", help="samples per kind per micro-batch to try on the fast path")
     ap.add_argument("--long", type=int, default=2048, help="also train at this length with checkpointing (0: no)")
     ap.add_argument("--cuda-graphs", action="store_true", help="also the training fast path with CUDA graphs")
-    ap.add_argument("--batches", default="8,32", help="generate_batch sizes to time (empty: none)")
+    ap.add_argument("--concurrency", default="1,4,16,32", help="requests decoded at once by the engine (empty: none)")
     ap.add_argument("--train-only", action="store_true", help="skip chat")
     ap.add_argument("--chat-only", action="store_true", help="skip training")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -313,7 +341,7 @@ def main():
     print(f"device {name}; {n_params / 1e9:.3f} B parameters, {n_lora / 1e6:.2f} M trainable (LoRA r=16); "
           f"measured matmul peak {peak_tflops:.1f} TFLOP/s", flush=True)
     results = {"device": name, "params": n_params, "trainable": n_lora, "matmul_tflops": peak_tflops,
-               "train": [], "chat": [], "batch": []}
+               "train": [], "chat": [], "engine": []}
     if not args.chat_only:
         bench_training(model, device, args, seq, repeat, peak_tflops, results)
         if not args.train_only:  # chat gets a fresh model: the training rows compiled its layers
@@ -364,25 +392,32 @@ def bench_training(model, device, args, seq, repeat, peak_tflops, results):
 
 
 def bench_chatting(model, device, args, results):
-    """chat.py's path eager and (on a GPU) fast; generate_batch at the sizes of --batches (after the fast row, so
-    fast on a GPU); last, as quantization replaces the weights, --int8 (fast on a GPU, eager elsewhere)."""
+    """The aten ops of a decode step at batch 1 (eager, LoRA unmerged and merged); chat.py's path eager and (on a
+    GPU) fast; the engine at the concurrencies of --concurrency (fast on a GPU); last, as quantization replaces the
+    weights, --int8 (fast on a GPU, eager elsewhere)."""
     cuda = device.type == "cuda"
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
 
     def chat_row(fast: bool, int8: bool):
-        row = bench_chat(model, model.cfg, device, fast)   # the fast path merges LoRA: count what it read
+        row = bench_chat(model, device, fast)   # the fast path merges LoRA: count what it read
         weights = decode_bytes(model)
         row |= {"int8": int8, "weights_gb_per_token": weights / 1e9}
         row["bandwidth_fraction"] = weights * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
         results["chat"].append(row)
         print(f"chat {row}", flush=True)
 
-    for fast in [False] + ([True] if cuda else []):
-        chat_row(fast, int8=False)
-    for batch in [int(b) for b in args.batches.split(",") if b]:
-        results["batch"].append(bench_batch(model, model.cfg, device, batch))
-        print(f"batch {results['batch'][-1]}", flush=True)
+    model.eval()
+    results["ops_per_token"] = {"unmerged": ops_per_token(model, device)}
+    chat_row(False, int8=False)
+    lora.merge(model)
+    results["ops_per_token"]["merged"] = ops_per_token(model, device)
+    print(f"ops per token {results['ops_per_token']}", flush=True)
+    for c in [int(c) for c in args.concurrency.split(",") if c]:
+        results["engine"].append(bench_engine(model, device, c, fast=cuda))
+        print(f"engine {results['engine'][-1]}", flush=True)
+    if cuda:
+        chat_row(True, int8=False)
     quantize.quantize_int8(model)
     chat_row(cuda, int8=True)
     print(f"\n{'chat':<8}{'fast':>6}{'int8':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}"
@@ -391,9 +426,14 @@ def bench_chatting(model, device, args, results):
         print(f"{'':<8}{str(r['fast']):>6}{str(r['int8']):>6}{r['prefill_ms']:>12.1f}{r['decode_tokens_per_s']:>14.1f}"
               f"{r['second_round_first_token_ms']:>14.1f}{fmt(r['bandwidth_fraction'], '.0%'):>10}"
               f"{fmt(r['peak_gib'], '.1f'):>10}{fmt(r.get('warmup_s'), '.0f'):>11}")
-    for r in results["batch"]:
-        print(f"{'batch':<8}{r['batch']:>6}{'':>18}{r['decode_tokens_per_s']:>14.1f}{'':>24}"
+    base = results["engine"][0]["decode_tokens_per_s"] if results["engine"] else None
+    print(f"\n{'engine':<8}{'requests':>9}{'fast':>6}{'tok/s':>10}{'per request':>13}{'x 1 request':>13}{'peak GiB':>10}")
+    for r in results["engine"]:
+        print(f"{'':<8}{r['concurrency']:>9}{str(r['fast']):>6}{r['decode_tokens_per_s']:>10.1f}"
+              f"{r['per_request_tokens_per_s']:>13.1f}{r['decode_tokens_per_s'] / base:>13.1f}"
               f"{fmt(r['peak_gib'], '.1f'):>10}")
+    print(f"\naten ops per decoded token at batch 1 (eager): {results['ops_per_token']['unmerged']:,.0f} with LoRA "
+          f"unmerged, {results['ops_per_token']['merged']:,.0f} merged")
 
 
 def fmt(x, spec):

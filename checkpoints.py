@@ -7,6 +7,7 @@ Read top-down:
   llama_*, read_openflamingo, ...    HF LLaMA directories, OpenFlamingo checkpoint.pt, LoRA files, CLIP weights
   load                               MultiModal-GPT from the files users have: (model, tokenizer, transform)
   save_*, RELEASE, load_run          the same layouts written back; where the release lives; train.py's run folders
+  add_weight_args, load_model        the weight flags of chat.py, eval.py, serve.py and what they load
 """
 import json
 import math
@@ -14,12 +15,14 @@ import mmap
 import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 import lora as lora_lib
+import quantize
 from mmgpt import MMGPT, Config, Tokenizer, build
 
 class CheckpointError(ValueError):
@@ -582,3 +585,72 @@ def load_run(path: str, device="cpu", dtype=torch.float32):
                                        dtype=dtype, attend_previous=settings.get("attend_previous", False))
     apply_lora(model, weights, file)
     return model.requires_grad_(False), tokenizer, transform
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The programs' weight flags (chat.py, eval.py, serve.py)
+
+DEMO_RUN = "runs/demo"  # where train.py's demo run goes
+
+
+def add_weight_args(group):
+    """The flags find_weights and load_model read."""
+    group.add_argument("--ckpt", help="a train.py output folder (or its lora.pt)")
+    group.add_argument("--llama", help="HF LLaMA directory (config.json, weights, tokenizer.model)")
+    group.add_argument("--openflamingo", help="OpenFlamingo checkpoint.pt")
+    group.add_argument("--lora", help="the MultiModal-GPT LoRA release .pt, or a train.py lora.pt")
+    group.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
+    group.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or a CLIP weights file")
+    group.add_argument("--int8", action="store_true",
+                       help="decoder weights in int8 (LoRA merged first; quantize.py): half the memory of bf16")
+    group.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                       help="the weights' dtype (default: bf16 on GPU, fp32 on CPU)")
+
+
+def find_weights(args) -> dict:
+    """load() or load_run() arguments: from the flags, else the release layout, else runs/demo; else exit with
+    what to pass and where the weights come from."""
+    if args.ckpt and (args.llama or args.openflamingo or args.lora):
+        raise SystemExit("error: give either --ckpt or --llama/--openflamingo/--lora, not both")
+    if args.ckpt:
+        return {"run": args.ckpt}
+    if args.llama:
+        return {"llama": args.llama, "openflamingo": args.openflamingo, "lora": args.lora}
+    if args.openflamingo or args.lora:
+        raise SystemExit("error: --openflamingo and --lora need --llama DIR (the LLaMA they were trained on)")
+    if all(os.path.exists(p) for p in RELEASE.values()):
+        print(f"using {', '.join(RELEASE.values())}", file=sys.stderr)
+        return dict(RELEASE)
+    if os.path.isfile(os.path.join(DEMO_RUN, "lora.pt")):
+        print(f"using {DEMO_RUN}", file=sys.stderr)
+        return {"run": DEMO_RUN}
+    found = "\n".join(f"  {p:42s} {'found' if os.path.exists(p) else 'MISSING'}: {RELEASE_SOURCES[k]}"
+                      for k, p in RELEASE.items())
+    raise SystemExit(
+        f"error: no weights given and none found in {os.getcwd()}. Pass one of\n"
+        f"  --ckpt RUN_DIR                               a train.py output folder (its lora.pt names its base model)\n"
+        f"  --llama DIR --openflamingo FILE --lora FILE  the MultiModal-GPT release files\n"
+        f"or put the release where the MultiModal-GPT README says, relative to the current directory:\n{found}\n"
+        f"(the CLIP ViT-L/14 'openai' weights are fetched by open_clip on first use, or give --vision-weights FILE)\n"
+        f"or train a model with train.py into {DEMO_RUN}/, which is looked for next.")
+
+
+def load_model(args, device: str):
+    """(model, tokenizer, image_transform) for decoding, from the weight flags; a file that is missing or cannot
+    be used ends the program, in one line."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    weights = find_weights(args)
+    # int8: built and quantized in host memory, then moved, so the card never holds the bf16 weights
+    where = "cpu" if args.int8 else device
+    try:
+        if "run" in weights:
+            model, tokenizer, transform = load_run(weights["run"], device=where, dtype=dtype)
+        else:
+            model, tokenizer, transform = load(**weights, vision=args.vision, vision_weights=args.vision_weights,
+                                               device=where, dtype=dtype)
+    except (OSError, ValueError) as e:   # FileNotFoundError, CheckpointError (a ValueError), ...
+        raise SystemExit(f"error: {e}") from None
+    if args.int8:
+        model = quantize.quantize_int8(model).to(device)
+    return model, tokenizer, transform

@@ -3,10 +3,9 @@ paper's unified template with the loss only on the answers, and batches for DDP.
 demo.py; a config's "demo" entry brings it in.)
 
 Read top-down:
-  Turn, Conversation, prompt, render      a conversation -> the template string -> (input_ids, labels)
+  render                                  a conversation (conversation.py: the template) -> (input_ids, labels)
   read and its readers                    one source's annotation files -> conversations
   Mix, load_mix                           a config file -> vision-language and language-only conversations
-  load_image                              a picture file -> an RGB PIL image (EXIF rotation applied, any mode)
   InstructionDataset, collate, Stream     conversations -> padded batches, sharded by rank, resumable
   main                                    python data.py CONFIG --show N | --check [--skip-bad]
 
@@ -43,59 +42,12 @@ from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-
-class DataError(ValueError):
-    """Bad input: the message names the file, the record (index, line or id) and the field, or the picture."""
+from conversation import Conversation, DataError, Turn, layout, load_image, prompt
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Conversations and the template
-
-@dataclass
-class Turn:
-    question: str
-    answer: str
-    input: str = ""     # shown as "### Input:" after this turn's instruction when not empty
-
-
-@dataclass
-class Conversation:
-    image: str | None                   # picture path, None for language-only
-    turns: list[Turn]
-    source: str = field(default="", compare=False)   # "kind:annotation file", for messages and counts
-
-
-HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-EOS = "</s>"
-
-
-def _layout(conv: Conversation, open_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The template string and the character span of each written answer together with its </s>."""
-    if not conv.turns:
-        raise ValueError("a conversation needs at least one turn")
-    open_last = open_last or conv.turns[-1].answer == ""
-    text = HEADER + ("\n\n### Image:\n<image>" if conv.image is not None else "")
-    spans = []
-    for i, t in enumerate(conv.turns):
-        text += f"\n\n### Instruction:\n{t.question}"
-        if t.input:
-            text += f"\n\n### Input:\n{t.input}"
-        text += "\n\n### Response:\n"
-        if open_last and i == len(conv.turns) - 1:
-            break
-        start = len(text)
-        text += t.answer + EOS
-        spans.append((start, len(text)))
-    return text, spans
-
-
-def prompt(conv: Conversation, open_last: bool = False) -> str:
-    """The paper's template for `conv`. With open_last (implied when the last answer is ""), the string ends with
-    the last turn's "### Response:\\n": the prompt from which a model writes that answer."""
-    return _layout(conv, open_last)[0]
-
+# A conversation -> training ids and labels (the template itself is in conversation.py)
 
 def render(conv: Conversation, tokenizer, max_len: int | None = 512) -> tuple[list[int], list[int]] | None:
     """(input_ids, labels) of prompt(conv): one BOS; labels equal the ids on the tokens of every answer and its
@@ -105,7 +57,7 @@ def render(conv: Conversation, tokenizer, max_len: int | None = 512) -> tuple[li
     The string is tokenised once, so the ids are exactly tokenizer.encode(prompt(conv)); a token is a loss token
     iff its character span overlaps an answer's span (a zero-width one, like the first byte-fallback token of a
     character, counts when it sits inside it)."""
-    text, answers = _layout(conv)
+    text, answers = layout([conv])
     ids, spans = tokenizer.encode_spans(text)
     labels, k = [], 0
     for tok, (s, e) in zip(ids, spans):   # spans and answers both run left to right
@@ -549,36 +501,6 @@ def _sample_and_weight(convs: list, sample, weight, seed: str, where: str) -> li
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pictures
-
-def load_image(path: str) -> Image.Image:
-    """An RGB picture: EXIF rotation applied; palette, alpha (composited on white), grey, CMYK and 16-bit modes
-    converted. Raises DataError naming the path when unreadable."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # unreadable EXIF: there is no orientation to apply
-                pass
-            return _to_rgb(im)
-    except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError, ...
-        raise DataError(f"unreadable picture {path}: {type(e).__name__}: {e}") from e
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit (or wider) grey: scale to 8 bits, assuming the 16-bit range once values exceed 8 bits.
-        a = np.asarray(im, dtype=np.float64)
-        a = a / 257.0 if a.max(initial=0) > 255 else a
-        im = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L")
-    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training batches
 
 def sample_length(conv: Conversation, tokenizer, max_len: int) -> int | None:
@@ -587,7 +509,7 @@ def sample_length(conv: Conversation, tokenizer, max_len: int) -> int | None:
     Fast and exact without render(): the tokenizer encodes the text between special tokens piece by piece, so
     the text up to the first answer's </s> encodes to the first ids of the whole; if they fit, the sample keeps
     a loss token (that </s>). Only a first answer that straddles max_len needs the full label check."""
-    text, answers = _layout(conv)
+    text, answers = layout([conv])
     n = len(tokenizer.encode(text))
     if n <= max_len or (answers and len(tokenizer.encode(text[:answers[0][1]])) <= max_len):
         return min(n, max_len)

@@ -4,7 +4,7 @@ formats so that everything downstream (loaders, data pipeline, train.py, chat.py
 Read top-down:
   SETTINGS                  train.py's defaults for the demo (where they differ from the paper's)
   the pictures              synthetic scenes (1-3 like shapes along a side) as "demo:<json>" descriptions, drawn
-                            into PNG files (materialise) so that data.load_image reads them like any picture
+                            into PNG files (materialise) so that conversation.load_image reads them like any picture
   train_set, eval_set       conversations whose answers need the picture (colour, shape, count, position), and
                             short language-only instructions; a held-out set from another random stream
   score, chance             exact-answer scoring per question kind (train.py's evaluation and eval.py share it)
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 import checkpoints
 import mmgpt
-from data import HEADER, Conversation, Turn, prompt
+from conversation import HEADER, Conversation, Turn, prompt
 
 # train.py's defaults for the demo where they differ from the paper's. Nothing is pretrained, so it trains in full
 # (the ViT too, at its own lr) and faster, and its pictures reach the answer directly (attend_previous: each token

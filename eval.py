@@ -26,7 +26,7 @@ Read top-down:
   metrics                  VQA accuracy after the official answer normalisation, CIDEr-D and BLEU-4 (pycocoevalcap's
                            definitions), A-OKVQA's multiple-choice and direct-answer accuracy
   prompts, answers         the paper's template (zero-shot) or OpenFlamingo's few-shot form; post-processing
-  generate, main           batches of greedy answers (mmgpt.generate_batch), predictions JSONL and summary JSON
+  generate, main           greedy answers (engine.py, --batch-size slots), predictions JSONL and summary JSON
 """
 import argparse
 import json
@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import chat
+import conversation
+import checkpoints
 import data
 import demo
-import mmgpt
+from engine import Engine, Request, Sampling
 
 VQA_TASKS = ("vqav2", "okvqa", "textvqa", "vizwiz")
 CAPTION_TASKS = ("coco", "flickr30k")
@@ -396,8 +397,8 @@ def score(task: str, items: list[Item], answers: list[str]) -> tuple[list[float]
 def zero_shot_prompt(item: Item, instruction: str) -> str:
     """The paper's template, as the MultiModal-GPT release was trained (A-OKVQA's choices as its "### Input:")."""
     question = instruction.format(question=item.question)
-    turn = data.Turn(question, "", ", ".join(item.choices) if item.choices else "")
-    return data.prompt(data.Conversation(item.image, [*item.earlier, turn]), open_last=True)
+    turn = conversation.Turn(question, "", ", ".join(item.choices) if item.choices else "")
+    return conversation.prompt(conversation.Conversation(item.image, [*item.earlier, turn]), open_last=True)
 
 
 def flamingo_block(item: Item, answer: str | None) -> str:
@@ -482,31 +483,27 @@ class Pictures(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return torch.stack([self.transform(data.load_image(p)) for p in self.paths[i]])
+            return [self.transform(conversation.load_image(p)) for p in self.paths[i]]
         except data.DataError as e:
             return e
 
 
-def generate(model, prompts: list[list[int]], pictures: list[list[str]], transform, *, batch_size: int,
-             max_new_tokens: int, eos_id: int, banned: list[int], workers: int = 2) -> list[list[int]]:
-    """Greedy answers (ids without the stop token) to every prompt, in batches of prompts of similar length (less
-    padding; the ids do not depend on the batch). pictures[i]: the picture files of prompt i's <image> tokens."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    loader = torch.utils.data.DataLoader(Pictures([pictures[i] for i in order], transform), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=list)
-    out = [None] * len(prompts)
+def generate(engine: Engine, prompts: list[list[int]], pictures: list[list[str]], transform, *,
+             max_new_tokens: int, workers: int = 2) -> list[list[int]]:
+    """Greedy answers (ids without the stop token) to every prompt, in order; the engine takes a prompt whenever
+    a slot is free (the ids do not depend on what else is decoded beside it). pictures[i]: the picture files of
+    prompt i's <image> tokens, decoded by DataLoader workers while the model writes."""
+    loader = torch.utils.data.DataLoader(Pictures(pictures, transform), batch_size=None, num_workers=workers)
+
+    def requests():
+        for ids, images in zip(prompts, loader):
+            if isinstance(images, data.DataError):
+                raise images
+            yield Request(ids, images, max_tokens=max_new_tokens, sampling=Sampling(greedy=True))
+
     with tqdm(total=len(prompts), unit="item", dynamic_ncols=True, file=sys.stderr) as bar:
-        for b, images in enumerate(loader):
-            rows = order[b * batch_size:(b + 1) * batch_size]
-            for x in images:
-                if isinstance(x, data.DataError):
-                    raise x
-            answers = mmgpt.generate_batch(model, [prompts[i] for i in rows], images, max_new_tokens=max_new_tokens,
-                                           eos_id=eos_id, banned=banned)
-            for i, ids in zip(rows, answers, strict=True):
-                out[i] = ids
-            bar.update(len(rows))
-    return out
+        done = engine.generate(requests(), on_finish=lambda r: bar.update())
+    return [r.tokens for r in done]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,13 +532,12 @@ def parse_args(argv=None):
                    help="draws the few-shot examples; for --task demo, the seed the run was trained with")
     w = ap.add_argument_group("weights (as chat.py: none given = checkpoints/ as the release lays it out, "
                               "then runs/demo)")
-    chat.add_weight_args(w)
+    checkpoints.add_weight_args(w)
     r = ap.add_argument_group("running")
-    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--batch-size", type=int, default=8, help="questions decoded at once (the engine's slots)")
     r.add_argument("--max-new-tokens", type=int, help=f"default per task: {MAX_NEW_TOKENS}")
     r.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding pictures")
     r.add_argument("--device", help="default: cuda when there is one, else cpu")
-    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
     r.add_argument("--out", help="folder for predictions.jsonl and summary.json (default runs/eval/TASK-Kshot)")
     args = ap.parse_args(argv)
     args.format = args.format or ("flamingo" if args.shots else "paper")
@@ -582,7 +578,7 @@ def main(argv=None) -> dict:
     except data.DataError as e:
         sys.exit(f"error: {e}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, transform = chat.load_model(args, device)
+    model, tokenizer, transform = checkpoints.load_model(args, device)
     max_new = args.max_new_tokens or MAX_NEW_TOKENS[kind(args.task)]
     prompts = [tokenizer.encode(t) for t in texts]
     for it, ids in zip(items, prompts):
@@ -594,8 +590,8 @@ def main(argv=None) -> dict:
     eos = tokenizer.eos_id if args.format == "paper" else tokenizer.eoc_id
     banned = [t for t in tokenizer.never_generate if t != eos]
     try:
-        outputs = generate(model, prompts, list(pictures), transform, batch_size=args.batch_size,
-                           max_new_tokens=max_new, eos_id=eos, banned=banned, workers=args.workers)
+        engine = Engine(model, tokenizer, slots=args.batch_size, eos_id=eos, banned=banned)
+        outputs = generate(engine, prompts, list(pictures), transform, max_new_tokens=max_new, workers=args.workers)
     except data.DataError as e:
         sys.exit(f"error: {e}")
     written = [tokenizer.decode(ids) for ids in outputs]

@@ -5,16 +5,19 @@ Read top-down:
   RMSNorm, RoPE, Attention, MLP      the LLaMA decoder, written out (HF layout: rotate-half RoPE; q/k/v and gate/up
                                      each one fused matmul, files still name the parts)
   VisionEncoder                      open_clip's ViT, returning patch tokens WITHOUT ln_post (see its docstring)
-  MMGPT                              the whole model: forward / loss for training, extend() for KV-cached decoding
-  lm_loss, sample, generate          the masked next-token loss and decoding
-  build                              a random model made directly on its device and dtype
+  MMGPT                              the whole model: forward / loss for training, decode() for cached decoding
+  KVCache, Step                      the static key/value buffers decode() writes, and where a step goes in them
+  lm_loss, build                     the masked next-token loss; a random model made on its device and dtype
 
-The weight files (HF LLaMA dirs, OpenFlamingo checkpoint.pt, MultiModal-GPT LoRA .pt, load()) are in checkpoints.py.
+The weight files (HF LLaMA dirs, OpenFlamingo checkpoint.pt, MultiModal-GPT LoRA .pt, load()) are in
+checkpoints.py; decoding (batching, sampling, stopping, the fast path) is engine.py's.
 """
 import contextlib
 import copy
+import math
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sentencepiece as spm
 import torch
@@ -22,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from perceiver import GatedCrossAttentionBlock, PerceiverResampler, media_index
+from perceiver import GatedCrossAttentionBlock, PerceiverResampler, make_picture_mask, media_index
 
 # The open_clip ViT-L/14 that OpenFlamingo-9B uses (open_clip's own "ViT-L-14" config).
 VIT_L_14 = {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14}}
@@ -200,18 +203,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: Config, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim) for rotate-half RoPE (HF's layout; q/k weights are permuted for
-    it), with rotate-half's sign folded into sin's first half: apply_rope then needs no negation."""
+    """cos, sin of shape (max_seq_len, 3, 1, head_dim) for rotate-half RoPE (HF's layout; q/k weights are permuted
+    for it), with rotate-half's sign folded into sin's first half: apply_rope then needs no negation. The 3 rows are
+    for q, k and v: v's cos is 1 and its sin 0, so q, k and v go through apply_rope in one go (v unchanged, exactly)
+    without being split apart first."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    cos, sin = torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    return (torch.stack([cos, cos, torch.ones_like(cos)], 1)[:, :, None],
+            torch.stack([sin, sin, torch.zeros_like(sin)], 1)[:, :, None])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): the minus lives in rope_tables' sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([x2, x1], dim=-1) * sin
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): the minus lives in rope_tables' sin, and (x2, x1)
+    is x rolled by half its width (one op where chunk + cat take several)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class FusedLinear(nn.Linear):
@@ -230,23 +237,30 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(cfg.dim, cfg.dim, ("q_proj", "k_proj", "v_proj"))
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        """cos, sin: (T, 1, 1, head_dim) or per row (B, T, 1, 1, head_dim), already in the activations' dtype
-        (MMGPT._layers casts them once)."""
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x: (B * T, dim), B rows of T tokens; cos, sin: (B or 1, T, 3, 1, head_dim) from rope_tables, already in
+        the activations' dtype (MMGPT._layers casts them once). cache: (this layer's key and value buffers, the
+        Step) when decoding with a KVCache (MMGPT.decode)."""
+        T = cos.shape[1]
+        B = x.shape[0] // T
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, :2], cos, sin)             # q and k rotated together
-        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # (B, heads, T, d)
-        if input_pos is not None:
-            # KV-cached decoding: write this step's keys/values into the model's own cache buffers (MMGPT.setup_cache)
-            # at input_pos and attend over the whole buffer (the mask hides the rest). The buffers are module state,
-            # not inputs, and every decode step has the same shapes: it compiles once and runs as one CUDA graph.
-            k, v = self.k_cache.index_copy_(2, input_pos, k), self.v_cache.index_copy_(2, input_pos, v)
+        q, k, v = apply_rope(qkv, cos, sin).unbind(2)                # (B, T, heads, d) each; v as it was
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            # Write this step's keys/values into their slots' columns, then attend over those slots' rows (the mask
+            # hides the columns a token may not see). The buffers are module state with fixed shapes, so a decode
+            # step compiles once per batch and width bucket and runs as one CUDA graph.
+            k_buf, v_buf, step = cache
+            k_buf[step.rows, :, step.columns] = k
+            v_buf[step.rows, :, step.columns] = v
+            k, v = (step.read(t[:, :, :step.width]) for t in (k_buf, v_buf))
+        q = q.transpose(1, 2)                                         # (B, heads, T, d)
         if mask is None:  # plain causal (no padding, no cache)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B * T, -1))
 
 
 class MLP(nn.Module):
@@ -272,16 +286,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, pictures=None, input_pos=None):
-        """pictures: (this layer's keys/values of the pictures' latents, media_index, rows with pictures or None),
-        or None for language-only input."""
+    def forward(self, x, cos, sin, mask, pictures=None, cache=None):
+        """x: (B * T, dim); pictures: (this layer's keys/values of the pictures' latents, perceiver.picture_mask,
+        rows with pictures (B * T, 1) or None), or None for language-only input; the rest as Attention's."""
         if self.xattn is not None and pictures is not None:
-            kv, index, rows = pictures
-            y = self.xattn(x, kv, index)
+            kv, picture_mask, rows = pictures
+            y = self.xattn(x, kv, picture_mask)
             # rows: in a batch that mixes rows with and without pictures, those without skip the block, as a
             # language-only forward does (the gated FFW would otherwise still change them).
-            x = y if rows is None else torch.where(rows[:, None, None], y, x)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+            x = y if rows is None else torch.where(rows, y, x)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -383,37 +397,51 @@ class MMGPT(nn.Module):
             mask = causal & attention_mask.bool()[:, None, None, :]
         return self._layers(input_ids, kv, index, mask)
 
-    def _decode(self, input_ids, kv, index, mask, input_pos=None, positions=None, rows=None, last=None):
-        """Logits of the decoder over input_ids. Cached decoding passes input_pos (the cache columns written),
-        positions (B, T: each row's RoPE positions), rows (which rows have pictures, or None) and last (the one
-        position whose logits are wanted)."""
-        x = self._layers(input_ids, kv, index, mask, input_pos, positions, rows)
-        if last is not None:
-            x = x.index_select(1, last)
-        return self.lm_head(self.norm(x))
-
-    def _layers(self, input_ids, kv, index, mask, input_pos=None, positions=None, rows=None):
-        x = self.embed_tokens(input_ids)
-        T = input_ids.shape[1]
+    def _layers(self, input_ids, kv, index, mask, positions=None, rows=None, step=None):
+        """The decoder layers over input_ids (B, T) -> (B, T, dim). kv: each cross-attention layer's keys/values of
+        the pictures (None: language-only, the blocks are skipped); positions (B, T): each token's RoPE position
+        (None: 0..T-1); rows (B,): which rows have pictures (None: all); step: where cached decoding reads and
+        writes (see decode)."""
+        B, T = input_ids.shape
+        # The layers work on (B * T, dim): every linear layer is then one plain matmul.
+        x = self.embed_tokens(input_ids).view(B * T, -1)
         cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
                     else (self.rope_cos[positions], self.rope_sin[positions]))
-        # Cast once here, not in every layer, to the dtype q/k will have; shaped (..., T, 1, 1, d) for q/k's
-        # (B, T, 2, heads, d) layout.
-        dtype = self.activation_dtype()
-        cos, sin = (t.to(dtype)[..., None, None, :] for t in (cos, sin))
+        dtype = self.activation_dtype()     # cast once here, not in every layer, to the dtype q/k/v will have
+        cos, sin = (t.to(dtype).view(-1, *t.shape[-4:]) for t in (cos, sin))          # (B or 1, T, 3, 1, d)
+        rows = None if rows is None else rows.repeat_interleave(T)[:, None]
+        picture_mask = None
         for i, layer in enumerate(self.layers):
-            pictures = (kv[i], index, rows) if kv is not None and layer.xattn is not None else None
+            layer_kv, layer_cache = None if kv is None else kv.get(i), None
+            if step is not None:
+                c = step.cache.layers[i]
+                layer_cache = (c.k, c.v, step)
+                if layer.xattn is not None and index is not None:  # the pictures' keys/values are in the cache too
+                    layer_kv = (step.read(c.picture_k), step.read(c.picture_v))
+            if layer_kv is not None and picture_mask is None:     # the same for every block: made once
+                picture_mask = make_picture_mask(index, self.cfg.perceiver_latents, layer_kv[0].shape[2], dtype)
+            pictures = None if layer_kv is None else (layer_kv, picture_mask, rows)
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, pictures, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, pictures, input_pos)
-        return x
+                x = layer(x, cos, sin, mask, pictures, layer_cache)
+        return x.view(B, T, -1)
 
-    # -- KV-cached decoding -----------------------------------------------------------------------------------
-    def new_cache(self, max_len: int | None = None) -> "KVCache":
-        """A batch-1 cache for extend(). Its keys/values are the model's buffers: the last cache made owns them."""
-        self.cache_owner = KVCache(self, max_len or self.cfg.max_seq_len)
-        return self.cache_owner
+    # -- cached decoding (engine.py runs it) --------------------------------------------------------------------
+    def decode(self, input_ids, step: "Step", index=None, rows=None, last=None):
+        """One cached forward: logits (B, T, vocab) of input_ids (B, T) -- (B, 1, vocab) at column `last` (1,)
+        when given -- written into the cache where `step` says, each token seeing its slot's columns up to its own.
+        index (B, T): each token's picture among its slot's (perceiver.media_index), their keys/values in the cache
+        (KVCache.layers[i].picture_k/v); None when no row has a picture (the blocks are skipped); rows (B,): which
+        rows have pictures (the others skip the blocks, as a language-only forward does), None = all."""
+        seen = torch.arange(step.width, device=input_ids.device) <= step.columns[:, None, :, None]   # (B, 1, T, W)
+        # As an additive mask, made once: a boolean one would be turned into this in every layer.
+        mask = torch.zeros(seen.shape, dtype=self.activation_dtype(), device=seen.device).masked_fill_(~seen, -math.inf)
+        positions = step.columns.clamp(max=self.cfg.max_seq_len - 1)   # the scratch column may lie past the tables
+        x = self._layers(input_ids, None, index, mask, positions, rows, step)
+        if last is not None:
+            x = x.index_select(1, last)
+        return self.lm_head(self.norm(x))
 
     def activation_dtype(self) -> torch.dtype:
         """The dtype keys and values come out in: autocast's when it is on (a fp32 model trained in bf16)."""
@@ -422,246 +450,53 @@ class MMGPT(nn.Module):
             return torch.get_autocast_dtype(device)
         return self.embed_tokens.weight.dtype
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype):
-        """Allocate each attention layer's key/value buffers (batch, heads, max_len, head_dim), unless the present
-        ones already fit: reallocating would move them, and a captured CUDA graph with them."""
-        attn = self.layers[0].self_attn
-        old = getattr(attn, "k_cache", None)
-        if old is not None and old.shape[0] == batch and old.shape[2] >= max_len and old.dtype == dtype:
-            return
-        shape = (batch, self.cfg.n_heads, max_len, self.cfg.head_dim)
-        for layer in self.layers:
-            for name in ("k_cache", "v_cache"):
-                layer.self_attn.register_buffer(name, torch.zeros(shape, device=self.rope_cos.device, dtype=dtype),
-                                                persistent=False)
 
-    def compile_decoding(self, mode: str | None = None, backend: str = "inductor",
-                         buckets: tuple = (16, 32, 64, 128, 256, 512, 1024, 2048)):
-        """The fast path: the decode step compiled once (on a GPU with CUDA graphs), the prefill compiled per
-        length bucket (a prompt is padded up to the next bucket, which never changes its logits), the ViT
-        compiled. mode: the decode step's torch.compile mode (default: reduce-overhead on cuda)."""
-        cuda = self.rope_cos.device.type == "cuda"
-        # One graph per bucket and per number of pictures: more than dynamo's default limit of 8 per function.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        options = dict(backend=backend, fullgraph=True, dynamic=False)
-        self.fast = FastDecoding(
-            decode=torch.compile(self.decode_step, mode=mode or ("reduce-overhead" if cuda else None), **options),
-            prefill=torch.compile(self.decode_step, **options), buckets=tuple(buckets))
-        # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
-        self.vision.compile(**options)
+class KVCache(nn.Module):
+    """The keys/values of `slots` cached sequences, each of up to max_len tokens, for every layer (plus a scratch
+    column, see MMGPT.decode), and each cross-attention layer's keys/values of up to `pictures` pictures per slot.
+    Allocated once (engine.Engine owns one); buffers of a module, as gpt-fast keeps them, so that a compiled step
+    that writes them mutates no input and can run as a CUDA graph."""
 
-    def _step(self, input_ids: list[list[int]], index: torch.Tensor, kv, input_pos: int, start: torch.Tensor,
-              rows=None) -> torch.Tensor:
-        """Run input_ids (B rows of T ids, written at cache columns input_pos.., row b's sequence beginning at
-        column start[b]; index: their pictures, (B, T) on the host) through decode_step; logits (B, vocab) after
-        the last column. On the fast path a prefill is padded on the right up to its length bucket: the padding
-        comes after the real tokens, so they never see it, and the columns it writes lie past the context,
-        overwritten before they are ever attended to."""
-        device = self.rope_cos.device
-        T, step, width = len(input_ids[0]), self.decode_step, len(input_ids[0])
-        fast = getattr(self, "fast", None)
-        if fast is not None:
-            if T == 1:
-                step = fast.decode
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
-            else:
-                room = self.layers[0].self_attn.k_cache.shape[2] - input_pos
-                width = next((b for b in fast.buckets if T <= b <= room), None)
-                step, width = (fast.prefill, width) if width else (self.decode_step, T)   # no bucket fits: eager
-        # The step's small inputs go to the device in one copy: the only other host sync of a decoded token is
-        # reading it back.
-        B = len(input_ids)
-        packed = torch.cat([torch.tensor([row + [0] * (width - T) for row in input_ids]).flatten(),
-                            F.pad(index, (0, width - T)).flatten(),
-                            torch.arange(input_pos, input_pos + width), torch.tensor([T - 1])]).to(device)
-        ids, index, input_pos, last = packed.split([B * width, B * width, width, 1])
-        return step(ids.view(B, width), kv, index.view(B, width), input_pos, start, last, rows)
-
-    @torch.no_grad()
-    def extend(self, cache: "KVCache", ids: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
-        """Append `ids` (batch 1) to the cached sequence; return the logits (vocab,) after its last token.
-
-        images: (1, n, 3, H, W) for the n <image> tokens in ids. With the default masking rule, the tokens after
-        the previous picture belong to the NEXT picture, so a new picture changes them: they are dropped from
-        the cache and computed again (under attend_previous a token's picture never changes). The result always
-        equals a full forward over cache.ids.
-        """
-        n_new = ids.count(self.cfg.image_id)
-        if n_new != (0 if images is None else images.shape[1]):
-            raise ValueError(f"{n_new} <image> tokens but {0 if images is None else images.shape[1]} pictures")
-        if not ids or len(cache.ids) + len(ids) > cache.max_len:  # checked before the cache changes
-            raise ValueError(f"cannot extend a context of {len(cache.ids)} tokens by {len(ids)} "
-                             f"(the cache holds {cache.max_len})")
-        dtype = self.activation_dtype()
-        if getattr(self, "cache_owner", None) is not cache or cache.dtype not in (None, dtype):
-            if cache.ids:   # its keys/values were overwritten (a newer cache), or would be read in another dtype
-                raise ValueError("this KVCache can no longer be extended: a newer one (model.new_cache) took the "
-                                 "model's key/value buffers, or it was made in another dtype (autocast on/off)")
-            self.cache_owner = cache
-        cache.dtype = dtype
-        self.setup_cache(1, cache.max_len, dtype)
-        picture_kv = cache.picture_kv
-        if n_new:
-            kv = self.picture_kv(self.encode_images(images.to(self.rope_cos.device)))
-            picture_kv = kv if picture_kv is None else {
-                i: tuple(torch.cat([a, b], dim=2) for a, b in zip(picture_kv[i], kv[i])) for i in kv}
-            if not self.cfg.attend_previous:
-                last = max((p for p, t in enumerate(cache.ids) if t == self.cfg.image_id), default=-1)
-                ids = cache.ids[last + 1:] + ids
-                cache.truncate(last + 1)
-        index = media_index(torch.tensor([ids]), self.cfg.image_id, self.cfg.attend_previous,
-                            images_before=cache.ids.count(self.cfg.image_id))
-        start = torch.zeros(1, dtype=torch.long, device=self.rope_cos.device)
-        logits = self._step([ids], index, picture_kv, len(cache.ids), start)
-        # Only now is the cache updated: interrupted above (Ctrl-C), it still holds a valid (shorter) context.
-        cache.ids += ids
-        cache.picture_kv = picture_kv
-        return logits[0]
-
-    def decode_step(self, input_ids, kv, index, input_pos, start, last, rows=None):
-        """One cached forward: input_ids (B, T) written at cache columns input_pos (T,), row b's sequence starting
-        at column start[b] (left padding before it); logits (B, vocab) at column `last` (1,). What the fast path
-        compiles: everything here is a tensor of fixed shape, the masks are made inside."""
-        cols = torch.arange(self.layers[0].self_attn.k_cache.shape[2], device=input_ids.device)
-        # Each row sees its own columns up to the query's; a padding column sees itself (a row that sees nothing
-        # would be NaN, and a NaN key/value poisons the real rows even where the mask hides it).
-        mask = ((cols <= input_pos[:, None]) & (cols >= start[:, None, None])) | (cols == input_pos[:, None])
-        positions = (input_pos - start[:, None]).clamp(min=0)
-        return self._decode(input_ids, kv, index, mask[:, None], input_pos, positions, rows, last)[:, 0]
+    def __init__(self, cfg: Config, slots: int, max_len: int, pictures: int, dtype, device):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for i in range(cfg.n_layers):
+            layer = nn.Module()
+            for name in ("k", "v"):
+                layer.register_buffer(name, torch.zeros(slots, cfg.n_heads, max_len + 1, cfg.head_dim, dtype=dtype,
+                                                        device=device), persistent=False)
+            if i in cfg.xattn_layers:     # the latents of a slot's pictures one after the other
+                for name in ("picture_k", "picture_v"):
+                    layer.register_buffer(name, torch.zeros(slots, cfg.xattn_heads, pictures * cfg.perceiver_latents,
+                                                            cfg.xattn_dim_head, dtype=dtype, device=device),
+                                          persistent=False)
+            self.layers.append(layer)
 
 
-@dataclass
-class FastDecoding:
-    """MMGPT.compile_decoding's compiled steps and the prefill length buckets."""
-    decode: object
-    prefill: object
-    buckets: tuple
+class Step(NamedTuple):
+    """Where a cached forward (MMGPT.decode) writes and reads. Row b is cache slot slots[b] (rows: the same as
+    (B, 1), to index with); its tokens are written at columns[b] (B, T), which are also their positions. The
+    keys/values read are each slot's first `width` columns (at least every real token's column + 1: attention
+    costs what the sequences hold, not the cache's length). gather=False: the slots are 0..B-1, read as a view (a
+    decode step); True: any slots, read as a copy (a prefill). The cache's last column is scratch: a row that
+    carries no token (padding, a slot not decoding) is written there, its query sees every column read (finite
+    values, never NaN), and no real token sees it."""
+    cache: "KVCache"
+    slots: torch.Tensor
+    rows: torch.Tensor
+    columns: torch.Tensor
+    width: int
+    gather: bool
 
-
-class KVCache:
-    """A cached batch-1 sequence: its token ids and the pictures' cross-attention K/V (fixed in shape per number of
-    pictures). The keys/values themselves are the model's buffers, as gpt-fast keeps them, so a compiled decode
-    step mutates no input; they are (re)made at the first extend, in the dtype the activations have."""
-
-    def __init__(self, model: MMGPT, max_len: int):
-        self.max_len, self.image_id = max_len, model.cfg.image_id
-        self.dtype = None
-        self.ids: list[int] = []
-        self.picture_kv = None
-
-    def reset(self):
-        self.ids, self.picture_kv = [], None
-
-    def truncate(self, n: int):
-        """Keep the first n tokens (and the pictures among them); what lies past them is masked, then overwritten."""
-        del self.ids[n:]
-        pictures = self.ids.count(self.image_id)
-        if self.picture_kv is not None:
-            self.picture_kv = {i: (k[:, :, :pictures], v[:, :, :pictures]) for i, (k, v) in self.picture_kv.items()} \
-                if pictures else None
+    def read(self, buffer: torch.Tensor) -> torch.Tensor:
+        if self.gather:
+            return buffer.index_select(0, self.slots)
+        return buffer if len(self.slots) == len(buffer) else buffer[:len(self.slots)]   # (a slice is an op too)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from positions <= t, over labels != -100."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def sample(logits: torch.Tensor, banned: list[int] | torch.Tensor, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-           generator: torch.Generator | None = None) -> int:
-    """The next token, chosen where the logits are (on the GPU); int() at the end is the one host sync."""
-    logits = logits.float().clone()
-    logits[banned] = -float("inf")
-    if greedy or temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits[logits < kth] = -float("inf")
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p   # keep the smallest prefix whose mass reaches top_p
-        logits[order[drop]] = -float("inf")
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
-@torch.no_grad()
-def generate(model: MMGPT, cache: KVCache, ids: list[int], images=None, *, max_new_tokens: int = 256,
-             eos_id: int, banned: list[int], **sampling):
-    """Extend the cache with ids (and their pictures), then yield new token ids until EOS or the limit.
-
-    Every yielded token is fed back, so cache.ids is always the whole context; EOS is neither yielded nor
-    cached (the caller closes the answer with `</s>` in the next round's text)."""
-    logits = model.extend(cache, ids, images)
-    banned = torch.tensor(banned, dtype=torch.long, device=logits.device)   # once, not a copy per token
-    for _ in range(max_new_tokens):
-        token = sample(logits, banned, **sampling)
-        if token == eos_id:
-            return
-        yield token
-        logits = model.extend(cache, [token])
-
-
-@torch.no_grad()
-def generate_batch(model: MMGPT, prompts: list[list[int]], images: list[torch.Tensor | None], *,
-                   max_new_tokens: int, eos_id: int, banned: list[int]) -> list[list[int]]:
-    """Greedy answers to several prompts at once; each row's ids equal generate()'s for that prompt alone.
-
-    images[i]: (n_i, 3, H, W) for the n_i <image> tokens of prompts[i], or None. The prompts are padded on the
-    left to a common length; each row's RoPE positions start at its own first token and its attention never sees
-    the padding, so padding changes none of its tokens. All pictures are encoded in one call; rows without any
-    skip the cross-attention blocks, as a language-only forward does. A row ends at EOS (not returned) or after
-    max_new_tokens; finished rows ride along until every row is done."""
-    device, cfg = model.rope_cos.device, model.cfg
-    if len(prompts) != len(images) or not prompts or not all(prompts):
-        raise ValueError("generate_batch needs as many pictures entries as prompts, and no empty prompt")
-    counts = [p.count(cfg.image_id) for p in prompts]
-    for i, (n, im) in enumerate(zip(counts, images)):
-        if n != (0 if im is None else im.shape[0]):
-            raise ValueError(f"prompt {i}: {n} <image> tokens but {0 if im is None else im.shape[0]} pictures")
-    B, T = len(prompts), max(map(len, prompts))
-    fast = getattr(model, "fast", None)
-    if fast is not None:   # pad the prompt length up to a bucket (more left padding): one compiled prefill per bucket
-        T = next((b for b in fast.buckets if T <= b and b + max_new_tokens <= cfg.max_seq_len), T)
-    if T + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"the longest prompt ({T} tokens) and {max_new_tokens} new tokens pass the model's "
-                         f"context of {cfg.max_seq_len}")
-    model.cache_owner = None    # batch-1 caches lose the buffers to this batch
-    model.setup_cache(B, T + max_new_tokens, model.activation_dtype())
-    kv, rows = None, None
-    if any(counts):
-        pictures = torch.cat([im for im in images if im is not None]).to(device)
-        latents = model.encode_images(pictures[None])[0]                              # (all pictures, n, dv)
-        padded = latents.new_zeros(B, max(counts), *latents.shape[1:])
-        firsts = [sum(counts[:i]) for i in range(B)]
-        for i, (first, n) in enumerate(zip(firsts, counts)):
-            padded[i, :n] = latents[first:first + n]
-        kv = model.picture_kv(padded)
-        rows = torch.tensor([n > 0 for n in counts], device=device) if not all(counts) else None
-    ids = [[0] * (T - len(p)) + p for p in prompts]                                   # left padding
-    index = torch.cat([F.pad(media_index(torch.tensor([p]), cfg.image_id, cfg.attend_previous), (T - len(p), 0))
-                       for p in prompts])
-    start = torch.tensor([T - len(p) for p in prompts], device=device)
-    # A new token's picture: under attend_previous the row's last; by the default rule none (text after the last
-    # picture sees no picture).
-    step_index = torch.tensor([[n if cfg.attend_previous else 0] for n in counts])
-    banned = torch.tensor(banned, dtype=torch.long, device=device)
-    logits = model._step(ids, index, kv, 0, start, rows)
-    out, done = [[] for _ in prompts], [False] * B
-    for t in range(max_new_tokens):
-        logits = logits.float()
-        logits[:, banned] = -float("inf")
-        tokens = logits.argmax(-1).tolist()        # the one host sync per step
-        for i, token in enumerate(tokens):
-            if not done[i]:
-                done[i] = token == eos_id
-                if not done[i]:
-                    out[i].append(token)
-        if all(done) or t == max_new_tokens - 1:
-            break
-        logits = model._step([[x] for x in tokens], step_index, kv, T + t, start, rows)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -683,13 +518,4 @@ def build(cfg: Config, device="cpu", dtype=torch.float32) -> MMGPT:
     with torch.device(device), default_dtype(dtype):
         model = MMGPT(cfg)
     return model
-
-
-def __getattr__(name):
-    """The file formats live in checkpoints.py; `mmgpt.load(...)` and the other names that were here still work."""
-    import checkpoints
-    try:
-        return getattr(checkpoints, name)
-    except AttributeError:
-        raise AttributeError(f"module 'mmgpt' has no attribute {name!r}") from None
 

@@ -96,6 +96,19 @@ def media_index(input_ids: torch.Tensor, image_id: int, attend_previous: bool = 
     return index.masked_fill(index > total, 0)
 
 
+def make_picture_mask(index: torch.Tensor, n_latents: int, n_keys: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every MaskedCrossAttention of a forward needs from media_index (B, T), made once: an additive mask
+    (B, 1, T, n_keys) over the pictures' latents (n_latents per picture, one picture after the other), 0 on the
+    latents of each token's picture and -inf elsewhere -- a token without a picture may attend anywhere (a fully
+    masked row would be NaN) -- and has_image (B, 1, T, 1), which zeroes such a token's output: what the
+    reference's masked_fill of the attention weights amounts to."""
+    key_image = torch.arange(n_keys, device=index.device) // n_latents + 1
+    has_image = (index > 0)[:, None, :, None]
+    seen = (index[:, None, :, None] == key_image) | ~has_image
+    mask = torch.zeros(seen.shape, dtype=dtype, device=index.device).masked_fill_(~seen, -float("inf"))
+    return mask, has_image.to(dtype)
+
+
 class MaskedCrossAttention(nn.Module):
     """Text queries, keys/values from the latents of the picture each token belongs to."""
 
@@ -108,21 +121,18 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
     def picture_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latents (B, N, n, dv) -> keys, values (B, heads, N, n, d). Computed once per picture when decoding."""
-        k, v = self.to_kv(latents).chunk(2, dim=-1)
-        return split_heads(k, self.heads).transpose(1, 2), split_heads(v, self.heads).transpose(1, 2)
+        """latents (B, N, n, dv) -> keys, values (B, heads, N * n, d): the pictures' latents one after the other.
+        Computed once per picture when decoding."""
+        k, v = self.to_kv(latents.flatten(1, 2)).chunk(2, dim=-1)
+        return split_heads(k, self.heads), split_heads(v, self.heads)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        k, v = (t.flatten(2, 3) for t in kv)                      # (B, heads, N * n, d)
-        n_images, n_latents = kv[0].shape[2:4]
-        key_image = torch.arange(1, n_images + 1, device=x.device).repeat_interleave(n_latents)
-        q = split_heads(self.to_q(self.norm(x)), self.heads)
-        has_image = (index > 0)[:, None, :, None]
-        # Tokens with no picture may attend anywhere (a fully masked row would give NaN); their output is
-        # zeroed below, which is what the reference's masked_fill of the attention weights amounts to.
-        mask = (index[:, None, :, None] == key_image) | ~has_image
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) * has_image
-        return self.to_out(merge_heads(out))
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], picture_mask) -> torch.Tensor:
+        """x: (B * T, dim) (or (B, T, dim)); kv: picture_kv's; picture_mask: make_picture_mask's."""
+        mask, has_image = picture_mask
+        B, T = has_image.shape[0], has_image.shape[2]
+        q = self.to_q(self.norm(x)).view(B, T, self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask) * has_image
+        return self.to_out(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -133,6 +143,6 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x, kv, index) * self.attn_gate.tanh()
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], picture_mask) -> torch.Tensor:
+        x = x + self.attn(x, kv, picture_mask) * self.attn_gate.tanh()
         return x + self.ff(x) * self.ff_gate.tanh()

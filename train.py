@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import conversation
 import data
 import demo
 import lora as lora_lib
 import checkpoints
 import mmgpt
+from engine import Engine, Request, Sampling
 
 PAPER = dict(out="runs/mmgpt", lr=1e-5, warmup=100, grad_accum=16, batch_size=1, max_len=512, epochs=1,
              eval_every=0, save_every=500, unfreeze=[], attend_previous=False)
@@ -157,20 +159,18 @@ def evaluate(model, tokenizer, transform, held_out, demo_items, max_len, autocas
         if rendered is None:
             continue
         ids, labels = (torch.tensor([x], device=device) for x in rendered)
-        images = None if conv.image is None else transform(data.load_image(conv.image))[None, None].to(device)
+        images = None if conv.image is None else transform(conversation.load_image(conv.image))[None, None].to(device)
         with autocast:
             losses.append(float(mmgpt.lm_loss(model(images, ids), labels)))
     out = {"eval_loss": sum(losses) / max(1, len(losses))}
     if demo_items:
-        answers = []
-        for conv, _ in demo_items:
-            ids = tokenizer.encode(data.prompt(conv, open_last=True))
-            image = transform(data.load_image(conv.image))[None, None].to(device)
-            with autocast:
-                answer = list(mmgpt.generate(model, model.new_cache(len(ids) + 16), ids, image, max_new_tokens=12,
-                                             eos_id=tokenizer.eos_id, banned=tokenizer.never_generate, greedy=True))
-            answers.append(tokenizer.decode(answer))
-        out.update(demo.score([e for _, e in demo_items], answers))
+        prompts = [tokenizer.encode(conversation.prompt(conv, open_last=True)) for conv, _ in demo_items]
+        with autocast:      # a fresh engine: no decoding buffers stay on after the evaluation
+            engine = Engine(model, tokenizer, slots=8, max_len=max(map(len, prompts)) + 12)
+            done = engine.generate(Request(ids, [transform(conversation.load_image(conv.image))], max_tokens=12,
+                                           sampling=Sampling(greedy=True))
+                                   for ids, (conv, _) in zip(prompts, demo_items))
+        out.update(demo.score([e for _, e in demo_items], [r.text for r in done]))
     model.train()
     return out
 
@@ -370,7 +370,7 @@ def make_data(args, ranks: Ranks, tokenizer, transform):
     held_out, demo_items = [], []
     if args.demo:
         demo_items = demo.eval_set(n=200, seed=args.seed + 1, pictures=demo.PICTURES)
-        held_out = [data.Conversation(c.image, c.turns[:-1] + [data.Turn(c.turns[-1].question, a)])
+        held_out = [conversation.Conversation(c.image, c.turns[:-1] + [conversation.Turn(c.turns[-1].question, a)])
                     for c, a in demo_items[:args.eval_samples]]
     elif args.eval_every:
         held_out, mix.vl = mix.vl[-args.eval_samples:], mix.vl[:-args.eval_samples]
@@ -583,7 +583,7 @@ def main(argv=None):
         if args.demo:  # a few held-out pictures to chat about
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
             for i, (conv, _) in enumerate(demo_items[-4:]):
-                data.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
+                conversation.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
         skipped = vl_stream.skipped + lang_stream.skipped
         print(f"done: {step} steps, {tokens_seen:,} tokens in {(time.time() - started) / 60:.1f} min; final loss_vl "
               f"{last.get('loss_vl', float('nan')):.4f}, loss_lang {last.get('loss_lang', float('nan')):.4f}"

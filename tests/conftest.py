@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora  # noqa: E402
 import mmgpt  # noqa: E402
 import train  # noqa: E402
+from engine import Engine, Request, Sampling  # noqa: E402
 
 WORDS = ("the a cat dog sat on mat red blue green yellow square circle triangle picture shows two three four "
          "what colour is shape how many left right top bottom there are answer response instruction image below "
@@ -212,10 +213,11 @@ def full_forward_greedy(model, ids, images, n, banned, eos_id=-1) -> list[int]:
     return out
 
 
-def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10):
-    return [list(mmgpt.generate(model, model.new_cache(), p, None if im is None else im[None], max_new_tokens=n,
-                                eos_id=eos_id, banned=tokenizer.never_generate, greedy=True))
-            for p, im in zip(prompts, images)]
+def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10) -> list[list[int]]:
+    """Greedy answers, each prompt decoded alone by an engine of one slot."""
+    return [Engine(model, tokenizer, eos_id=eos_id).generate([
+        Request(p, [] if im is None else list(im), n, Sampling(greedy=True))])[0].tokens for p, im in zip(prompts, images)]
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it); run them with `pytest -m gpu tests`")

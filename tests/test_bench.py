@@ -12,6 +12,7 @@ import lora
 import mmgpt
 import quantize
 import train
+from engine import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,11 +54,11 @@ def test_bench_tiny(tmp_path):
 
 
 def test_bench_tiny_chat(tmp_path):
-    """The chat rows (chat.py's path: eager, then --int8) and a generate_batch row run on the CPU, as they will
-    on a GPU (where the fast rows are added), with consistent figures."""
+    """The chat rows (chat.py's path: eager, then --int8), the engine rows and the op counts run on the CPU, as
+    they will on a GPU (where the fast rows are added), with consistent figures."""
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench.py", "--tiny", "--chat-only", "--batches", "2", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "bench.py", "--tiny", "--chat-only", "--concurrency", "1,2",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result["train"] == [] and result["copy_bandwidth_gb_s"] is None
@@ -69,10 +70,30 @@ def test_bench_tiny_chat(tmp_path):
     # fp32 weights + the unmerged LoRA factors, then int8 ones with LoRA merged (a byte per weight, a scale per
     # row, the norms in fp32): about a quarter
     assert 0.2 < rows[1]["weights_gb_per_token"] / rows[0]["weights_gb_per_token"] < 0.3
-    [batch] = result["batch"]
-    assert batch["batch"] == 2 and batch["decode_tokens_per_s"] > 0 and batch["peak_gib"] is None
-    table = done.stdout.splitlines()
-    assert sum(line.startswith("batch ") for line in table) == 2  # its row as measured, and in the table
+    assert [(r["concurrency"], r["fast"]) for r in result["engine"]] == [(1, False), (2, False)]
+    for r in result["engine"]:
+        assert r["decode_tokens_per_s"] == pytest.approx(r["concurrency"] * r["per_request_tokens_per_s"])
+    ops = result["ops_per_token"]
+    assert 1000 < ops["merged"] < ops["unmerged"]
+    assert f"aten ops per decoded token at batch 1 (eager): {ops['unmerged']:,.0f} with LoRA unmerged, " \
+           f"{ops['merged']:,.0f} merged" in done.stdout
+
+
+def test_ops_per_token_is_what_a_decode_step_dispatches():
+    """bench.ops_per_token counts the aten ops of engine steps that decode one token each: the same count as a
+    step counted by hand, and merging LoRA removes its ops."""
+    torch.manual_seed(0)
+    model = mmgpt.build(mmgpt.config("bench-tiny", n_layers=4, xattn_layers=(1, 3))).eval()
+    lora.inject(model, r=4, alpha=4, within="layers.")
+    engine = Engine(model, bench.Tokenizer(), slots=1)
+    (r,) = [engine.submit(r) for r in bench.requests(model.cfg, "cpu", 1, 20, 8, torch.float32)]
+    engine.step()
+    with bench.OpCounter() as counter:
+        engine.step()
+    assert len(r.tokens) == 3 and bench.ops_per_token(model, "cpu", steps=3) == counter.ops
+    unmerged = counter.ops
+    lora.merge(model)
+    assert bench.ops_per_token(model, "cpu", steps=3) < unmerged
 
 
 def test_decode_bytes_count_the_weights_a_token_reads():
@@ -82,7 +103,6 @@ def test_decode_bytes_count_the_weights_a_token_reads():
     torch.manual_seed(0)
     model = mmgpt.build(mmgpt.config("bench-tiny", n_layers=2))
     decoder = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layers.", "norm.", "lm_head.")))
-    model.setup_cache(1, 64, torch.float32)
     assert bench.decode_bytes(model) == 4 * decoder
     lora.inject(model, r=4, alpha=4, within="layers.")
     factors = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)

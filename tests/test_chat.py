@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import chat
-import data
-import lora
 import checkpoints
-import mmgpt
+import conversation
+import lora
 import quantize
 from conftest import full_forward_greedy, tiny_model, write_release, write_vision
+from engine import Engine, Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +64,7 @@ def reference(files, text: str, pictures: list[str], max_new_tokens: int) -> lis
     model, tok = files["model"], files["tokenizer"]
     ids = tok.encode(text)
     assert ids.count(tok.image_id) == len(pictures)
-    images = torch.stack([files["transform"](data.load_image(p)) for p in pictures])[None] if pictures else None
+    images = torch.stack([files["transform"](conversation.load_image(p)) for p in pictures])[None] if pictures else None
     return full_forward_greedy(model, ids, images, max_new_tokens, tok.never_generate, tok.eos_id)
 
 
@@ -87,7 +87,7 @@ def no_special(files, rec):
 
 
 def turns(*pairs):
-    return [data.Turn(q, a) for q, a in pairs]
+    return [conversation.Turn(q, a) for q, a in pairs]
 
 
 # -- the CLI --------------------------------------------------------------------------------------------------
@@ -97,14 +97,14 @@ def test_two_greedy_rounds_equal_a_full_forward_over_the_conversation(files):
                  "--prompt", Q1, "--prompt", Q2)
     a1, a2 = answers(r)
     assert (a1["prompt"], a2["prompt"]) == (Q1, Q2)
-    conv = data.Conversation(files["pic1"], turns((Q1, "")))
-    assert a1["ids"] == reference(files, data.prompt(conv), [files["pic1"]], 12)
+    conv = conversation.Conversation(files["pic1"], turns((Q1, "")))
+    assert a1["ids"] == reference(files, conversation.prompt(conv), [files["pic1"]], 12)
     # The first answer was cut at the limit and is closed all the same. Its text tokenises otherwise than the ids
     # that were sampled: the context is the rendered text, as the reference stack (text in, text out) has it.
     assert len(a1["ids"]) == 12 and files["tokenizer"].encode(a1["text"], bos=False) != a1["ids"]
     conv.turns = turns((Q1, a1["text"]), (Q2, ""))
-    assert data.prompt(conv).count("</s>") == 1
-    assert a2["ids"] == reference(files, data.prompt(conv), [files["pic1"]], 12)
+    assert conversation.prompt(conv).count("</s>") == 1
+    assert a2["ids"] == reference(files, conversation.prompt(conv), [files["pic1"]], 12)
     for rec in (a1, a2):
         no_special(files, rec)
 
@@ -116,11 +116,11 @@ def test_int8_chat_answers_as_the_quantized_model_does(files):
                  "--prompt", Q1)
     (a1,) = answers(r)
     quantized = quantize.quantize_int8(checkpoints.load_run(files["run"])[0]).eval()
-    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, ""))))
+    text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, ""))))
     assert a1["ids"] == reference(dict(files, model=quantized), text, [files["pic1"]], 12)
     args = argparse.Namespace(ckpt=files["run"], llama=None, openflamingo=None, lora=None, vision="ViT-L-14",
                               vision_weights="openai", int8=True, dtype=None)
-    model = chat.load_model(args, "cpu")[0]
+    model = checkpoints.load_model(args, "cpu")[0]
     assert isinstance(model.lm_head, quantize.Int8Linear) and model.lm_head.weight.dtype == torch.int8
 
 
@@ -133,12 +133,12 @@ def test_piped_rounds_new_picture_and_bad_input(files):
     a1, a2, a3 = answers(r)
     assert "pic1.png.missing" in r.stderr and "broken.png" in r.stderr and "<image>" in r.stderr
     pics = [files["pic1"]]
-    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, ""))))
+    text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, ""))))
     assert a1["ids"] == reference(files, text, pics, 10)
-    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, a1["text"]), (Q2, ""))))
+    text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, a1["text"]), (Q2, ""))))
     assert a2["ids"] == reference(files, text, pics, 10)
     # The new picture's block goes before the next question; the tokens between the two pictures now see it.
-    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, a1["text"]), (Q2, a2["text"])))) + \
+    text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, a1["text"]), (Q2, a2["text"])))) + \
         f"{IMAGE_BLOCK}\n\n### Instruction:\n{Q3}\n\n### Response:\n"
     assert a3["ids"] == reference(files, text, pics + [files["pic2"]], 10)
     assert a3["ids"] != reference(files, text, pics + [files["pic1"]], 10)     # the new picture matters
@@ -158,9 +158,9 @@ def test_release_layout_is_found_and_language_only_chat_is_printed(files, tmp_pa
     r = run_chat("--vision", files["vision"], "--vision-weights", files["vision_weights"], "--greedy",
                  "--max-new-tokens", "10", stdin=f"{Q1}\n\n{Q2}\n", cwd=tmp_path)
     assert r.returncode == 0 and "using checkpoints/llama-7b_hf" in r.stderr
-    a1 = reference(files, data.prompt(data.Conversation(None, turns((Q1, "")))), [], 10)
+    a1 = reference(files, conversation.prompt(conversation.Conversation(None, turns((Q1, "")))), [], 10)
     t1 = files["tokenizer"].decode(a1)
-    a2 = reference(files, data.prompt(data.Conversation(None, turns((Q1, t1), (Q2, "")))), [], 10)
+    a2 = reference(files, conversation.prompt(conversation.Conversation(None, turns((Q1, t1), (Q2, "")))), [], 10)
     assert r.stdout == t1 + "\n" + files["tokenizer"].decode(a2) + "\n"
 
 
@@ -168,30 +168,31 @@ def test_weights_are_looked_for_in_the_documented_places(files, tmp_path, monkey
     args = argparse.Namespace(ckpt=None, llama=None, openflamingo=None, lora=None)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        chat.find_weights(args)
+        checkpoints.find_weights(args)
     for what in ("--ckpt", "--llama", "checkpoints/llama-7b_hf", "checkpoints/OpenFlamingo-9B/checkpoint.pt",
                  "huggingface.co/openflamingo/OpenFlamingo-9B", "mmgpt-lora-v0-release.pt", "runs/demo"):
         assert what in str(e.value)
     link(files["run"], tmp_path / "runs/demo")
-    assert chat.find_weights(args) == {"run": "runs/demo"}
+    assert checkpoints.find_weights(args) == {"run": "runs/demo"}
     link(files["llama"], tmp_path / "checkpoints/llama-7b_hf")
     link(files["openflamingo"], tmp_path / "checkpoints/OpenFlamingo-9B/checkpoint.pt")
-    assert chat.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
+    assert checkpoints.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
     link(files["release"], tmp_path / "checkpoints/mmgpt-lora-v0-release.pt")
-    assert chat.find_weights(args) == checkpoints.RELEASE
+    assert checkpoints.find_weights(args) == checkpoints.RELEASE
     args.ckpt = files["run"]
-    assert chat.find_weights(args) == {"run": files["run"]}
+    assert checkpoints.find_weights(args) == {"run": files["run"]}
 
 
 # -- in-process: the cache, long conversations, interruptions -------------------------------------------------
 
-def new_chat(files, model=None, max_new_tokens=8):
-    return chat.Chat(model or files["model"], files["tokenizer"], files["transform"], max_new_tokens, greedy=True)
+def new_chat(files, model=None, max_new_tokens=8, **engine):
+    return chat.Chat(Engine(model or files["model"], files["tokenizer"], **engine), files["transform"], max_new_tokens,
+                     Sampling(greedy=True))
 
 
 def budget(c: chat.Chat, tokenizer) -> int:
     """The new tokens the last answer could take: max_new_tokens, or what the context had left."""
-    return min(c.max_new_tokens, c.cache.max_len - len(tokenizer.encode(open_text(c))))
+    return min(c.max_new_tokens, c.engine.max_len - len(tokenizer.encode(open_text(c))))
 
 
 def open_text(c: chat.Chat) -> str:
@@ -206,24 +207,24 @@ def open_text(c: chat.Chat) -> str:
 
 def test_cache_kept_across_rounds_and_pictures_encoded_once(files, monkeypatch):
     c = new_chat(files)
-    fed, encoded = [], []
-    extend, encode_images = c.model.extend, c.model.encode_images
-    monkeypatch.setattr(c.model, "extend", lambda cache, ids, images=None: fed.append(len(ids)) or
-                        extend(cache, ids, images))
-    monkeypatch.setattr(c.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
+    submitted, encoded = [], []
+    submit, encode_images = c.engine.submit, c.engine.model.encode_images
+    monkeypatch.setattr(c.engine, "submit", lambda request: submitted.append(request) or submit(request))
+    monkeypatch.setattr(c.engine.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
                         encode_images(images))
     c.add_picture(files["pic1"])
     got = [c.ask(Q1)]
     round1 = files["tokenizer"].encode(open_text(c))
     got.append(c.ask(Q2))
     # Round 2 feeds only what follows round 1's prompt: at most the first answer (re-tokenised) and its own text.
-    assert fed[len(got[0]) + 1] <= len(files["tokenizer"].encode(open_text(c))) - len(round1)
+    assert submitted[1].cached >= len(round1)
     c.add_picture(files["pic2"])
     got.append(c.ask(Q3))
     monkeypatch.undo()
     assert encoded == [1, 1]    # each picture's features once
     assert got[-1] == reference(files, open_text(c), [files["pic1"], files["pic2"]], 8)
-    assert c.cache.ids[:len(ids := files["tokenizer"].encode(open_text(c)))] == ids
+    ids = files["tokenizer"].encode(open_text(c))
+    assert c.engine.slots[0].ids[:len(ids)] == ids
 
 
 def test_long_conversation_drops_the_oldest_rounds_and_keeps_the_picture(files, tokenizer, capsys):
@@ -238,7 +239,7 @@ def test_long_conversation_drops_the_oldest_rounds_and_keeps_the_picture(files, 
     err = capsys.readouterr().err
     assert "[context full: dropped the oldest round]" in err
     text = c.text()
-    assert text.startswith(data.HEADER + IMAGE_BLOCK) and f"{Q1} 7" in text and f"{Q1} 0\n" not in text
+    assert text.startswith(conversation.HEADER + IMAGE_BLOCK) and f"{Q1} 7" in text and f"{Q1} 0\n" not in text
     # A second picture: once every turn about the first has gone, the first picture goes with them.
     c.add_picture(files["pic2"])
     for i in range(6):
@@ -258,7 +259,7 @@ def test_long_conversation_that_started_without_a_picture(files, tokenizer):
     for i in range(4):  # the language-only round goes first, and the cached picture moves to the front
         got = c.ask(f"{Q3} {i}")
         assert got == reference(files, open_text(c), [files["pic1"]], 4)
-    assert c.text().startswith(data.HEADER + IMAGE_BLOCK) and Q1 not in c.text()
+    assert c.text().startswith(conversation.HEADER + IMAGE_BLOCK) and Q1 not in c.text()
 
 
 def test_question_too_long_or_with_special_tokens_is_refused(files, capsys):
@@ -272,108 +273,99 @@ def test_question_too_long_or_with_special_tokens_is_refused(files, capsys):
     assert c.ask(Q2) == reference(files, open_text(c), [], 8)
 
 
-def interrupt_sampling(monkeypatch, at: int):
-    """Ctrl-C during an answer: mmgpt.sample raises KeyboardInterrupt on its at-th call. Returns the real sample."""
-    sample, calls = mmgpt.sample, []
+def interrupt_sampling(c: chat.Chat, at: int):
+    """Ctrl-C during an answer: the engine's sampler raises KeyboardInterrupt on its at-th call from now."""
+    choose, calls = c.engine.greedy, []
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*args):
         calls.append(1)
         if len(calls) == at:
             raise KeyboardInterrupt
-        return sample(*args, **kwargs)
+        return choose(*args)
 
-    monkeypatch.setattr(mmgpt, "sample", interrupted)
-    return sample
+    c.engine.greedy = interrupted
 
 
 def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
     c = new_chat(files)
     c.add_picture(files["pic1"])
-    sample = interrupt_sampling(monkeypatch, at=4)
+    interrupt_sampling(c, at=4)
     partial = c.ask(Q1)
-    monkeypatch.setattr(mmgpt, "sample", sample)
     assert len(partial) == 3 and "[stopped]" in capsys.readouterr().err
     got = c.ask(Q2)
     assert files["tokenizer"].decode(partial) + "</s>" in c.text()
     assert got == reference(files, open_text(c), [files["pic1"]], 8)
 
-    # Stopped inside the prefill of a round that brings a picture: the cache keeps a valid prefix.
+    # Stopped inside the prefill of a round that brings a picture: the slot keeps a valid prefix.
     c.add_picture(files["pic2"])
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(c.model, "extend", stop)
+    monkeypatch.setattr(c.engine, "prefill_step", stop)
     assert c.ask(Q3) == []
     monkeypatch.undo()
-    assert c.cache.ids == files["tokenizer"].encode(c.text())[:len(c.cache.ids)]
+    slot = c.engine.slots[0]
+    assert slot.ids == files["tokenizer"].encode(c.text())[:len(slot.ids)] and slot.request is None
     got = c.ask(Q1)
     assert got == reference(files, open_text(c), [files["pic1"], files["pic2"]], 8)
 
 
-def test_answer_ends_before_a_spelled_out_special_string(files, monkeypatch):
+def scripted_answer(c: chat.Chat, question: str, tokens: list[int]) -> list[int] | None:
+    """Ask, the engine's sampler returning these tokens one per call, whatever the model says."""
+    left, choose = iter(tokens), c.engine.greedy
+    c.engine.greedy = lambda logits, banned: torch.tensor([next(left)])
+    try:
+        return c.ask(question)
+    finally:
+        c.engine.greedy = choose
+
+
+def test_answer_ends_before_a_spelled_out_special_string(files):
     tok = files["tokenizer"]
     c = new_chat(files)
     spelled = tok.sp.encode("red <image> and </s> blue")    # ordinary pieces that spell special strings
-
-    def fake_generate(model, cache, ids, images=None, **kwargs):
-        model.extend(cache, ids, images)
-        yield from spelled
-
-    monkeypatch.setattr(mmgpt, "generate", fake_generate)
-    got = c.ask(Q1)
-    monkeypatch.undo()
+    got = scripted_answer(c, Q1, spelled)
     text = tok.decode(got)
     assert text.startswith("red") and not any(s in text for s in tok.special)
     assert got == spelled[:len(got)] and len(got) < len(spelled)
     assert c.ask(Q2) == reference(files, open_text(c), [], 8)
 
 
-def test_an_empty_answer_is_closed_too(files, monkeypatch):
+def test_an_empty_answer_is_closed_too(files):
     c = new_chat(files)
     c.add_picture(files["pic1"])
-
-    def eos_at_once(model, cache, ids, images=None, **kwargs):
-        model.extend(cache, ids, images)
-        yield from []
-
-    monkeypatch.setattr(mmgpt, "generate", eos_at_once)
-    assert c.ask(Q1) == []
-    monkeypatch.undo()
+    assert scripted_answer(c, Q1, [files["tokenizer"].eos_id]) == []
     c.add_picture(files["pic2"])
     got = c.ask(Q2)
-    text = data.prompt(data.Conversation(files["pic1"], turns((Q1, "")))) + \
+    text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, "")))) + \
         f"</s>{IMAGE_BLOCK}\n\n### Instruction:\n{Q2}\n\n### Response:\n"
     assert open_text(c) == text
     assert got == reference(files, text, [files["pic1"], files["pic2"]], 8)
 
 
-
-def scripted_chat(files, model, monkeypatch) -> list:
+def scripted_chat(c: chat.Chat, files) -> list:
     """Rounds across a picture brought in later, a Ctrl-C in an answer and the oldest rounds dropped."""
-    c = new_chat(files, model, max_new_tokens=10)
     c.add_picture(files["pic1"])
     got = [c.ask(Q1), c.ask(Q2)]
     c.add_picture(files["pic2"])
-    sample = interrupt_sampling(monkeypatch, at=3)
+    interrupt_sampling(c, at=3)
     got.append(c.ask(Q3))
-    monkeypatch.setattr(mmgpt, "sample", sample)
     got += [c.ask(f"{Q1} {i}") for i in range(4)]
     assert len(c.pixels) == 1 and len(got[2]) == 2    # the first picture's rounds were dropped; Ctrl-C took effect
     return got
 
 
-def test_fast_path_answers_equal_the_eager_path(files, monkeypatch, capsys):
-    """chat.make_fast (LoRA merged, decode step and bucketed prefill compiled; here with a CPU backend that
+def test_fast_path_answers_equal_the_eager_path(files, capsys):
+    """The engine's fast path (LoRA merged, decode step and bucketed prefill compiled; here with a CPU backend that
     traces the same full graphs): the same greedy answers as the eager path, round after round."""
     answers = []
     for fast in (False, True):
         model = checkpoints.load(files["llama"], files["openflamingo"], files["release"], files["vision"],
                                  files["vision_weights"])[0]
         model.cfg.max_seq_len = 160     # a short context: the oldest rounds get dropped
-        if fast:
-            chat.make_fast(model, backend="aot_eager")
-            assert all(m.merged for m in lora.lora_layers(model))
-        answers.append(scripted_chat(files, model, monkeypatch))
+        c = new_chat(files, model, max_new_tokens=10, fast=fast, backend="aot_eager")
+        assert all(m.merged for m in lora.lora_layers(model)) == fast
+        answers.append(scripted_chat(c, files))
     assert answers[0] == answers[1]
     assert "[context full" in capsys.readouterr().err

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+import conversation
 import data
-from data import Conversation, DataError, Turn
+from conversation import Conversation, DataError, Turn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -52,22 +53,22 @@ def loss_runs(ids, labels) -> list[list[int]]:
 
 def test_prompt_one_turn_with_image():
     conv = Conversation("a.jpg", [Turn("What is this?", "A cat.")])
-    assert data.prompt(conv) == (H + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat is this?"
+    assert conversation.prompt(conv) == (H + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat is this?"
                                  "\n\n### Response:\nA cat.</s>")
 
 
 def test_prompt_several_turns():
     conv = Conversation("a.jpg", [Turn("Q1?", "A1."), Turn("Q2?", "A2."), Turn("Q3?", "A3.")])
-    assert data.prompt(conv) == (H + "\n\n### Image:\n<image>"
+    assert conversation.prompt(conv) == (H + "\n\n### Image:\n<image>"
                                  "\n\n### Instruction:\nQ1?\n\n### Response:\nA1.</s>"
                                  "\n\n### Instruction:\nQ2?\n\n### Response:\nA2.</s>"
                                  "\n\n### Instruction:\nQ3?\n\n### Response:\nA3.</s>")
 
 
 def test_prompt_language_only_with_and_without_input():
-    assert data.prompt(Conversation(None, [Turn("Say hi.", "Hi.")])) == (
+    assert conversation.prompt(Conversation(None, [Turn("Say hi.", "Hi.")])) == (
         H + "\n\n### Instruction:\nSay hi.\n\n### Response:\nHi.</s>")
-    assert data.prompt(Conversation(None, [Turn("Add them.", "7", "3 and 4")])) == (
+    assert conversation.prompt(Conversation(None, [Turn("Add them.", "7", "3 and 4")])) == (
         H + "\n\n### Instruction:\nAdd them.\n\n### Input:\n3 and 4\n\n### Response:\n7</s>")
 
 
@@ -75,9 +76,9 @@ def test_prompt_open_last_for_chat():
     conv = Conversation("a.jpg", [Turn("Q1?", "A1."), Turn("Q2?", "")])
     expected = H + "\n\n### Image:\n<image>\n\n### Instruction:\nQ1?\n\n### Response:\nA1.</s>" \
                    "\n\n### Instruction:\nQ2?\n\n### Response:\n"
-    assert data.prompt(conv) == expected
+    assert conversation.prompt(conv) == expected
     # open_last ignores a written last answer
-    assert data.prompt(Conversation("a.jpg", [Turn("Q1?", "A1."), Turn("Q2?", "A2.")]), open_last=True) == expected
+    assert conversation.prompt(Conversation("a.jpg", [Turn("Q1?", "A1."), Turn("Q2?", "A2.")]), open_last=True) == expected
 
 
 @pytest.mark.parametrize("conv", [
@@ -90,7 +91,7 @@ def test_prompt_open_last_for_chat():
 ])
 def test_render_ids_and_label_spans(tokenizer, conv):
     ids, labels = data.render(conv, tokenizer)
-    assert ids == tokenizer.encode(data.prompt(conv))
+    assert ids == tokenizer.encode(conversation.prompt(conv))
     assert ids.count(tokenizer.bos_id) == 1 and ids[0] == tokenizer.bos_id
     assert ids.count(tokenizer.image_id) == (conv.image is not None)
     assert len(labels) == len(ids)
@@ -427,7 +428,7 @@ def test_load_image_any_mode_to_rgb(tmp_path, make, expected):
     im = make()
     path = tmp_path / ("p.tiff" if im.mode in ("CMYK", "I;16", "I") else "p.png")
     im.save(path)
-    out = data.load_image(str(path))
+    out = conversation.load_image(str(path))
     assert out.mode == "RGB" and out.size == (4, 4)
     assert all(abs(a - b) <= 1 for a, b in zip(out.getpixel((1, 1)), expected))
 
@@ -437,7 +438,7 @@ def test_load_image_palette_with_transparency(tmp_path):
     im.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
     im.putpixel((0, 0), 1)
     im.save(tmp_path / "p.png", transparency=0)
-    out = data.load_image(str(tmp_path / "p.png"))
+    out = conversation.load_image(str(tmp_path / "p.png"))
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 0, 0) and out.getpixel((2, 2)) == (255, 255, 255)
 
 
@@ -447,7 +448,7 @@ def test_load_image_applies_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6                                    # Orientation: rotate 90 degrees clockwise to display
     im.save(tmp_path / "r.jpg", exif=exif, quality=95)
-    out = data.load_image(str(tmp_path / "r.jpg"))
+    out = conversation.load_image(str(tmp_path / "r.jpg"))
     assert out.size == (20, 40)                         # turned upright
     top, bottom = out.getpixel((10, 5)), out.getpixel((10, 35))
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60   # red went to the top
@@ -533,7 +534,7 @@ def test_collate_pads_on_the_right(tokenizer, tmp_path):
     assert (batch["input_ids"][0, n0:] == tokenizer.pad_id).all() and (batch["labels"][0, n0:] == -100).all()
     assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (n1 - n0) and batch["attention_mask"][1].all()
     assert batch["images"].shape == (2, 1, 3, 8, 8) and torch.equal(batch["images"][1, 0], to_tensor(
-        data.load_image(pic)))
+        conversation.load_image(pic)))
     assert batch["skipped"] == 0
     lang = data.collate([lang_dataset(tokenizer, 2)[0]], pad_id=tokenizer.pad_id)
     assert lang["images"] is None

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 
+import conversation
 import data
 import demo
 
@@ -69,7 +70,7 @@ def test_demo_eval_split_scoring_and_chance():
     items = demo.eval_set(200)
     assert len(items) == 200 and not train & {conv.image for conv, _ in items}
     for conv, expected in items:
-        assert conv.turns[-1].answer == "" and data.prompt(conv).endswith("### Response:\n")
+        assert conv.turns[-1].answer == "" and conversation.prompt(conv).endswith("### Response:\n")
         assert any(expected in answers for answers in demo.ANSWERS.values())
     # the held-out questions ask every kind of one shape and of several, each kind about as often
     held_out = {(demo.KIND[e], len(json.loads(conv.image[5:])["shapes"])) for conv, e in items}
@@ -86,22 +87,22 @@ def test_demo_eval_split_scoring_and_chance():
 def test_demo_corpus_and_tokenizer(tmp_path):
     import mmgpt
     lines = demo.corpus()
-    assert data.HEADER in lines and not any("<image>" in l or "</s>" in l or "\n" in l for l in lines)
+    assert conversation.HEADER in lines and not any("<image>" in l or "</s>" in l or "\n" in l for l in lines)
     tok = mmgpt.Tokenizer(demo.tokenizer(str(tmp_path / "demo")))
     conv = demo.train_set(20, 0)[0][0]
     ids, labels = data.render(conv, tok)
-    assert tok.decode(ids[1:]) == data.prompt(conv).replace("\n<image>\n\n", "<image>")   # stripped around it
+    assert tok.decode(ids[1:]) == conversation.prompt(conv).replace("\n<image>\n\n", "<image>")   # stripped around it
     assert tok.sp.unk_id() not in ids
 
 
 def test_pictures_are_drawn_into_files_that_data_reads(tmp_path):
-    """materialise: PNG files with exactly draw()'s pixels, one per distinct scene, read by data.load_image."""
+    """materialise: PNG files with exactly draw()'s pixels, one per distinct scene, read by conversation.load_image."""
     vl, _ = demo.train_set(20, 0)
     files, _ = demo.train_set(20, 0, pictures=str(tmp_path))
     assert [c.turns for c in files] == [c.turns for c in vl]
     for scene, conv in zip(vl, files):
         assert conv.image.startswith(str(tmp_path)) and conv.image.endswith(".png")
-        assert np.array_equal(np.asarray(data.load_image(conv.image)), np.asarray(demo.draw(scene.image)))
+        assert np.array_equal(np.asarray(conversation.load_image(conv.image)), np.asarray(demo.draw(scene.image)))
     assert len(list(tmp_path.iterdir())) == len({c.image for c in vl})     # nothing else left there
     again, _ = demo.train_set(20, 0, pictures=str(tmp_path))                # a second run reuses the files
     assert [c.image for c in again] == [c.image for c in files]

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+import conversation
 import checkpoints
 import data
 import demo
 import eval
-import mmgpt
 import train
 from conftest import tiny_model
+from engine import Engine
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_prompts_zero_and_few_shot(tmp_path):
     q, a, images = vqa_files(tmp_path)
     items = eval.read("vqav2", q, a, images)
     text, pictures = eval.prompt_and_pictures(items[0], eval.pools([]), 0, "paper", eval.INSTRUCTIONS["vqa"], seed=0)
-    assert text == (data.HEADER + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat colour 0? Answer the question "
+    assert text == (conversation.HEADER + "\n\n### Image:\n<image>\n\n### Instruction:\nWhat colour 0? Answer the question "
                     "using a single word or phrase.\n\n### Response:\n")
     assert pictures == [items[0].image]
     # One shot from a support set of the same file: never the item itself, the answer most humans gave.
@@ -229,33 +230,8 @@ def test_prompts_zero_and_few_shot(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 
-def test_generate_batch_equals_one_at_a_time(tokenizer):
-    model = tiny_model(tokenizer, seed=3)
-    torch.manual_seed(0)
-    img = tokenizer.image_id
-    prompts = [tokenizer.encode("the cat sat") + [img] + tokenizer.encode("what colour is it ?"),
-               tokenizer.encode("a dog"),                                                   # no picture
-               [1, img] + tokenizer.encode("how many") + [img] + tokenizer.encode("shapes are there on the mat"),
-               tokenizer.encode("red blue green yellow square circle triangle picture shows") + [img]]
-    images = [torch.randn(1, 3, 28, 28), None, torch.randn(2, 3, 28, 28), torch.randn(1, 3, 28, 28)]
-    banned = tokenizer.never_generate
-
-    def one_at_a_time(eos, n=10):
-        return [list(mmgpt.generate(model, model.new_cache(), p, None if x is None else x[None], max_new_tokens=n,
-                                    eos_id=eos, banned=banned, greedy=True)) for p, x in zip(prompts, images)]
-
-    free = one_at_a_time(eos=-1)
-    # A stop token that ends row 0 early: its first token not written before.
-    eos = next(t for i, t in enumerate(free[0]) if i > 0 and t not in free[0][:i])
-    expected = one_at_a_time(eos)
-    assert 0 < len(expected[0]) < 10 and any(len(r) == 10 for r in expected)   # early stop and full length
-    assert len({tuple(r) for r in expected}) > 1
-    got = mmgpt.generate_batch(model, prompts, images, max_new_tokens=10, eos_id=eos, banned=banned)
-    assert got == expected
-
-
 def test_eval_generate_order_and_batches(tokenizer, tmp_path):
-    """eval.generate sorts by length into batches and puts the answers back in order: batch 3 == batch 1."""
+    """eval.generate puts the answers in the order of the prompts, whatever the engine's slots: 3 == 1."""
     model = tiny_model(tokenizer, seed=1)
     transform = checkpoints.image_transform_for(model.cfg.vision)
     paths = []
@@ -264,15 +240,14 @@ def test_eval_generate_order_and_batches(tokenizer, tmp_path):
         picture(paths[-1], (50 * i, 200 - 30 * i, 90))
     prompts = [[1, tokenizer.image_id] + tokenizer.encode("what colour is the shape " * (i % 3 + 1), bos=False)
                for i in range(5)]
-    run = lambda bs: eval.generate(model, prompts, [[p] for p in paths], transform, batch_size=bs, max_new_tokens=6,
-                                   eos_id=tokenizer.eos_id, banned=tokenizer.never_generate, workers=0)
+    run = lambda slots: eval.generate(Engine(model, tokenizer, slots), prompts, [[p] for p in paths], transform,
+                                      max_new_tokens=6, workers=0)
     one = run(1)
     assert run(3) == one and len({tuple(x) for x in one}) > 1
     bad = str(tmp_path / "bad.png")
     open(bad, "w").write("not a picture")
     with pytest.raises(data.DataError, match=re.escape(f"unreadable picture {bad}")):
-        eval.generate(model, prompts[:1], [[bad]], transform, batch_size=1, max_new_tokens=2, eos_id=2, banned=[],
-                      workers=0)
+        eval.generate(Engine(model, tokenizer), prompts[:1], [[bad]], transform, max_new_tokens=2, workers=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import conversation
 import chat
 import checkpoints
 import data
@@ -324,7 +325,7 @@ def test_every_picture_fault_is_named(tmp_path, content):
         with open(path, "wb") as f:
             f.write(content)
     with pytest.raises(data.DataError, match=f"unreadable picture {path}: "):
-        data.load_image(path)
+        conversation.load_image(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

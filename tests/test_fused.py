@@ -14,6 +14,7 @@ import checkpoints
 import lora
 import mmgpt
 from conftest import tiny_model
+from perceiver import make_picture_mask
 
 SUBSET = ("q_proj", "v_proj", "to_kv", "ff.3")  # k_proj and o_proj left out: un-adapted rows of a fused layer
 
@@ -63,10 +64,11 @@ def reference_logits(model, t, images, ids):
         x1, x2 = x.chunk(2, dim=-1)
         return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
+    mask = make_picture_mask(index, cfg.perceiver_latents, kv[cfg.xattn_layers[0]][0].shape[2], torch.float32)
     x = model.embed_tokens(ids)
     for i, layer in enumerate(model.layers):
         if layer.xattn is not None:
-            x = layer.xattn(x, kv[i], index)
+            x = layer.xattn(x, kv[i], mask)
         p = f"layers.{i}."
         h = rms(x, t[p + "input_layernorm.weight"], cfg.norm_eps)
         q, k, v = (linear(h, p + f"self_attn.{n}").view(B, T, cfg.n_heads, -1).transpose(1, 2)
@@ -275,12 +277,13 @@ def test_decoder_layer_traces_as_one_graph(tokenizer):
     lora.mark_trainable(model)
     images, ids = inputs(tokenizer)
     kv = model.picture_kv(model.encode_images(images))
-    index = mmgpt.media_index(ids, tokenizer.image_id)
-    x = model.embed_tokens(ids)
+    mask = make_picture_mask(mmgpt.media_index(ids, tokenizer.image_id), model.cfg.perceiver_latents,
+                             kv[1][0].shape[2], torch.float32)
+    x = model.embed_tokens(ids).flatten(0, 1)
     T = ids.shape[1]
-    cos, sin = (t[:T, None, None, :] for t in (model.rope_cos, model.rope_sin))
+    cos, sin = (t[None, :T] for t in (model.rope_cos, model.rope_sin))
     layer = model.layers[1]
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
-    want = layer(x, cos, sin, None, (kv[1], index, None))
-    got = compiled(x, cos, sin, None, (kv[1], index, None))
+    want = layer(x, cos, sin, None, (kv[1], mask, None))
+    got = compiled(x, cos, sin, None, (kv[1], mask, None))
     torch.testing.assert_close(got, want, rtol=0, atol=0)

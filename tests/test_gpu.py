@@ -1,6 +1,6 @@
 """On CUDA (marker gpu: `pytest -m gpu tests`; skipped without a GPU): train.py's fast path in bf16 against the
-same computation in fp32 on the CPU, the demo end to end with its evaluation, chat's fast path in bf16 against
-its eager path (also with --int8), batched generation, and the cache under autocast."""
+same computation in fp32 on the CPU, the demo end to end with its evaluation, the engine's fast path in bf16
+against its eager path (one slot and four; also with --int8), and the cache under autocast."""
 import copy
 import os
 import subprocess
@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-import chat
 import lora
-import mmgpt
 import quantize
 import train
-from conftest import batch_input, grads_after, lora_model, micro_batches, one_at_a_time, tiny_model
+from conftest import batch_input, full_forward_greedy, grads_after, lora_model, micro_batches, tiny_model
+from engine import Engine, Request, Sampling
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,44 +58,49 @@ def on_gpu(images):
     return [None if im is None else im.to("cuda", torch.bfloat16) for im in images]
 
 
-def test_gpu_fast_chat_path_equals_eager_bf16(tokenizer):
-    """Greedy token ids of the fast path (LoRA merged, CUDA graphs) equal the eager path's (merged too: merging
-    in bf16 rounds the weights) on a tiny random model, batch 1 over two rounds and batched."""
-    eager, fast = bf16_model(tokenizer), bf16_model(tokenizer)
-    lora.merge(eager)
-    chat.make_fast(fast)
+def answers(engine: Engine, prompts, images, n: int = 12) -> list[list[int]]:
+    return [r.tokens for r in engine.generate([Request(p, [] if im is None else list(im), n, Sampling(greedy=True))
+                                               for p, im in zip(prompts, images)])]
+
+
+def test_gpu_fast_engine_equals_eager_bf16(tokenizer):
+    """Greedy token ids of the fast path (LoRA merged, a CUDA graph per batch and width bucket) equal the eager
+    path's (merged too: merging in bf16 rounds the weights) on a tiny random model: one slot (the requests one
+    after the other, a second round reusing the first's prefix) and four slots at once; no graph is skipped."""
+    eager_model, fast_model = bf16_model(tokenizer), bf16_model(tokenizer)
+    lora.merge(eager_model)
     prompts, images = batch_input(tokenizer)
     images = on_gpu(images)
-    for model in (eager, fast):
-        model.answers = one_at_a_time(model, tokenizer, prompts, images, -1, 12)
-        cache = model.new_cache()
-        model.rounds = [list(mmgpt.generate(model, cache, ids, None if im is None else im[None], max_new_tokens=8,
-                                            eos_id=-1, banned=tokenizer.never_generate, greedy=True))
-                        for ids, im in ((prompts[0], images[0]), (tokenizer.encode("and <image>", bos=False),
-                                                                  images[0][:1]))]
-        model.batched = mmgpt.generate_batch(model, prompts, images, max_new_tokens=12, eos_id=-1,
-                                             banned=tokenizer.never_generate)
-    assert fast.answers == eager.answers and fast.rounds == eager.rounds
-    assert fast.batched == eager.batched == eager.answers
+    prompts.append(prompts[0] + tokenizer.encode("and <image> now", bos=False))
+    images.append(torch.cat([images[0], images[3]]))
+    counters.clear()
+    for slots in (1, 4):
+        want = answers(Engine(eager_model, tokenizer, slots, eos_id=-1), prompts, images)
+        assert answers(Engine(fast_model, tokenizer, slots, eos_id=-1, fast=True), prompts, images) == want
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    torch._dynamo.reset()
 
 
-def test_gpu_int8_fast_chat_equals_int8_eager(tokenizer):
+def test_gpu_int8_fast_engine_equals_int8_eager(tokenizer):
     """chat.py --int8 on CUDA: the compiled path (CUDA graphs, the int8 -> bf16 conversion inside the compiled
     matmuls) gives the int8 eager path's greedy ids."""
     eager, fast = (quantize.quantize_int8(bf16_model(tokenizer)) for _ in range(2))
-    chat.make_fast(fast)
     prompts, images = batch_input(tokenizer)
     images = on_gpu(images)
-    assert one_at_a_time(fast, tokenizer, prompts, images, -1, 12) == \
-        one_at_a_time(eager, tokenizer, prompts, images, -1, 12)
+    assert answers(Engine(fast, tokenizer, eos_id=-1, fast=True), prompts, images) == \
+        answers(Engine(eager, tokenizer, eos_id=-1), prompts, images)
+    torch._dynamo.reset()
 
 
 def test_gpu_cache_under_autocast(tokenizer):
-    """A fp32 model decoding under bf16 autocast (train.py's demo evaluation): the cache is made in bf16
-    and decoding runs."""
+    """A fp32 model decoding under bf16 autocast (train.py's demo evaluation): the cache is made in bf16 and the
+    answers equal a full forward's under the same autocast."""
     model = tiny_model(tokenizer).to("cuda")
     prompts, images = batch_input(tokenizer)
     images = [None if im is None else im.to("cuda") for im in images]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = one_at_a_time(model, tokenizer, prompts, images, -1, 4)
-    assert model.layers[0].self_attn.k_cache.dtype == torch.bfloat16 and list(map(len, got)) == [4] * len(prompts)
+        engine = Engine(model, tokenizer, slots=4, eos_id=-1)
+        got = answers(engine, prompts, images, 4)
+        want = [full_forward_greedy(model, p, None if im is None else im[None], 4, tokenizer.never_generate)
+                for p, im in zip(prompts, images)]
+    assert engine.cache.layers[0].k.dtype == torch.bfloat16 and got == want

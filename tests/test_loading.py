@@ -78,13 +78,6 @@ def inputs(tokenizer):
     return torch.randn(1, 2, 3, 28, 28), torch.tensor([ids])
 
 
-def test_the_loaders_are_still_reachable_from_mmgpt():
-    """They moved to checkpoints.py; code written against `mmgpt.load(...)` keeps working."""
-    assert mmgpt.load is checkpoints.load and mmgpt.load_run is checkpoints.load_run
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        mmgpt.nope
-
-
 @pytest.mark.parametrize("llama", ["st", "bin", "st2", "bin3"])
 def test_release_layouts_round_trip(files, tokenizer, llama):
     model, tok, transform = checkpoints.load(llama=files[llama], openflamingo=files["openflamingo"],

@@ -1,4 +1,5 @@
-"""The model's numerical contracts: caching, LoRA, gates, language-only path, media masking, loss, sampling."""
+"""The model's numerical contracts: LoRA, gates, language-only path, media masking, loss, checkpointing. (Cached
+decoding: test_engine.py.)"""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 import lora
 import mmgpt
 from conftest import full_forward_greedy, tiny_model
-from perceiver import GatedCrossAttentionBlock, media_index
+from perceiver import GatedCrossAttentionBlock, make_picture_mask, media_index
 
 TEXT = "hello <image> the cat sat on <image> a mat red dog and a blue square"
 
@@ -15,56 +16,6 @@ def two_image_input(tokenizer):
     ids = tokenizer.encode(TEXT)
     torch.manual_seed(1)
     return ids, torch.randn(1, 2, 3, 28, 28)
-
-
-def test_kv_cache_equals_full_forward_across_a_new_picture(tokenizer):
-    model = tiny_model(tokenizer)
-    ids, images = two_image_input(tokenizer)
-    full = model(images, torch.tensor([ids]))[0]
-    p1, p2 = [i for i, t in enumerate(ids) if t == tokenizer.image_id]
-    cache = model.new_cache()
-    # Round 1: up to just past the first picture. Round 2 brings the second picture, which changes the
-    # picture of the tokens between the two: extend() must recompute them.
-    first = model.extend(cache, ids[:p1 + 3], images[:, :1])
-    torch.testing.assert_close(first, model(images[:, :1], torch.tensor([ids[:p1 + 3]]))[0, -1])
-    last = model.extend(cache, ids[p1 + 3:p2 + 2], images[:, 1:])
-    torch.testing.assert_close(last, full[p2 + 1], rtol=1e-5, atol=1e-5)
-    for t in range(p2 + 2, len(ids)):  # token-by-token decoding
-        step = model.extend(cache, [ids[t]])
-        torch.testing.assert_close(step, full[t], rtol=1e-5, atol=1e-5)
-    assert cache.ids == ids
-
-
-def test_kv_cache_equals_full_forward_under_attend_previous(tokenizer):
-    """Under attend_previous a new picture changes no earlier token: the cache is extended, never recomputed."""
-    model = tiny_model(tokenizer, attend_previous=True)
-    ids, images = two_image_input(tokenizer)
-    x = torch.tensor([ids])
-    full = model(images, x)[0]
-    torch.testing.assert_close(full, model(images, x, attend_previous=True)[0])  # the model's rule by default
-    assert not torch.allclose(full, model(images, x, attend_previous=False)[0])
-    p1, p2 = [i for i, t in enumerate(ids) if t == tokenizer.image_id]
-    cache, computed = model.new_cache(), []
-    step = model.decode_step
-    model.decode_step = lambda x, *rest: computed.append(x.shape[1]) or step(x, *rest)
-    model.extend(cache, ids[:p1 + 3], images[:, :1])
-    last = model.extend(cache, ids[p1 + 3:p2 + 2], images[:, 1:])
-    torch.testing.assert_close(last, full[p2 + 1], rtol=1e-5, atol=1e-5)
-    assert computed == [p1 + 3, p2 + 2 - (p1 + 3)]  # only the new tokens (the default rule redoes the last 2 too)
-    for t in range(p2 + 2, len(ids)):
-        torch.testing.assert_close(model.extend(cache, [ids[t]]), full[t], rtol=1e-5, atol=1e-5)
-    assert cache.ids == ids
-
-
-def test_kv_cache_language_only_then_picture(tokenizer):
-    """A picture arriving after a language-only start turns on cross-attention for every earlier token."""
-    model = tiny_model(tokenizer)
-    ids, images = two_image_input(tokenizer)
-    p1 = ids.index(tokenizer.image_id)
-    cache = model.new_cache()
-    model.extend(cache, ids[:p1])
-    out = model.extend(cache, ids[p1:], images[:, :2])
-    torch.testing.assert_close(out, model(images, torch.tensor([ids]))[0, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_merged_equals_unmerged_and_zero_b_is_identity(tokenizer):
@@ -128,10 +79,10 @@ def test_cross_attention_sees_only_its_picture_and_zero_without_one():
         block.attn_gate.fill_(1.0)
     x = torch.randn(1, 7, 16)
     latents = torch.randn(1, 2, 3, 8)
-    index = torch.tensor([[1, 1, 2, 2, 2, 0, 0]])
+    mask = make_picture_mask(torch.tensor([[1, 1, 2, 2, 2, 0, 0]]), 3, 2 * 3, torch.float32)
 
     def attn_out(lat):
-        return block.attn(x, block.attn.picture_kv(lat), index)
+        return block.attn(x, block.attn.picture_kv(lat), mask)
 
     base = attn_out(latents)
     changed2 = latents.clone()
@@ -146,7 +97,7 @@ def test_cross_attention_sees_only_its_picture_and_zero_without_one():
     # ... but the FFW branch still runs for them.
     with torch.no_grad():
         block.ff_gate.fill_(1.0)
-    y = block(x, block.attn.picture_kv(latents), index)
+    y = block(x, block.attn.picture_kv(latents), mask)
     torch.testing.assert_close(y[0, 5:], x[0, 5:] + block.ff(x)[0, 5:] * torch.tanh(torch.tensor(1.0)))
 
 
@@ -190,56 +141,6 @@ def test_lm_loss_predicts_next_token_over_labelled_positions():
     torch.testing.assert_close(mmgpt.lm_loss(logits, labels), torch.stack(expected).mean())
 
 
-def biased_head(model, bias):
-    """Replace lm_head by one whose logits are `bias` plus a little of the real signal."""
-    head = torch.nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight * 0.01)
-        head.bias.copy_(bias)
-    model.lm_head = head
-
-
-def test_generation_never_emits_special_tokens_and_stops_at_eos(tokenizer):
-    model = tiny_model(tokenizer)
-    bias = torch.zeros(model.cfg.vocab_size)
-    bias[tokenizer.never_generate] = 100.0  # every forbidden token is by far the most likely one
-    biased_head(model, bias)
-    ids = tokenizer.encode("the cat")
-    for kwargs in ({"greedy": True}, {"temperature": 1.0, "top_k": 5}, {"temperature": 0.8, "top_p": 0.9}):
-        out = list(mmgpt.generate(model, model.new_cache(), ids, max_new_tokens=12, eos_id=tokenizer.eos_id,
-                                  banned=tokenizer.never_generate, generator=torch.Generator().manual_seed(0),
-                                  **kwargs))
-        assert len(out) == 12 and not set(out) & set(tokenizer.never_generate)
-    bias[tokenizer.eos_id] = 50.0
-    biased_head(model, bias)
-    cache = model.new_cache()
-    assert list(mmgpt.generate(model, cache, ids, max_new_tokens=5, eos_id=tokenizer.eos_id,
-                               banned=tokenizer.never_generate, greedy=True)) == []
-    assert cache.ids == ids  # EOS is not cached: the caller closes the answer with </s> in its next text
-
-
-def test_greedy_generation_equals_full_forward_argmax(tokenizer):
-    model = tiny_model(tokenizer)
-    ids, images = two_image_input(tokenizer)
-    cache = model.new_cache()
-    out = list(mmgpt.generate(model, cache, ids, images, max_new_tokens=10, eos_id=-1,
-                              banned=tokenizer.never_generate, greedy=True))
-    seq = list(ids) + full_forward_greedy(model, list(ids), images, 10, tokenizer.never_generate)
-    assert out == seq[len(ids):]
-    assert cache.ids == seq
-
-
-def test_top_k_and_top_p_restrict_the_candidates():
-    logits = torch.tensor([0.0, 5.0, 4.0, 3.0, -1.0])
-    g = torch.Generator().manual_seed(0)
-    picks = {mmgpt.sample(logits, [], top_k=2, generator=g) for _ in range(200)}
-    assert picks == {1, 2}
-    # probs ~ [.004, .66, .24, .09, .002]: top_p=0.8 keeps the first two by mass
-    picks = {mmgpt.sample(logits, [], top_p=0.8, generator=g) for _ in range(200)}
-    assert picks == {1, 2}
-    assert mmgpt.sample(logits, [1], greedy=True) == 2
-
-
 def test_grad_checkpointing_gives_the_same_gradients(tokenizer):
     model = tiny_model(tokenizer)
     lora.inject(model, r=4, alpha=8, within="layers.")
@@ -260,18 +161,3 @@ def test_grad_checkpointing_gives_the_same_gradients(tokenizer):
         grads.append([p.grad.clone() for p in trainable])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
-
-
-def test_cache_overflow_and_truncate_keep_the_cache_valid(tokenizer):
-    model = tiny_model(tokenizer)
-    ids, images = two_image_input(tokenizer)
-    p1, p2 = [i for i, t in enumerate(ids) if t == tokenizer.image_id]
-    cache = model.new_cache(len(ids))
-    model.extend(cache, ids[:p2 + 1], images)
-    with pytest.raises(ValueError, match="cannot extend a context"):
-        model.extend(cache, ids[p2 + 1:] + [5])
-    assert cache.ids == ids[:p2 + 1] and cache.picture_kv[1][0].shape[2] == 2  # untouched
-    cache.truncate(p1 + 2)  # back to before the second picture: its keys/values go too
-    assert cache.picture_kv[1][0].shape[2] == 1
-    out = model.extend(cache, ids[p1 + 2:], images[:, 1:])
-    torch.testing.assert_close(out, model(images, torch.tensor([ids]))[0, -1], rtol=1e-5, atol=1e-5)

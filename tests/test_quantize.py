@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import lora
-import mmgpt
 import quantize
 from conftest import batch_input, full_forward_greedy, lora_model, one_at_a_time
+from engine import Engine, Request, Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,6 +54,6 @@ def test_quantized_cached_decoding_equals_its_full_forward(tokenizer):
     cached = one_at_a_time(model, tokenizer, prompts, images, eos_id=-1, n=6)
     for p, im, got in zip(prompts, images, cached):
         assert got == full_forward_greedy(model, p, None if im is None else im[None], 6, tokenizer.never_generate)
-    batched = list(mmgpt.generate_batch(model, prompts, images, max_new_tokens=6, eos_id=-1,
-                                        banned=tokenizer.never_generate))
-    assert batched == cached
+    batched = Engine(model, tokenizer, slots=4, eos_id=-1).generate(
+        [Request(p, [] if im is None else list(im), 6, Sampling(greedy=True)) for p, im in zip(prompts, images)])
+    assert [r.tokens for r in batched] == cached

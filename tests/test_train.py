@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,10 +128,9 @@ def test_demo_base_starts_with_open_gates(base):
 def test_demo_evaluation_scores_each_question_kind(base, monkeypatch):
     """A model that always answers "red": right exactly on the colour questions whose answer is red."""
     import checkpoints
-    import mmgpt
     model, tokenizer, transform = checkpoints.load(base["llama"], base["openflamingo"], None, base["vision"],
                                                    base["vision_weights"])
-    monkeypatch.setattr(mmgpt, "generate", lambda *a, **k: iter(tokenizer.encode("red", bos=False)))
+    monkeypatch.setattr(train.Engine, "generate", lambda self, requests: [SimpleNamespace(text="red") for _ in requests])
     items = demo.eval_set(n=40, seed=1, pictures=str(base["tmp"] / "pictures"))
     out = train.evaluate(model, tokenizer, transform, [], items, 128, torch.autocast("cpu", enabled=False), "cpu")
     colour = [e for c, e in items if e in demo.COLOURS]

@@ -1,0 +1,458 @@
+"""Decoding: one batched engine with slots, shared by chat.py, eval.py, train.py's evaluation, bench.py and serve.py.
+
+    engine = Engine(model, tokenizer, slots=8)
+    done = engine.generate([Request(ids, pictures, max_tokens=32), ...])      # blocking (eval.py, train.py)
+    engine.submit(request); outputs = engine.step()                           # a step at a time (chat.py, serve.py)
+
+How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cache and compiled step):
+- The cache (mmgpt.KVCache) has `slots` rows, each the keys/values of one sequence from column 0. A request runs in
+  one slot: its prompt is prefilled, at most `prefill_tokens` tokens per step so that a long prompt does not stall
+  the others, then every step decodes one token for all running requests at once. Requests join and leave
+  between steps; nothing in a row depends on the other rows, so a request gets the same tokens whatever runs
+  beside it.
+- The running requests hold slots 0..n-1 (one that finishes swaps places with the last), so a decode step reads
+  a view of the first rows, n rounded up to a batch bucket (1, 2, 4, 8, ...); on the fast path each bucket is
+  compiled once (a CUDA graph on a GPU), as nano-vllm captures one graph per batch size.
+- A free slot keeps what it cached. A new request takes the free slot that shares the longest usable prefix with
+  it and feeds only the rest, so a conversation sent again with one more turn costs only its new tokens. Pictures
+  are compared by a hash of their pixels (every <image> token has the same id: ids alone would hand one user's
+  picture to another), and the media-masking rule decides what stays valid (see `reusable`).
+- Sampling runs on the device for the whole batch, per request: greedy, temperature, top-k, top-p. Its noise is a
+  hash of (seed, token number, vocabulary id), so a seeded request draws the same tokens alone or in any batch.
+- Text comes out incrementally (Detokenizer): a few tokens are decoded per step, never the whole answer again.
+"""
+import hashlib
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+
+import lora
+from mmgpt import MMGPT, KVCache, Step, Tokenizer
+from perceiver import media_index
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_k: int = 0              # 0: off
+    top_p: float = 1.0          # 1.0: off
+    greedy: bool = False        # the most likely token (also what temperature 0 means)
+    seed: int | None = None     # None: a fresh one
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt (ids, and the pictures of its <image> tokens, each (3, H, W)) and how to answer it; the engine fills
+    in the answer. Generation ends at EOS (not part of the answer), after max_tokens, or before the token that
+    would complete one of the `stop` strings (that token is not part of the answer either)."""
+    ids: list[int]
+    pictures: list[torch.Tensor] = field(default_factory=list)
+    max_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    # The answer
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None        # "stop", "length" or "cancelled"
+    cached: int = 0                         # prompt tokens a slot already held (prefix reuse)
+
+
+class Output(NamedTuple):
+    request: Request
+    text: str           # the text that came out in this step
+    finished: bool
+
+
+class Detokenizer:
+    """The text of a growing answer, a few tokens decoded at a time (as vLLM does it): decoding the ids since the
+    last emitted piece, with the piece before them as context (sentencepiece drops a leading space, and a
+    character may span several byte tokens), and emitting what is new once it ends with a whole character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.start, self.read = tokenizer, [], 0, 0
+
+    def _new_text(self, ids) -> str:
+        before = self.tokenizer.decode(ids[self.start:self.read])
+        return self.tokenizer.decode(ids[self.start:])[len(before):]
+
+    def peek(self, token: int) -> str:
+        """The text `token` would add, including characters not yet complete (shown as U+FFFD)."""
+        return self._new_text(self.ids + [token])
+
+    def add(self, token: int) -> str:
+        """Append `token`; return the text that is now complete (often "", for a byte of a longer character)."""
+        self.ids.append(token)
+        new = self._new_text(self.ids)
+        if not new or new.endswith("\ufffd"):
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return new
+
+    def flush(self) -> str:
+        """What is held back at the end (an incomplete character, as U+FFFD)."""
+        new = self._new_text(self.ids)
+        self.start = self.read = len(self.ids)
+        return new
+
+
+@dataclass(eq=False)
+class Slot:
+    """One row of the cache: the tokens whose keys/values it holds (from column 0) and their pictures' hashes."""
+    index: int
+    ids: list[int] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)
+    request: Request | None = None
+    used: int = -1      # the step at which it was last freed: free slots are reused least recently used first
+
+    def truncate(self, n: int, image_id: int):
+        del self.ids[n:]
+        del self.pictures[self.ids.count(image_id):]
+
+
+def picture_key(pixels: torch.Tensor) -> str:
+    return hashlib.blake2b(pixels.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(),
+                           digest_size=16).hexdigest()
+
+
+def common_prefix(a: list, b: list) -> int:
+    """The length of the longest common prefix (bisection over slice comparisons: list equality runs in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+    return lo
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling, on the device, for a batch (compiled on the fast path)
+
+MASK32 = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply), in int64 without overflow: values stay below 2^32 and the
+    multiplier below 2^31."""
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise (B, vocab) that depends only on each row's (seed, step) and the vocabulary id: argmax(logits +
+    noise) draws from softmax(logits), and draws the same whatever else is in the batch."""
+    ids = torch.arange(vocab, device=seeds.device)
+    h = _mix(_mix(_mix(seeds[:, None]) ^ steps[:, None]) ^ ids)
+    u = ((h >> 8).float() + 0.5) / 2**24              # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def greedy(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(banned, -float("inf")).argmax(-1)
+
+
+def sample(logits: torch.Tensor, banned: torch.Tensor, temperature, top_k, top_p, is_greedy, seeds, steps):
+    """The next token of each row (B, vocab) -> (B,): banned ids never; the greedy rows their most likely token;
+    the others a draw from softmax(logits / temperature) kept to the top_k most likely and then to the smallest
+    set whose probability reaches top_p (HF's order). Per-row parameters are (B,) tensors; top_k = vocab is off."""
+    logits = logits.float().masked_fill(banned, -float("inf"))
+    scaled = logits / temperature[:, None]
+    ordered = scaled.sort(-1, descending=True).values
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    ordered = ordered.masked_fill(rank >= top_k[:, None], -float("inf"))
+    probs = ordered.softmax(-1)
+    keep = (rank < top_k[:, None]) & (probs.cumsum(-1) - probs < top_p[:, None])
+    threshold = ordered.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)    # the least likely kept
+    drawn = (scaled.masked_fill(scaled < threshold, -float("inf")) + gumbel_noise(seeds, steps, logits.shape[-1]))
+    return torch.where(is_greedy, logits.argmax(-1), drawn.argmax(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+def _decode_step(model, step: Step, ids, index, rows):
+    """What a decode step runs (compiled once per batch and width bucket on the fast path): a token per slot
+    0..B-1."""
+    return model.decode(ids, step, index, rows)[:, 0]
+
+
+def _prefill_step(model, step: Step, ids, index, last):
+    """What a prefill chunk runs (compiled once per length and width bucket on the fast path): one slot, padded."""
+    return model.decode(ids, step, index, last=last)[:, 0]
+
+
+class Engine:
+    """Decodes requests in `slots` cache rows of max_len tokens (default: the model's context), each holding up
+    to max_pictures pictures. eos_id ends an answer (default the tokenizer's </s>); `banned` ids are never
+    generated (default tokenizer.never_generate). fast: the fast path -- LoRA merged into the weights (the model is
+    for decoding from then on), the decode step compiled per batch bucket (CUDA graphs on a GPU), the prefill per
+    length bucket (a chunk is padded up to one), the ViT compiled. Without it everything runs eagerly."""
+
+    def __init__(self, model: MMGPT, tokenizer: Tokenizer, slots: int = 1, max_len: int | None = None, *,
+                 max_pictures: int = 16, prefill_tokens: int = 512, fast: bool = False, eos_id: int | None = None,
+                 banned: list[int] | None = None, backend: str = "inductor"):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, model.cfg
+        self.max_len = max_len or model.cfg.max_seq_len
+        if not 0 < self.max_len <= model.cfg.max_seq_len:
+            raise ValueError(f"max_len {self.max_len}: the model's context holds {model.cfg.max_seq_len} tokens")
+        self.max_pictures, self.prefill_tokens = max_pictures, prefill_tokens
+        self.eos_id = tokenizer.eos_id if eos_id is None else eos_id
+        device = model.rope_cos.device
+        self.device, self.dtype = device, model.activation_dtype()
+        self.cache = KVCache(model.cfg, slots, self.max_len, max_pictures, self.dtype, device)
+        self.banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+        self.banned[tokenizer.never_generate if banned is None else banned] = True
+        self.slots = [Slot(i) for i in range(slots)]
+        self.running = 0                # slots 0..running-1 hold requests
+        self.waiting: deque[Request] = deque()
+        self.clock = 0
+        # Batch buckets 1, 2, 4, ... (and the slot count); widths read 64, 128, ... (and the whole row);
+        # prefill lengths 16, 32, ... up to prefill_tokens.
+        self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
+        self.widths = sorted({min(2 ** i, self.max_len + 1) for i in range(6, (self.max_len + 1).bit_length() + 1)})
+        self.lengths = tuple(n for n in (16, 32, 64, 128, 256, 512, 1024, 2048) if n < prefill_tokens) + \
+            (prefill_tokens,)
+        self.fast = fast
+        self.decode_step, self.prefill_step, self.greedy, self.sample = _decode_step, _prefill_step, greedy, sample
+        if fast:
+            self._compile(backend)
+
+    def _compile(self, backend: str):
+        lora.merge(self.model)
+        cuda = self.device.type == "cuda"
+        # A graph per batch bucket (or prefill length) and width, with and without pictures: more than dynamo's
+        # default 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        options = dict(backend=backend, fullgraph=True, dynamic=False)
+        self.decode_step = torch.compile(_decode_step, mode="reduce-overhead" if cuda else None, **options)
+        self.prefill_step = torch.compile(_prefill_step, **options)
+        self.greedy, self.sample = torch.compile(greedy, **options), torch.compile(sample, **options)
+        # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
+        self.model.vision.compile(**options)
+
+    # -- the interface --------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        """Queue a request (it starts at a coming step). Raises ValueError when it cannot be run at all."""
+        n, pictures = len(request.ids), len(request.pictures)
+        if request.tokens or request.finish_reason:
+            raise ValueError("a request runs once: make a new one")
+        if n == 0 or request.max_tokens < 1:
+            raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
+        if n + request.max_tokens > self.max_len:
+            raise ValueError(f"the prompt ({n} tokens) and max_tokens ({request.max_tokens}) pass the context of "
+                             f"{self.max_len} tokens")
+        if request.ids.count(self.cfg.image_id) != pictures:
+            raise ValueError(f"{request.ids.count(self.cfg.image_id)} <image> tokens but {pictures} pictures")
+        if pictures > self.max_pictures:
+            raise ValueError(f"{pictures} pictures: a slot holds at most {self.max_pictures}")
+        s = request.sampling
+        request._keys = [picture_key(p) for p in request.pictures]
+        request._index = media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0]
+        request._seed = random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & MASK32
+        request._greedy = s.greedy or s.temperature <= 0
+        request._detok, request._cancelled, request._slot, request._next = Detokenizer(self.tokenizer), False, None, None
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request):
+        """Stop a request at the next step (from any thread: it only sets a flag); its slot is freed there."""
+        request._cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, requests: Iterable[Request], on_finish: Callable[[Request], None] | None = None
+                 ) -> list[Request]:
+        """Run requests to their end; they are returned in the order given. They are taken from the iterable as
+        slots free up, so a lazy one (pictures decoded while the model works) is read as the engine goes."""
+        todo, taken, more = iter(requests), [], True
+        while True:
+            while more and self.running + len(self.waiting) < len(self.slots):
+                request = next(todo, None)
+                if request is None:
+                    more = False
+                else:
+                    taken.append(self.submit(request))
+            if not self.busy:
+                return taken
+            for out in self.step():
+                if out.finished and on_finish:
+                    on_finish(out.request)
+
+    @torch.no_grad()
+    def step(self) -> list[Output]:
+        """Cancel what was cancelled, admit waiting requests into free slots, prefill (within the token budget),
+        then decode one token for every request whose prompt is in. Returns what each request produced."""
+        self.clock += 1
+        outputs = [self._finish(r, "cancelled") for r in self._requests() if r._cancelled]
+        while self.waiting and self.running < len(self.slots):
+            self._admit(self.waiting.popleft())
+        budget = self.prefill_tokens
+        for slot in self.slots[:self.running]:
+            request = slot.request
+            if request._next is None and budget > 0:
+                budget -= self._prefill(slot, request, budget, outputs)
+        if any(s.request._next is not None for s in self.slots[:self.running]):
+            self._decode(outputs)
+        return outputs
+
+    def _requests(self) -> list[Request]:
+        return list(self.waiting) + [s.request for s in self.slots[:self.running]]
+
+    # -- slots ------------------------------------------------------------------------------------------------------
+    def reusable(self, slot: Slot, request: Request) -> int:
+        """How many of the slot's cached tokens the request can keep: the common prefix (pictures compared by
+        hash), less what the media-masking rule changes. A slot's keys/values equal a full forward over its ids
+        with its pictures, where a token's picture depends on the pictures around it (perceiver.media_index) and
+        a sequence without pictures skips the cross-attention blocks altogether. So:
+        - default rule (a token sees the picture that FOLLOWS it): the tokens after the last common picture stay
+          only if the next picture is the same in both (or neither has one);
+        - attend_previous (the picture before it): the prefix stays if both have pictures or neither does.
+        At least one prompt token is always fed (its logits give the first answer token)."""
+        image_id = self.cfg.image_id
+        n = common_prefix(slot.ids, request.ids[:-1])
+        shared = slot.ids[:n].count(image_id)
+        same = common_prefix(slot.pictures[:shared], request._keys)
+        if same < shared:                     # a different picture: keep what comes before it
+            n = [i for i, t in enumerate(slot.ids) if t == image_id][same]
+            shared = same
+        if self.cfg.attend_previous:
+            return n if bool(slot.pictures) == bool(request._keys) else 0
+        nxt = [keys[shared] if len(keys) > shared else None for keys in (slot.pictures, request._keys)]
+        if nxt[0] != nxt[1]:
+            n = max((i + 1 for i in range(n) if slot.ids[i] == image_id), default=0)
+        return n
+
+    def _swap(self, i: int, j: int):
+        """Exchange slots i and j: their keys/values and what they hold."""
+        if i == j:
+            return
+        for layer in self.cache.layers:
+            for t in layer.buffers():
+                t[[i, j]] = t[[j, i]]
+        a, b = self.slots[i], self.slots[j]
+        self.slots[i], self.slots[j], a.index, b.index = b, a, j, i
+
+    def _admit(self, request: Request):
+        """Into the free slot with the longest usable prefix (then the least recently used), moved to the end of
+        the running ones; its pictures not already cached are encoded there."""
+        slot = max(self.slots[self.running:], key=lambda s: (self.reusable(s, request), -s.used))
+        keep = self.reusable(slot, request)
+        self._swap(slot.index, self.running)
+        self.running += 1
+        slot.truncate(keep, self.cfg.image_id)
+        slot.request, request._slot, request.cached = request, slot, keep
+        first = len(slot.pictures)      # the others go into the buffers past the slot's; its prefill counts them in
+        new = request.pictures[first:]
+        if new:
+            kv = self.model.picture_kv(self.model.encode_images(torch.stack(new)[None].to(self.device)))
+            n = self.cfg.perceiver_latents
+            for i, (k, v) in kv.items():
+                layer = self.cache.layers[i]
+                layer.picture_k[slot.index, :, first * n:(first + len(new)) * n] = k[0]
+                layer.picture_v[slot.index, :, first * n:(first + len(new)) * n] = v[0]
+
+    def _finish(self, request: Request, reason: str) -> Output:
+        request.finish_reason = reason
+        text = request._detok.flush()
+        request.text += text
+        slot = request._slot
+        if slot is None:
+            self.waiting.remove(request)
+        else:
+            slot.request, slot.used, request._slot = None, self.clock, None
+            self.running -= 1
+            self._swap(slot.index, self.running)
+        return Output(request, text, True)
+
+    # -- the model runner --------------------------------------------------------------------------------------
+    def _tensor(self, rows) -> torch.Tensor:
+        """Small per-step inputs go to the device in one copy."""
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _width(self, n: int) -> int:
+        """The columns a step reads: a bucket that holds the first n."""
+        return next(w for w in self.widths if w >= n)
+
+    def _prefill(self, slot: Slot, request: Request, budget: int, outputs: list) -> int:
+        """Feed the next chunk (at most `budget` tokens) of the request's prompt; after the last, choose its first
+        token. Returns the tokens fed."""
+        start = len(slot.ids)
+        chunk = request.ids[start:start + budget]
+        T = len(chunk)
+        pad = (next((n for n in self.lengths if n >= T), T) if self.fast else T) - T   # the fast path's buckets
+        index = request._index[start:start + T].tolist()
+        x = self._tensor(chunk + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad + index + [0] * pad
+                         + [slot.index, T - 1])
+        ids, columns, index = x[:-2].view(3, 1, T + pad)
+        step = Step(self.cache, x[-2:-1], x[-2:-1, None], columns, self._width(start + T), gather=True)
+        logits = self.prefill_step(self.model, step, ids, index if request.pictures else None, x[-1:])
+        slot.ids += chunk      # first: a slot that lacks the hash of one of its pictures reuses nothing past it
+        slot.pictures = request._keys[:slot.ids.count(self.cfg.image_id)]
+        if len(slot.ids) == len(request.ids):
+            self._choose(logits, [request], outputs)
+        return T
+
+    def _decode(self, outputs: list):
+        """One token for every request whose prompt is in, in one forward over slots 0..B-1 (B: the batch bucket);
+        the other rows in it write to the scratch column."""
+        B = next(b for b in self.buckets if b >= self.running)
+        rows: list[Request | None] = [None] * B
+        ids, columns, index, pictures = [0] * B, [self.max_len] * B, [0] * B, [0] * B
+        for s in self.slots[:self.running]:
+            r = s.request
+            if r._next is not None:
+                rows[s.index], ids[s.index], columns[s.index], pictures[s.index] = r, r._next, len(s.ids), \
+                    int(bool(r.pictures))
+                index[s.index] = len(r.pictures) if self.cfg.attend_previous else 0
+        ids, columns, index, slots, pictures = self._tensor([ids, columns, index, list(range(B)), pictures])
+        decoding = [r for r in rows if r is not None]
+        any_pictures, all_pictures = any(r.pictures for r in decoding), all(r.pictures for r in decoding)
+        if self.fast and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()   # the previous step's outputs are no longer used
+        step = Step(self.cache, slots, slots[:, None], columns[:, None],
+                    self._width(max(len(r._slot.ids) for r in decoding) + 1), gather=False)
+        logits = self.decode_step(self.model, step, ids[:, None], index[:, None] if any_pictures else None,
+                                  None if all_pictures else pictures.bool())
+        for r in decoding:     # their tokens are in the cache now
+            r._slot.ids.append(r._next)
+        self._choose(logits, rows, outputs)
+
+    def _choose(self, logits: torch.Tensor, rows: list, outputs: list):
+        """The next token of each logits row's request (None: a row that decodes nothing), with one host sync for
+        all of them; then the stop conditions."""
+        requests = [r for r in rows if r is not None]
+        if all(r._greedy for r in requests):
+            tokens = self.greedy(logits, self.banned)
+        else:
+            s = [Sampling() if r is None else r.sampling for r in rows]
+            p = torch.tensor([[x.temperature if x.temperature > 0 else 1.0 for x in s], [x.top_p for x in s]],
+                             dtype=torch.float).to(self.device, non_blocking=True)
+            q = self._tensor([[x.top_k if x.top_k > 0 else logits.shape[-1] for x in s],
+                              [r is None or r._greedy for r in rows], [0 if r is None else r._seed for r in rows],
+                              [0 if r is None else len(r.tokens) for r in rows]])
+            tokens = self.sample(logits, self.banned, p[0], q[0], p[1], q[1].bool(), q[2], q[3])
+        for r, token in zip(rows, tokens.tolist()):
+            if r is not None:
+                outputs.append(self._accept(r, token))
+
+    def _accept(self, request: Request, token: int) -> Output:
+        """The stop conditions for a sampled token; else it joins the answer (and is fed at the next step)."""
+        request._next = None
+        if token == self.eos_id:
+            return self._finish(request, "stop")
+        if request.stop:
+            tail = request.text[-max(map(len, request.stop)):] + request._detok.peek(token)
+            if any(s in tail for s in request.stop):
+                return self._finish(request, "stop")
+        request.tokens.append(token)
+        text = request._detok.add(token)
+        request.text += text
+        if len(request.tokens) == request.max_tokens:
+            out = self._finish(request, "length")
+            return Output(request, text + out.text, True)
+        request._next = token
+        return Output(request, text, False)

@@ -1,0 +1,289 @@
+"""engine.py: decoding with slots. Answers are held against a full forward over the whole sequence (no cache) at
+every step, and against the same request decoded alone: batched, joined mid-answer, cancelled, sampled with a
+seed, reusing a slot's prefix, compiled."""
+import pytest
+import torch
+
+import engine as engine_lib
+from conftest import batch_input, full_forward_greedy, tiny_model
+from engine import Detokenizer, Engine, Request, Sampling
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def greedy(ids, pictures=None, n=10, **kw) -> Request:
+    return Request(list(ids), [] if pictures is None else list(pictures), max_tokens=n,
+                   sampling=Sampling(greedy=True), **kw)
+
+
+def reference(model, tokenizer, ids, pictures, n, eos_id=-1) -> list[int]:
+    images = None if pictures is None else pictures[None]
+    return full_forward_greedy(model, list(ids), images, n, tokenizer.never_generate, eos_id)
+
+
+def alone(model, tokenizer, requests, **kw) -> list[list[int]]:
+    """Each request in an engine of its own."""
+    out = []
+    for r in requests:
+        r = Request(r.ids, r.pictures, r.max_tokens, r.sampling, r.stop)
+        out.append(Engine(model, tokenizer, slots=1, **kw).generate([r])[0].tokens)
+    return out
+
+
+def capture_logits(engine: Engine) -> list:
+    """The logits each sampling call sees, recorded."""
+    seen, choose = [], engine.greedy
+
+    def recording(logits, banned):
+        seen.append(logits.clone())
+        return choose(logits, banned)
+
+    engine.greedy = recording
+    return seen
+
+
+@pytest.mark.parametrize("attend_previous", [False, True])
+def test_batched_equals_full_forward_and_alone(tokenizer, attend_previous):
+    """Mixed prompt lengths, rows with one, two and no pictures, different max_tokens, a row that ends at EOS early;
+    4 slots for 4 requests, then 2 slots for 4 (requests wait, slots are reused and swap places)."""
+    model = tiny_model(tokenizer, attend_previous=attend_previous)
+    prompts, images = batch_input(tokenizer)
+    full = [reference(model, tokenizer, p, im, 10) for p, im in zip(prompts, images)]
+    eos = full[1][3]        # row 1 ends after 3 tokens (and any other row that meets this token ends there too)
+    assert eos not in full[1][:3]
+    limits = [10, 10, 4, 7]
+    want = [reference(model, tokenizer, p, im, n, eos) for p, im, n in zip(prompts, images, limits)]
+    assert len(want[1]) == 3 and len(want[2]) <= 4
+    for slots in (4, 2):
+        e = Engine(model, tokenizer, slots=slots, eos_id=eos)
+        done = e.generate([greedy(p, im, n) for p, im, n in zip(prompts, images, limits)])
+        assert [r.tokens for r in done] == want
+        assert [r.finish_reason for r in done] == ["stop" if len(w) < n else "length" for w, n in zip(want, limits)]
+        assert [r.text for r in done] == [tokenizer.decode(w) for w in want]
+        assert e.running == 0 and not e.waiting
+    assert alone(model, tokenizer, [greedy(p, im, n) for p, im, n in zip(prompts, images, limits)], eos_id=eos) == want
+
+
+def test_eos_and_the_limit_are_not_fed(tokenizer):
+    """A slot caches the prompt and every answer token that was fed back: all of them after EOS (EOS itself is
+    not cached), all but the last at the token limit (no forward is run for a token nobody reads)."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    e = Engine(model, tokenizer, slots=1, eos_id=-1)
+    steps = []
+    decode = e.decode_step
+    e.decode_step = lambda *a: steps.append(1) or decode(*a)
+    (r,) = e.generate([greedy(prompts[0], images[0], 6)])
+    assert r.finish_reason == "length" and len(steps) == 5 and e.slots[0].ids == prompts[0] + r.tokens[:-1]
+    eos = r.tokens[2]
+    e = Engine(model, tokenizer, slots=1, eos_id=eos)
+    (r,) = e.generate([greedy(prompts[0], images[0], 6)])
+    assert r.finish_reason == "stop" and eos not in r.tokens and e.slots[0].ids == prompts[0] + r.tokens
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(tokenizer):
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    settings = [Sampling(temperature=0.9, seed=1), Sampling(temperature=1.3, top_k=20, seed=2),
+                Sampling(temperature=0.7, top_p=0.9, seed=3), Sampling(greedy=True)]
+    requests = [Request(p, [] if im is None else list(im), 12, s) for p, im, s in zip(prompts, images, settings)]
+    done = Engine(model, tokenizer, slots=4).generate(requests)
+    assert [r.tokens for r in done] == alone(model, tokenizer, requests)
+    assert done[3].tokens == reference(model, tokenizer, prompts[3], images[3], 12, tokenizer.eos_id)
+    other = Engine(model, tokenizer, slots=1).generate([Request(prompts[0], list(images[0]), 12,
+                                                                Sampling(temperature=0.9, seed=4))])[0]
+    assert other.tokens != done[0].tokens   # another seed, another draw
+
+
+def test_sampler_draws_from_the_filtered_softmax():
+    """sample() on one row of logits, 20,000 times with different seeds: the frequencies are softmax(logits / T);
+    top-k, top-p and banned ids restrict the draw; greedy rows take the argmax."""
+    n = 20000
+    logits = torch.tensor([[0.0, 2.0, 1.5, 1.0, -1.0, 0.5]]).expand(n, -1)
+    banned = torch.zeros(6, dtype=torch.bool)
+
+    def draw(temperature=1.0, top_k=6, top_p=1.0, greedy=False, banned=banned):
+        full = lambda v, dtype=torch.float: torch.full((n,), v, dtype=dtype)
+        return engine_lib.sample(logits, banned, full(temperature), full(top_k, torch.long), full(top_p),
+                                 full(greedy, torch.bool), torch.arange(n), full(3, torch.long))
+
+    for t in (1.0, 0.5):
+        freq = torch.bincount(draw(temperature=t), minlength=6) / n
+        torch.testing.assert_close(freq, (logits[0] / t).softmax(-1), atol=0.012, rtol=0)
+    assert set(draw(top_k=2).tolist()) == {1, 2}
+    p = logits[0].softmax(-1)          # [.06, .43, .26, .16, .02, .10]: 0.43 + 0.26 < 0.75 <= + 0.16
+    assert set(draw(top_p=0.75).tolist()) == {1, 2, 3}
+    freq = torch.bincount(draw(top_p=0.75), minlength=6) / n
+    torch.testing.assert_close(freq[1:4], p[1:4] / p[1:4].sum(), atol=0.012, rtol=0)
+    no_1 = banned.clone()
+    no_1[1] = True
+    assert 1 not in draw(banned=no_1).tolist()
+    assert set(draw(greedy=True, banned=no_1).tolist()) == {2}
+
+
+def test_a_request_joining_or_cancelled_mid_answer_changes_no_other(tokenizer):
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    requests = [greedy(p, im, 12) for p, im in zip(prompts, images)]
+    want = alone(model, tokenizer, requests, eos_id=-1)
+    e = Engine(model, tokenizer, slots=3, eos_id=-1)
+    a, b = e.submit(requests[0]), e.submit(requests[1])
+    for _ in range(4):
+        e.step()
+    assert len(a.tokens) == 5     # a step prefills (the first token) and decodes (the second)
+    c = e.submit(requests[3])           # joins while a and b are mid-answer
+    for _ in range(3):
+        e.step()
+    e.cancel(b)
+    d = e.submit(requests[2])           # takes b's slot
+    while e.busy:
+        e.step()
+    assert (a.tokens, c.tokens, d.tokens) == (want[0], want[3], want[2])
+    assert b.finish_reason == "cancelled" and b.tokens == want[1][:len(b.tokens)] and 6 <= len(b.tokens) < 12
+    assert e.running == 0 and all(s.request is None for s in e.slots)
+
+
+def test_prefix_reuse_equals_a_fresh_prefill(tokenizer):
+    """Round 2 of a conversation in the slot that answered round 1 feeds only its new tokens, and its cache, logits
+    and answer equal a fresh engine's; the same text with another picture keeps only what precedes the picture."""
+    model = tiny_model(tokenizer, seed=3)
+    prompts, images = batch_input(tokenizer)
+    ids, pics = prompts[0], images[0]      # "the cat sat on <image> a mat"
+    e = Engine(model, tokenizer, slots=2, eos_id=-1)
+    (first,) = e.generate([greedy(ids, pics, 6)])
+    round2 = ids + first.tokens + tokenizer.encode("and what colour is it", bos=False)
+    seen = capture_logits(e)
+    (second,) = e.generate([greedy(round2, pics, 6)])
+    assert second.cached == len(ids) + 5    # everything that was fed in round 1
+    fresh = Engine(model, tokenizer, slots=1, eos_id=-1)
+    fresh_seen = capture_logits(fresh)
+    (want,) = fresh.generate([greedy(round2, pics, 6)])
+    assert second.tokens == want.tokens == reference(model, tokenizer, round2, pics, 6)
+    torch.testing.assert_close(seen[0], fresh_seen[0], rtol=1e-5, atol=1e-5)
+    slot = next(s for s in e.slots if s.ids[:len(round2)] == round2)
+    n = len(round2) + 5
+    for mine, theirs in zip(e.cache.layers, fresh.cache.layers):
+        torch.testing.assert_close(mine.k[slot.index, :, :n], theirs.k[0, :, :n], rtol=1e-5, atol=1e-6)
+    # The same text with another picture: only what precedes <image> is shared; the answer is that picture's.
+    other = torch.randn_like(pics)
+    (third,) = e.generate([greedy(round2, other, 6)])
+    assert third.cached == 0    # by the default rule even the text before <image> sees the picture after it
+    assert third.tokens == reference(model, tokenizer, round2, other, 6)
+    assert not torch.allclose(seen[6], seen[0])    # the first-token logits with each picture
+
+
+@pytest.mark.parametrize("attend_previous", [False, True])
+def test_a_later_picture_recomputes_what_the_masking_rule_changes(tokenizer, attend_previous):
+    """Default rule: a new picture changes the picture of the tokens after the previous one, which are fed again;
+    attend_previous: nothing earlier changes. A picture after a language-only start changes everything."""
+    model = tiny_model(tokenizer, attend_previous=attend_previous)
+    ids = tokenizer.encode("the cat sat on <image> a mat red dog and a blue square")
+    more = tokenizer.encode("and <image> now what", bos=False)
+    g = torch.Generator().manual_seed(5)
+    pics = torch.randn(2, 3, 28, 28, generator=g)
+    e = Engine(model, tokenizer, slots=1, eos_id=-1)
+    (first,) = e.generate([greedy(ids, pics[:1], 4)])
+    full = ids + first.tokens + more
+    (second,) = e.generate([greedy(full, pics, 5)])
+    p1 = ids.index(tokenizer.image_id)
+    assert second.cached == (len(ids) + 3 if attend_previous else p1 + 1)
+    assert second.tokens == reference(model, tokenizer, full, pics, 5)
+    words = tokenizer.encode("the cat sat on", bos=True)
+    e = Engine(model, tokenizer, slots=1, eos_id=-1)
+    e.generate([greedy(words, None, 3)])
+    (third,) = e.generate([greedy(words + more, pics[:1], 5)])
+    assert third.cached == 0 and third.tokens == reference(model, tokenizer, words + more, pics[:1], 5)
+
+
+def test_stop_strings_and_banned_tokens(tokenizer):
+    """Generation ends before the token that would complete a stop string; banned ids are never drawn even when
+    they are by far the most likely; EOS ends an answer and is not part of it."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 10)])
+    stop = tokenizer.decode(free.tokens[:5])[-3:]    # ends inside token 4 (or 5)
+    (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 10, stop=(stop,))])
+    assert cut.finish_reason == "stop" and stop not in cut.text and stop in tokenizer.decode(free.tokens[:len(cut.tokens) + 1])
+    assert cut.tokens == free.tokens[:len(cut.tokens)] and cut.text == tokenizer.decode(cut.tokens)
+    bias = torch.zeros(model.cfg.vocab_size)
+    bias[tokenizer.never_generate] = 100.0      # every banned id is by far the most likely one
+    biased_head(model, bias)
+    for sampling in (Sampling(greedy=True), Sampling(top_k=5, seed=0), Sampling(temperature=0.8, top_p=0.9, seed=1)):
+        (r,) = Engine(model, tokenizer, eos_id=-1).generate([Request(prompts[2], [], 12, sampling)])
+        assert len(r.tokens) == 12 and not set(r.tokens) & set(tokenizer.never_generate)
+    bias[tokenizer.eos_id] = 50.0
+    biased_head(model, bias)
+    (r,) = Engine(model, tokenizer).generate([greedy(prompts[2], None, 5)])
+    assert r.tokens == [] and r.finish_reason == "stop"
+
+
+def biased_head(model, bias):
+    """Replace lm_head by one whose logits are `bias` plus a little of the real signal."""
+    head = torch.nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight * 0.01)
+        head.bias.copy_(bias)
+    model.lm_head = head
+
+
+def test_detokenizer_streams_exactly_what_decode_gives(tokenizer):
+    """Characters of several bytes come as byte tokens (sentencepiece's byte fallback): a piece is emitted only
+    when whole, and the pieces add up to tokenizer.decode of all the ids; also for ids that are not valid UTF-8."""
+    for text in ("naïve café, 漢字 and 🙂 ü", "the cat ✓✓ sat"):
+        ids = tokenizer.encode(text, bos=False)
+        assert len(ids) > len(text.split())     # byte tokens among them
+        d = Detokenizer(tokenizer)
+        pieces = [d.add(t) for t in ids]
+        assert not any(p.endswith("\ufffd") for p in pieces) and "".join(pieces) + d.flush() == text
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(3, tokenizer.image_id - 1, (30,), generator=g).tolist()
+        d = Detokenizer(tokenizer)
+        assert "".join(d.add(t) for t in ids) + d.flush() == tokenizer.decode(ids)
+
+
+def test_bad_requests_are_refused_at_submit(tokenizer):
+    model = tiny_model(tokenizer)
+    e = Engine(model, tokenizer, slots=1, max_len=40, max_pictures=1)
+    pic = torch.zeros(3, 28, 28)
+    cases = [(Request([1] * 35, max_tokens=6), "pass the context of 40"),
+             (Request([1, tokenizer.image_id], [], 4), "1 <image> tokens but 0 pictures"),
+             (Request([1, tokenizer.image_id] * 2, [pic, pic], max_tokens=4), "at most 1"),
+             (Request([1], max_tokens=0), "max_tokens >= 1")]
+    for request, message in cases:
+        with pytest.raises(ValueError, match=message):
+            e.submit(request)
+    (done,) = e.generate([Request([1, 5], max_tokens=2)])
+    with pytest.raises(ValueError, match="runs once"):
+        e.submit(done)
+    assert not e.busy
+    with pytest.raises(ValueError, match="context holds 256"):
+        Engine(model, tokenizer, max_len=257)
+
+
+def test_compiled_equals_eager(tokenizer):
+    """The fast path with the CPU inductor backend, one slot (prefill padded to a length bucket, the decode step,
+    the sampler and the ViT compiled): the same ids and close logits. Batched with 4 slots and mixed requests,
+    traced with aot_eager (the same full graphs, without inductor's minutes of compiling here)."""
+    prompts, images = batch_input(tokenizer)
+
+    def requests(rows=slice(None)):
+        return [greedy(p, im, 8) for p, im in zip(prompts[rows], images[rows])]
+
+    want = [reference(tiny_model(tokenizer), tokenizer, p, im, 8) for p, im in zip(prompts, images)]
+    fast = Engine(tiny_model(tokenizer), tokenizer, slots=1, eos_id=-1, fast=True, prefill_tokens=32)
+    seen = capture_logits(fast)
+    assert [r.tokens for r in fast.generate(requests(slice(2, None)))] == want[2:]
+    eager = Engine(tiny_model(tokenizer), tokenizer, slots=1, eos_id=-1)
+    eager_seen = capture_logits(eager)
+    eager.generate(requests(slice(2, None)))
+    torch.testing.assert_close(torch.cat(seen), torch.cat(eager_seen), rtol=1e-4, atol=1e-4)
+    traced = Engine(tiny_model(tokenizer), tokenizer, slots=4, eos_id=-1, fast=True, backend="aot_eager",
+                    prefill_tokens=16)
+
+    def sampled():
+        return [Request(p, [] if im is None else list(im), 8, Sampling(temperature=0.8, seed=i))
+                for i, (p, im) in enumerate(zip(prompts, images))]
+
+    assert [r.tokens for r in traced.generate(requests() + sampled())] == \
+        want + alone(tiny_model(tokenizer), tokenizer, sampled(), eos_id=-1)
