@@ -312,17 +312,45 @@ def per_type(scores: list[float], types: list[str | None]) -> dict[str, float]:
     return {t: 100 * sum(g) / len(g) for t, g in groups.items()}
 
 
-# CIDEr-D and BLEU-4 as pycocoevalcap computes them, on our own tokenisation (see tokenize).
-PTB_DROPPED = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", ";", "-", "--", "...", "(", ")", "[", "]", "{", "}"}
-TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'\w+|\d+(?:[.,]\d+)+|\w+(?:-\w+)*|[^\w\s]")
+# CIDEr-D and BLEU-4 as pycocoevalcap computes them, on the tokens its tokenizer makes: Stanford CoreNLP 3.4.1's
+# PTBTokenizer (Java) run with -lowerCase, then the tokens of its PUNCTUATIONS list dropped. tokenize reproduces the
+# rules captions meet, found by running the Java on generated captions (README, Metrics, has the measurement).
+PTB_CHARS = str.maketrans({"‘": "`", "’": "'", "“": '"', "”": '"', "«": '"', "»": '"', "—": " -- ", "–": " -- ",
+                           "…": " ... ", "½": " 1/2 ", "¼": " 1/4 ", "¾": " 3/4 ", "⅓": " 1/3 ", "⅔": " 2/3 "})
+# pycocoevalcap's list as the tokens here come ('"' is what the Java writes as `` or ''). The list names brackets in
+# upper case (-LRB-) while the tokens are lower-cased, so brackets stay, as -lrb- and so on.
+PTB_DROPPED = {'"', "''", "'", "``", "`", ".", "?", "!", ",", ":", ";", "-"}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_SPLITS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
+              "gimme": ["gim", "me"], "lemme": ["lem", "me"]}
+# The abbreviations, of those tried, whose period the Java keeps ("no.", "approx.", "fig.", "sat." lose theirs).
+PTB_ABBREVIATIONS = ("mr|mrs|ms|dr|st|jr|sr|co|inc|ltd|corp|vs|etc|ave|blvd|rd|lt|ft|sgt|gen|col|capt|prof|rev|gov|sen|"
+                     "rep|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec|mon|tue|wed|thu|fri|mt|dept|est|bros|assn|"
+                     "univ|calif")
+TOKEN = re.compile(
+    r"\w+(?=n't\b)|n't\b"                                   # do n't, ca n't
+    r"|''|``"                                               # quotes, as one token
+    r"|'(?:s|m|d|ll|re|ve|em)\b(?!\.\w)|'t(?=(?:is|was)\b)"  # 's 'll 'em, 't is: else ' is a quote...
+    r"|'\d\ds\b|'\d\d(?=[.,;!?]*(?:\s|$))"                 # ... or begins a decade or year: '90s, '95
+    r"|(?<!\w)y'(?=\w)"                                     # y' all
+    r"|(?<![\w.])[a-z](?:\.[a-z])*\.(?!\w)|(?<!\w)[a-z](?:\.[a-z])+"   # u.s., a.m., e.g., the letter c.
+    rf"|(?<!\w)(?:{PTB_ABBREVIATIONS})\.|(?<!\w)no\.(?=\s*\d)"  # mr., st., etc., no. 5
+    r"|\d+(?:[.,:/]\d+)+|(?<![\w.])\.\d+"                   # 2.5, 1,000, 12:45, 1/2, .5
+    r"|[@#][a-z_]+"                                         # @home, #dog (but # 1)
+    r"|\w+'(?!(?:s|m|d|ll|re|ve)\b)\w+"                     # o'clock, ma'am
+    r"|\w+(?:[-/]\w+)*"                                     # black-and-white, and/or
+    r"|[?!]{2,}|[^\w\s]")                                   # "?!" one token (kept); any other symbol alone
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words as the PTB tokenizer of the official scorer splits them, its dropped punctuation dropped:
-    clitics split off ("don't" -> do n't, "dog's" -> dog 's), hyphenated words and numbers ("2.5", "1,000") whole.
-    It is not the Java tokenizer: abbreviations ("mr.", "u.s.") lose their periods here, and its special cases
-    ("cannot" -> can not, "gonna" -> gon na, Unicode quotes and dashes) are not reproduced."""
-    return [t for t in TOKEN.findall(text.lower()) if t not in PTB_DROPPED]
+    """The words pycocoevalcap scores a caption by (TOKEN's comments show them). Left out, as rare in captions: a
+    letter's period before a word that starts sentences ("A. The" -> a), runs of three quote marks, a quoted "_",
+    abbreviations outside PTB_ABBREVIATIONS, e-mail addresses, emoticons, "C++", "AT&T", "rock'n'roll"."""
+    words = []
+    for t in TOKEN.findall(text.translate(PTB_CHARS).lower()):
+        if t not in PTB_DROPPED:
+            words += PTB_SPLITS.get(t) or [PTB_BRACKETS.get(t, t)]
+    return words
 
 
 def ngrams(words: list[str], n: int = 4) -> Counter:

@@ -105,9 +105,19 @@ def test_aokvqa_exact_matching_and_choices():
     assert eval.postprocess("aokvqa", mc, "The answer is purple.", "openflamingo") == "purple"
 
 
-def test_tokenize_like_ptb():
-    assert eval.tokenize("Don't the dog's A-frame, 2.5 (big)... \"ok\"!") == \
-        ["do", "n't", "the", "dog", "'s", "a-frame", "2.5", "big", "ok"]
+def test_tokenize_as_the_ptb_tokenizer():
+    # Each expected list is what pycocoevalcap 1.2's PTBTokenizer (Stanford CoreNLP 3.4.1, Java) made of the caption.
+    assert eval.tokenize('A man (in a hat) [left] {x} said "hi".') == \
+        ["a", "man", "-lrb-", "in", "a", "hat", "-rrb-", "-lsb-", "left", "-rsb-", "-lcb-", "x", "-rcb-", "said", "hi"]
+    assert eval.tokenize("Mr. Smith's U.S. dog can't, cannot; gonna wanna") == \
+        ["mr.", "smith", "'s", "u.s.", "dog", "ca", "n't", "can", "not", "gon", "na", "wan", "na"]
+    assert eval.tokenize("It’s a “quote” — dash – 3.5% $10 1,000 e-mail.") == \
+        ["it", "'s", "a", "quote", "dash", "3.5", "%", "$", "10", "1,000", "e-mail"]
+    assert eval.tokenize("The '90s dog's ball at 12:45pm, 'tis ½ o'clock") == \
+        ["the", "'90s", "dog", "'s", "ball", "at", "12:45", "pm", "'t", "is", "1/2", "o'clock"]
+    assert eval.tokenize("and/or @home #1 wow?! Vitamin c. No. 5 'ok'") == \
+        ["and/or", "@home", "#", "1", "wow", "?!", "vitamin", "c.", "no.", "5", "ok"]
+    assert eval.tokenize("he said no. dogs' toys.") == ["he", "said", "no", "dogs", "toys"]
 
 
 def test_cider_d_hand_computed():
