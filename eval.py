@@ -23,9 +23,10 @@ Tasks (--annotations FILE, --images DIR; the picture of each record is looked up
 Read top-down:
   Item, readers            a benchmark's files -> items (picture, question, reference answers); DataError names the
                            file, record and field
-  metrics                  VQA accuracy after the official answer normalisation, CIDEr-D and BLEU-4 (pycocoevalcap's
-                           definitions), A-OKVQA's multiple-choice and direct-answer accuracy
-  prompts, answers         the paper's template (zero-shot) or OpenFlamingo's few-shot form; post-processing
+  metrics                  the official scorers' own: VQA accuracy as vqaEval.py (per answer and question type too),
+                           CIDEr-D and BLEU-4 as pycocoevalcap, A-OKVQA's multiple-choice and direct-answer accuracy
+  prompts, answers         the paper's template (zero-shot) or OpenFlamingo's few-shot form; the post-processing that
+                           makes the submitted answer (--answer-processor: openflamingo, evalai)
   generate, main           greedy answers (engine.py, --batch-size slots), predictions JSONL and summary JSON
 """
 import argparse
@@ -71,6 +72,8 @@ class Item:
     choices: list[str] | None = None        # A-OKVQA multiple choice: shown with the question
     correct: int | None = None              # index of the right choice
     earlier: list = field(default_factory=list)     # demo: answered turns about the same picture, asked first
+    answer_type: str | None = None          # VQAv2, OK-VQA, VizWiz: the annotation's ("yes/no", "number", "other")
+    question_type: str | None = None        # VQAv2, OK-VQA: the annotation's ("what color", "how many", ...)
 
 
 def kind(task: str) -> str:
@@ -112,6 +115,10 @@ def _answers(rec, name: str, where: str) -> list[str]:
                           f"{name}[{j}]", where, empty_ok=True) for j, a in enumerate(value)]
 
 
+def _optional_text(rec, name: str, where: str) -> str | None:
+    return data._text(rec, name, where) if name in rec else None
+
+
 def _int(rec, name: str, where: str) -> int:
     value = data._get(rec, name, where)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -120,10 +127,13 @@ def _int(rec, name: str, where: str) -> int:
 
 
 def read_vqa(questions: str, annotations: str, images: str) -> list[Item]:
-    """VQAv2 / OK-VQA: the questions file and the annotations file, joined on question_id."""
+    """VQAv2 / OK-VQA: the questions file and the annotations file, joined on question_id. The annotations'
+    answer_type and question_type are kept for the breakdowns vqaEval.py reports."""
     answers = {}
     for where, rec in _records(annotations, "annotations"):
-        answers[_int(rec, "question_id", where)] = _answers(rec, "answers", where)
+        answers[_int(rec, "question_id", where)] = (_answers(rec, "answers", where),
+                                                    _optional_text(rec, "answer_type", where),
+                                                    _optional_text(rec, "question_type", where))
     content = _load_json(questions)
     subtype = content.get("data_subtype", "val2014") if isinstance(content, dict) else "val2014"
     items = []
@@ -132,7 +142,9 @@ def read_vqa(questions: str, annotations: str, images: str) -> list[Item]:
         if qid not in answers:
             raise data.DataError(f"{where}: question_id {qid} has no annotation in {annotations}")
         path = os.path.join(images, f"COCO_{subtype}_{_int(rec, 'image_id', where):012d}.jpg")
-        items.append(Item(str(qid), path, data._text(rec, "question", where), answers[qid], where))
+        refs, answer_type, question_type = answers[qid]
+        items.append(Item(str(qid), path, data._text(rec, "question", where), refs, where,
+                          answer_type=answer_type, question_type=question_type))
     return items
 
 
@@ -151,7 +163,8 @@ def read_vizwiz(annotations: str, images: str) -> list[Item]:
     for where, rec in _records(annotations, None):
         image = data._text(rec, "image", where)
         items.append(Item(image, os.path.join(images, image), data._text(rec, "question", where),
-                          _answers(rec, "answers", where), where))
+                          _answers(rec, "answers", where), where,
+                          answer_type=_optional_text(rec, "answer_type", where)))
     return items
 
 
@@ -226,15 +239,17 @@ def read(task: str, questions: str | None, annotations: str | None, images: str 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics
+# Metrics: the official scorers' own definitions, applied to the submitted answer as it is (turning what the model
+# wrote into that answer is post-processing, below with the prompts, and named in the summary: it moves the number)
 
-# The official VQA answer normalisation (vqaEval.py, also used for TextVQA and VizWiz). Its contraction table has a
-# few capitalised keys ("Im", "Ive", "Id've") that never match lower-cased text; they are left out.
+# vqaEval.py's answer normalisation (GT-Vision-Lab's, also OpenFlamingo's vqa_metric.py and EvalAI's processor). Its
+# contraction table's capitalised keys ("Im", "Ive", "Id've", "I'dve") never match the lower-cased words it is applied
+# to, and its identity entries ("let's", "she's") change nothing: both are left out.
 CONTRACTIONS = dict(pair.split(">") for pair in """
     aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've couldnt've>couldn't've
     didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've hadn'tve>hadn't've hasnt>hasn't
     havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's howd>how'd howll>how'll hows>how's
-    I'dve>I'd've isnt>isn't itd>it'd itd've>it'd've it'dve>it'd've itll>it'll maam>ma'am mightnt>mightn't
+    isnt>isn't itd>it'd itd've>it'd've it'dve>it'd've itll>it'll maam>ma'am mightnt>mightn't
     mightnt've>mightn't've mightn'tve>mightn't've mightve>might've mustnt>mustn't mustve>must've neednt>needn't
     notve>not've oclock>o'clock oughtnt>oughtn't ow's'at>'ow's'at 'ows'at>'ow's'at 'ow'sat>'ow's'at shant>shan't
     shed've>she'd've she'dve>she'd've shouldve>should've shouldnt>shouldn't shouldnt've>shouldn't've
@@ -259,40 +274,84 @@ PERIOD = re.compile(r"\.(?!\d)")   # the official pattern, "(?!<=\d)(\.)(?!\d)",
 
 
 def normalise_answer(text: str) -> str:
-    """The official VQA normalisation: punctuation (removed where it touches a space or the text has a number like
-    "1,000", else made a space), periods not before a digit, lower case, number words to digits, articles,
-    contractions. "Two" -> "2", "a dog" -> "dog", "dont" -> "don't"."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
+    """vqaEval.py's processPunctuation then processDigitArticle: punctuation removed where it touches a space or the
+    text holds a number like "1,000", else made a space; periods not before a digit dropped; lower case, number words
+    to digits, articles dropped, contractions restored. "Two" -> "2", "a dog" -> "dog", "dont" -> "don't"."""
     out = text
     for p in PUNCTUATION:
         out = out.replace(p, "" if (p + " " in text or " " + p in text or COMMA_IN_NUMBER.search(text)) else " ")
-    words = [NUMBERS.get(w, w) for w in PERIOD.sub("", out).lower().split()]
+    # vqaEval.py passes re.UNICODE (32) where sub() takes its count: only the first 32 periods go.
+    words = [NUMBERS.get(w, w) for w in PERIOD.sub("", out, count=32).lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def one_line(text: str) -> str:
+    """What every official VQA scorer first does to an answer: tabs and newlines made spaces, the ends stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def vqa_accuracy(answer: str, references: list[str]) -> float:
-    """The official VQA accuracy: min(1, humans among the other n-1 who gave this answer / 3), averaged over the n
-    leave-one-out subsets. The answer is always normalised (as the evaluation servers do to a submission); the human
-    answers as vqaEval.py does it: only when they disagree (unanimous ones are compared as written)."""
-    answer = normalise_answer(answer)
-    refs = [r.replace("\n", " ").replace("\t", " ").strip() for r in references]
+    """vqaEval.py's accuracy of a submitted answer, as its latest version and OpenFlamingo 0.0.2's vqa_metric.py
+    compute it (OpenFlamingo 2.0's normalises always): min(1, humans among the other n-1 who gave it / 3), averaged
+    over the n leave-one-out subsets. Only when the humans disagree are their answers and the submitted one
+    normalised; unanimous ones are compared as written: "Yes." scores 0 against ten "yes", "a dog" 1 against ten
+    "a dog"."""
+    answer, refs = one_line(answer), [one_line(r) for r in references]
     if len(set(refs)) > 1:
-        refs = [normalise_answer(r) for r in refs]
+        answer, refs = normalise_answer(answer), [normalise_answer(r) for r in refs]
     matches = sum(r == answer for r in refs)
     return sum(min(1.0, (matches - (r == answer)) / 3) for r in refs) / len(refs)
 
 
-# CIDEr-D and BLEU-4 as pycocoevalcap computes them, on our own tokenisation (see tokenize).
-PTB_DROPPED = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", ";", "-", "--", "...", "(", ")", "[", "]", "{", "}"}
-TOKEN = re.compile(r"\w+(?=n't\b)|n't\b|'\w+|\d+(?:[.,]\d+)+|\w+(?:-\w+)*|[^\w\s]")
+def per_type(scores: list[float], types: list[str | None]) -> dict[str, float]:
+    """vqaEval.py's perAnswerType / perQuestionType: the mean score (x 100) of the items of each type (items without
+    one left out); empty when the annotations carry none."""
+    groups = {}
+    for s, t in zip(scores, types, strict=True):
+        if t is not None:
+            groups.setdefault(t, []).append(s)
+    return {t: 100 * sum(g) / len(g) for t, g in groups.items()}
+
+
+# CIDEr-D and BLEU-4 as pycocoevalcap computes them, on the tokens its tokenizer makes: Stanford CoreNLP 3.4.1's
+# PTBTokenizer (Java) run with -lowerCase, then the tokens of its PUNCTUATIONS list dropped. tokenize reproduces the
+# rules captions meet, found by running the Java on generated captions (README, Metrics, has the measurement).
+PTB_CHARS = str.maketrans({"‘": "`", "’": "'", "“": '"', "”": '"', "«": '"', "»": '"', "—": " -- ", "–": " -- ",
+                           "…": " ... ", "½": " 1/2 ", "¼": " 1/4 ", "¾": " 3/4 ", "⅓": " 1/3 ", "⅔": " 2/3 "})
+# pycocoevalcap's list as the tokens here come ('"' is what the Java writes as `` or ''). The list names brackets in
+# upper case (-LRB-) while the tokens are lower-cased, so brackets stay, as -lrb- and so on.
+PTB_DROPPED = {'"', "''", "'", "``", "`", ".", "?", "!", ",", ":", ";", "-"}
+PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+PTB_SPLITS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"],
+              "gimme": ["gim", "me"], "lemme": ["lem", "me"]}
+# The abbreviations, of those tried, whose period the Java keeps ("no.", "approx.", "fig.", "sat." lose theirs).
+PTB_ABBREVIATIONS = ("mr|mrs|ms|dr|st|jr|sr|co|inc|ltd|corp|vs|etc|ave|blvd|rd|lt|ft|sgt|gen|col|capt|prof|rev|gov|sen|"
+                     "rep|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec|mon|tue|wed|thu|fri|mt|dept|est|bros|assn|"
+                     "univ|calif")
+TOKEN = re.compile(
+    r"\w+(?=n't\b)|n't\b"                                   # do n't, ca n't
+    r"|''|``"                                               # quotes, as one token
+    r"|'(?:s|m|d|ll|re|ve|em)\b(?!\.\w)|'t(?=(?:is|was)\b)"  # 's 'll 'em, 't is: else ' is a quote...
+    r"|'\d\ds\b|'\d\d(?=[.,;!?]*(?:\s|$))"                 # ... or begins a decade or year: '90s, '95
+    r"|(?<!\w)y'(?=\w)"                                     # y' all
+    r"|(?<![\w.])[a-z](?:\.[a-z])*\.(?!\w)|(?<!\w)[a-z](?:\.[a-z])+"   # u.s., a.m., e.g., the letter c.
+    rf"|(?<!\w)(?:{PTB_ABBREVIATIONS})\.|(?<!\w)no\.(?=\s*\d)"  # mr., st., etc., no. 5
+    r"|\d+(?:[.,:/]\d+)+|(?<![\w.])\.\d+"                   # 2.5, 1,000, 12:45, 1/2, .5
+    r"|[@#][a-z_]+"                                         # @home, #dog (but # 1)
+    r"|\w+'(?!(?:s|m|d|ll|re|ve)\b)\w+"                     # o'clock, ma'am
+    r"|\w+(?:[-/]\w+)*"                                     # black-and-white, and/or
+    r"|[?!]{2,}|[^\w\s]")                                   # "?!" one token (kept); any other symbol alone
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words as the PTB tokenizer of the official scorer splits them, its dropped punctuation dropped:
-    clitics split off ("don't" -> do n't, "dog's" -> dog 's), hyphenated words and numbers ("2.5", "1,000") whole.
-    It is not the Java tokenizer: abbreviations ("mr.", "u.s.") lose their periods here, and its special cases
-    ("cannot" -> can not, "gonna" -> gon na, Unicode quotes and dashes) are not reproduced."""
-    return [t for t in TOKEN.findall(text.lower()) if t not in PTB_DROPPED]
+    """The words pycocoevalcap scores a caption by (TOKEN's comments show them). Left out, as rare in captions: a
+    letter's period before a word that starts sentences ("A. The" -> a), runs of three quote marks, a quoted "_",
+    abbreviations outside PTB_ABBREVIATIONS, e-mail addresses, emoticons, "C++", "AT&T", "rock'n'roll"."""
+    words = []
+    for t in TOKEN.findall(text.translate(PTB_CHARS).lower()):
+        if t not in PTB_DROPPED:
+            words += PTB_SPLITS.get(t) or [PTB_BRACKETS.get(t, t)]
+    return words
 
 
 def ngrams(words: list[str], n: int = 4) -> Counter:
@@ -350,45 +409,40 @@ def bleu(candidates: list[str], references: list[list[str]], n: int = 4) -> floa
     return precision * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)
 
 
-def choose(answer: str, choices: list[str]) -> int | None:
-    """The choice an answer names: the one equal to it after normalisation, else the longest one it contains as
-    whole words; None when it names none."""
-    norm = normalise_answer(answer)
-    named = [i for i, c in enumerate(choices) if normalise_answer(c) == norm]
-    if not named:
-        named = sorted((i for i, c in enumerate(choices) if normalise_answer(c)
-                        and f" {normalise_answer(c)} " in f" {norm} "), key=lambda i: -len(choices[i]))
-    return named[0] if named else None
-
-
 def aokvqa_direct(answer: str, direct_answers: list[str]) -> float:
-    """A-OKVQA's direct-answer accuracy: min(1, matching direct answers / 3) (no leave-one-out), answer and direct
-    answers normalised as for VQA."""
-    norm = normalise_answer(answer)
-    return min(1.0, sum(normalise_answer(d) == norm for d in direct_answers) / 3)
+    """A-OKVQA's direct-answer accuracy (eval_predictions.py): min(1, direct answers equal to the submitted string
+    / 3), compared as written, no leave-one-out."""
+    return min(1.0, sum(answer == d for d in direct_answers) / 3)
 
 
-def score(task: str, items: list[Item], answers: list[str]) -> tuple[list[float], dict]:
-    """Per-item scores (in the metric's own scale) and the summary (benchmarks x 100, as papers print them;
-    the demo as train.py reports it)."""
+def aokvqa_choice(answer: str, choices: list[str], correct: int) -> float:
+    """A-OKVQA's multiple-choice accuracy (eval_predictions.py): 1 when the submitted string is the right choice's."""
+    return float(answer == choices[correct])
+
+
+def score(task: str, items: list[Item], answers: list[str]) -> tuple[list[float], dict, dict]:
+    """Per-item scores (in the metric's own scale), the summary (benchmarks x 100, as papers print them; the demo as
+    train.py reports it) and the VQA breakdowns by answer and question type (x 100) where the annotations have them."""
     if task == "demo":
         per_item = [float(demo.answer_matches(a, it.references[0])) for it, a in zip(items, answers)]
-        return per_item, demo.score([it.references[0] for it in items], answers)
+        return per_item, demo.score([it.references[0] for it in items], answers), {}
     if task in VQA_TASKS:
         per_item = [vqa_accuracy(a, it.references) for it, a in zip(items, answers)]
-        return per_item, {"accuracy": 100 * sum(per_item) / len(items)}
+        breakdown = {"per_answer_type": per_type(per_item, [it.answer_type for it in items]),
+                     "per_question_type": per_type(per_item, [it.question_type for it in items])}
+        return per_item, {"accuracy": 100 * sum(per_item) / len(items)}, {k: v for k, v in breakdown.items() if v}
     if task in CAPTION_TASKS:
         per_item = cider_d(answers, [it.references for it in items])
         return per_item, {"CIDEr": 100 * sum(per_item) / len(items),
-                          "BLEU-4": 100 * bleu(answers, [it.references for it in items])}
-    per_item = [float(choose(a, it.choices) == it.correct) if it.choices else aokvqa_direct(a, it.references)
+                          "BLEU-4": 100 * bleu(answers, [it.references for it in items])}, {}
+    per_item = [aokvqa_choice(a, it.choices, it.correct) if it.choices else aokvqa_direct(a, it.references)
                 for it, a in zip(items, answers)]
     out = {}
     for name, mc in (("mc_accuracy", True), ("da_accuracy", False)):
         s = [x for x, it in zip(per_item, items) if (it.choices is not None) == mc]
         if s:
             out[name] = 100 * sum(s) / len(s)
-    return per_item, out
+    return per_item, out, {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,26 +500,62 @@ def prompt_and_pictures(item: Item, support: dict[bool, list[Item]], shots: int,
     return text, [s.image for s in examples] + [item.image]
 
 
-MARKERS = re.compile(r"Question:|Short answer:|Output:|<\|endofchunk\|>|</s>")
+# Post-processing: what the model wrote -> the answer submitted to the metric. Short answers go through a processor
+# named by --answer-processor (and in the summary), each one published pipeline as it stands.
+NEXT_BLOCK = re.compile("Question|Answer")
 
 
-def short_answer(text: str) -> str:
-    """A VQA answer from what was written: the first line before any few-shot marker; MultiModal-GPT's A-OKVQA form
-    "The answer is X. Because ..." reduced to X; its first sentence; trailing punctuation dropped."""
-    text = MARKERS.split(text, maxsplit=1)[0].strip().split("\n", 1)[0]
-    text = re.sub(r"^the answer is\s+", "", text, flags=re.IGNORECASE)
-    return re.split(r"\.\s", text, maxsplit=1)[0].strip().rstrip(".!?,;:").strip()
+def openflamingo_answer(text: str) -> str:
+    """OpenFlamingo's evaluation as released with the OpenFlamingo-9B that MultiModal-GPT starts from (open_flamingo
+    0.0.2, vqa_metric.postprocess_vqa_generation): the text before "Question" or "Answer" (the next few-shot block,
+    matched anywhere), nothing else; the metric normalises it where the humans disagree. (For OK-VQA it then stems
+    the answer with nltk, which eval.py does not have.)"""
+    return NEXT_BLOCK.split(text, maxsplit=1)[0]
 
 
-def caption(text: str) -> str:
-    """A caption from what was written: the first line before any few-shot marker."""
-    return MARKERS.split(text, maxsplit=1)[0].strip().split("\n", 1)[0].strip()
+def evalai_answer(text: str) -> str:
+    """EvalAI's answer processor (mmf's EvalAIAnswerProcessor), which LLaVA runs over its VQAv2 predictions before
+    submitting them, on the whole reply: lower case, every "," and "?" removed, "'s" split off (" 's"), then
+    vqaEval.py's normalisation."""
+    return normalise_answer(one_line(text.lower().replace(",", "").replace("?", "").replace("'s", " 's")))
 
 
-def postprocess(task: str, text: str) -> str:
+ANSWER_PROCESSORS = {"openflamingo": openflamingo_answer, "evalai": evalai_answer}
+
+# MultiModal-GPT answers A-OKVQA as it was trained to: "The answer is X. Because ...".
+THE_ANSWER_IS = re.compile(r"\s*the answer is\s+(.*?)(?:\.\s|\.?\s*$)", re.IGNORECASE | re.DOTALL)
+
+
+def choose(answer: str, choices: list[str]) -> int | None:
+    """The choice an answer names: the one equal to it after vqaEval.py's normalisation, else the longest one it
+    contains as whole words; None when it names none."""
+    norm = normalise_answer(answer)
+    named = [i for i, c in enumerate(choices) if normalise_answer(c) == norm]
+    if not named:
+        named = sorted((i for i, c in enumerate(choices) if normalise_answer(c)
+                        and f" {normalise_answer(c)} " in f" {norm} "), key=lambda i: -len(choices[i]))
+    return named[0] if named else None
+
+
+def postprocess(task: str, item: Item, text: str, processor: str) -> str:
+    """The answer submitted for `item` from what the model wrote (`processor`: a key of ANSWER_PROCESSORS)."""
     if task == "demo":
         return text     # demo.score reads the answer as written, as train.py's evaluation does
-    return caption(text) if task in CAPTION_TASKS else short_answer(text)
+    # OpenFlamingo and LLaVA decode skipping special tokens; eval.py's decode writes them out, and </s> is the one an
+    # answer can hold (a few-shot answer ends at <|endofchunk|>, the others are never generated).
+    text = text.replace("</s>", "")
+    if task in CAPTION_TASKS:
+        return text.split("Output", 1)[0].replace('"', "")     # OpenFlamingo's caption post-processing
+    if task != "aokvqa":
+        return ANSWER_PROCESSORS[processor](text)
+    # A-OKVQA compares strings as they are: the answer is X of "The answer is X.", stripped; with choices shown, the
+    # choice it names, as that choice is written (what it wrote when it names none: scored 0).
+    match = THE_ANSWER_IS.match(text)
+    answer = ANSWER_PROCESSORS[processor](match[1] if match else text).strip()
+    if item.choices is None:
+        return answer
+    named = choose(answer, item.choices)
+    return answer if named is None else item.choices[named]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,6 +618,9 @@ def parse_args(argv=None):
                         "OpenFlamingo's <image>Question:... Short answer: (default and required with --shots)")
     p.add_argument("--instruction", help="paper format: the instruction, {question} standing for the question "
                                          "(defaults in eval.INSTRUCTIONS)")
+    p.add_argument("--answer-processor", choices=tuple(ANSWER_PROCESSORS),
+                   help="VQA tasks and aokvqa: how the submitted answer is made from the reply: openflamingo "
+                        "(default: as OpenFlamingo's evaluation) or evalai (EvalAI's answer processor, as LLaVA)")
     p.add_argument("--seed", type=int, default=0,
                    help="draws the few-shot examples; for --task demo, the seed the run was trained with")
     w = ap.add_argument_group("weights (as chat.py: none given = checkpoints/ as the release lays it out, "
@@ -545,6 +638,10 @@ def parse_args(argv=None):
         ap.error("--task demo is asked as train.py asks it: no --shots, the paper's template")
     if args.format == "paper" and args.shots:
         ap.error("--shots needs --format flamingo (the paper's template has no few-shot form)")
+    if args.answer_processor and kind(args.task) not in ("vqa", "aokvqa"):
+        ap.error("--answer-processor is for short answers (the VQA tasks, aokvqa); captions are cut as OpenFlamingo "
+                 "does, the demo's answers read as written")
+    args.answer_processor = args.answer_processor or ("none" if args.task == "demo" else "openflamingo")
     if args.shots < 0 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         ap.error("--shots must be >= 0, --batch-size and --limit >= 1")
     two_files = args.task in ("vqav2", "okvqa")
@@ -595,8 +692,8 @@ def main(argv=None) -> dict:
     except data.DataError as e:
         sys.exit(f"error: {e}")
     written = [tokenizer.decode(ids) for ids in outputs]
-    answers = [postprocess(args.task, w) for w in written]
-    per_item, metrics = score(args.task, items, answers)
+    answers = [postprocess(args.task, it, w, args.answer_processor) for it, w in zip(items, written)]
+    per_item, metrics, breakdown = score(args.task, items, answers)
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
@@ -604,13 +701,17 @@ def main(argv=None) -> dict:
             f.write(json.dumps({"id": it.id, "prompt": text, "output": w, "answer": a, "score": s,
                                 "references": it.references}) + "\n")
     summary = {"task": args.task, "items": len(items), "shots": args.shots, "format": args.format,
-               "metrics": metrics, "max_new_tokens": max_new, "batch_size": args.batch_size, "seed": args.seed,
+               "answer_processor": args.answer_processor, "metrics": metrics, **breakdown,
+               "max_new_tokens": max_new, "batch_size": args.batch_size, "seed": args.seed,
                "weights": {k: getattr(args, k) for k in ("ckpt", "llama", "openflamingo", "lora") if getattr(args, k)},
                "seconds": round(time.time() - started, 1)}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"{args.task}, {len(items)} items, {args.shots}-shot ({args.format}): "
-          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"\npredictions and summary in {args.out}/")
+    by_type = breakdown.get("per_answer_type", {})
+    print(f"{args.task}, {len(items)} items, {args.shots}-shot ({args.format}), answers {args.answer_processor}: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+          + (f" ({', '.join(f'{t} {v:.4g}' for t, v in by_type.items())})" if by_type else "")
+          + f"\npredictions and summary in {args.out}/")
     return summary
 
 

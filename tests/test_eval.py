@@ -15,6 +15,7 @@ import checkpoints
 import data
 import demo
 import eval
+import mmgpt
 import train
 from conftest import tiny_model
 from engine import Engine
@@ -33,24 +34,92 @@ def test_official_normalisation_examples():
     assert eval.normalise_answer("black-and-white") == "black and white"  # punctuation between words: a space
     assert eval.normalise_answer("red, white") == "red white"           # punctuation next to a space: removed
     assert eval.normalise_answer("none") == "0"
+    assert eval.normalise_answer("Im") == "im"                          # the table's capitalised keys never match
+    # vqaEval.py hands re.UNICODE (32) to sub() as its count: the 33rd period on stays.
+    assert eval.normalise_answer("a." * 40) == "a" * 32 + "a." * 8
 
 
 def test_vqa_accuracy_hand_computed():
-    # Humans disagree: all normalised. "Two" -> "2": each of the three "2" voters leaves 2 matches (2/3), each of
-    # the seven others leaves 3 (1): (3 * 2/3 + 7) / 10.
+    # Humans disagree: their answers and the submitted one normalised. "Two" -> "2": each of the three "2" voters
+    # leaves 2 matches (2/3), each of the seven others leaves 3 (1): (3 * 2/3 + 7) / 10.
     assert eval.vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
     # One human agrees: 0 when that one is left out, 1/3 otherwise: 9 * (1/3) / 10.
     assert eval.vqa_accuracy("red", ["red"] + ["blue"] * 9) == pytest.approx(0.3)
     assert eval.vqa_accuracy("green", ["red"] + ["blue"] * 9) == 0
-    assert eval.vqa_accuracy("Yes.", ["yes"] * 10) == 1.0               # the answer is always normalised
-    # Unanimous human answers are compared as written (the official vqaEval.py): "Dog" is not normalised to "dog".
-    assert eval.vqa_accuracy("dog", ["Dog"] * 10) == 0
+    # "A dog" -> "dog" matches 2: (2 * 1/3 + 8 * 2/3) / 10.
+    assert eval.vqa_accuracy("A dog", ["dog"] * 2 + ["cat"] * 8) == pytest.approx(0.6)
+    assert eval.vqa_accuracy("Yes.", ["yes"] * 9 + ["no"]) == 1.0
     assert eval.vqa_accuracy("dog", ["Dog"] * 9 + ["a dog"]) == 1.0
+    # Unanimous humans: nothing normalised, on either side; only tabs, newlines and the ends.
+    assert eval.vqa_accuracy("a dog", ["a dog"] * 10) == 1.0
+    assert eval.vqa_accuracy("Yes.", ["yes"] * 10) == 0.0
+    assert eval.vqa_accuracy("dog", ["a dog"] * 10) == 0.0
+    assert eval.vqa_accuracy("dog", ["Dog"] * 10) == 0.0
+    assert eval.vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0
+    assert eval.vqa_accuracy("hot\tdog", ["hot dog"] * 10) == 1.0
 
 
-def test_tokenize_like_ptb():
-    assert eval.tokenize("Don't the dog's A-frame, 2.5 (big)... \"ok\"!") == \
-        ["do", "n't", "the", "dog", "'s", "a-frame", "2.5", "big", "ok"]
+def test_answer_processors_are_named_steps_that_move_the_number():
+    # OpenFlamingo's (v1): the text before "Question" or "Answer", matched anywhere, and nothing else.
+    assert eval.openflamingo_answer("Yes.\nQuestion: is it?") == "Yes.\n"
+    assert eval.openflamingo_answer("2 Short Answer: 3") == "2 Short "
+    assert eval.openflamingo_answer("red, white") == "red, white"
+    # EvalAI's: lower case, "," and "?" gone, "'s" split off, then vqaEval.py's normalisation.
+    assert eval.evalai_answer("The Dog's bone, 1,000?") == "dog 's bone 1000"
+    assert eval.evalai_answer(" Two.\n") == "2"
+    assert eval.ANSWER_PROCESSORS == {"openflamingo": eval.openflamingo_answer, "evalai": eval.evalai_answer}
+    # Against ten "yes", "Yes." is 0 as OpenFlamingo submits it and 1 as EvalAI's processor submits it.
+    vqa = eval.Item("1", "1.jpg", "Is it?", ["yes"] * 10)
+    assert [eval.vqa_accuracy(eval.postprocess("vqav2", vqa, "Yes.", p), vqa.references)
+            for p in ("openflamingo", "evalai")] == [0.0, 1.0]
+    # Both decode as OpenFlamingo and LLaVA do, skipping special tokens (eval.py's decode writes them out).
+    assert eval.postprocess("vqav2", vqa, "2</s> dogs", "openflamingo") == "2 dogs"
+
+
+def test_captions_and_demo_answers_post_processed():
+    item = eval.Item("1.jpg", "1.jpg", None, ["A dog."])
+    # OpenFlamingo's: the text before "Output", double quotes removed.
+    assert eval.postprocess("coco", item, 'A "dog" on a bed.\nOutput: x', "openflamingo") == "A dog on a bed.\n"
+    assert eval.postprocess("demo", item, " red </s>", "none") == " red </s>"     # as train.py reads it
+
+
+def test_aokvqa_exact_matching_and_choices():
+    # The official comparison is of strings as they are: no normalisation, no leave-one-out.
+    assert eval.aokvqa_direct("red", ["red"] * 2 + ["blue"] * 8) == pytest.approx(2 / 3)
+    assert eval.aokvqa_direct("red", ["red"] * 4 + ["blue"] * 6) == 1.0
+    assert eval.aokvqa_direct("Red", ["red"] * 10) == 0.0
+    choices = ["red", "green apple", "green", "blue"]
+    assert eval.aokvqa_choice("green", choices, 2) == 1.0
+    assert eval.aokvqa_choice("Green", choices, 2) == 0.0
+    # Post-processing: MultiModal-GPT's "The answer is X. Because ..." -> X, then the named processor.
+    da = eval.Item("q:da", "x.jpg", "What colour?", ["red"] * 10)
+    written = "The answer is Red. Because it is ripe."
+    assert [eval.postprocess("aokvqa", da, written, p) for p in ("openflamingo", "evalai")] == ["Red", "red"]
+    assert eval.postprocess("aokvqa", da, " The answer is 2.5 meters.", "openflamingo") == "2.5 meters"
+    assert eval.postprocess("aokvqa", da, "red\nQuestion: what?", "openflamingo") == "red"
+    # Multiple choice: the choice the answer names, as that choice is written; what it wrote when it names none.
+    assert eval.choose("Red", choices) == 0
+    assert eval.choose("a green apple", choices) == 1        # equal after normalisation
+    assert eval.choose("it is green here", choices) == 2     # contained as whole words
+    assert eval.choose("purple", choices) is None
+    mc = eval.Item("q:mc", "x.jpg", "What colour?", ["green"], choices=choices, correct=2)
+    assert eval.postprocess("aokvqa", mc, "The answer is a Green Apple.", "openflamingo") == "green apple"
+    assert eval.postprocess("aokvqa", mc, "The answer is purple.", "openflamingo") == "purple"
+
+
+def test_tokenize_as_the_ptb_tokenizer():
+    # Each expected list is what pycocoevalcap 1.2's PTBTokenizer (Stanford CoreNLP 3.4.1, Java) made of the caption.
+    assert eval.tokenize('A man (in a hat) [left] {x} said "hi".') == \
+        ["a", "man", "-lrb-", "in", "a", "hat", "-rrb-", "-lsb-", "left", "-rsb-", "-lcb-", "x", "-rcb-", "said", "hi"]
+    assert eval.tokenize("Mr. Smith's U.S. dog can't, cannot; gonna wanna") == \
+        ["mr.", "smith", "'s", "u.s.", "dog", "ca", "n't", "can", "not", "gon", "na", "wan", "na"]
+    assert eval.tokenize("It’s a “quote” — dash – 3.5% $10 1,000 e-mail.") == \
+        ["it", "'s", "a", "quote", "dash", "3.5", "%", "$", "10", "1,000", "e-mail"]
+    assert eval.tokenize("The '90s dog's ball at 12:45pm, 'tis ½ o'clock") == \
+        ["the", "'90s", "dog", "'s", "ball", "at", "12:45", "pm", "'t", "is", "1/2", "o'clock"]
+    assert eval.tokenize("and/or @home #1 wow?! Vitamin c. No. 5 'ok'") == \
+        ["and/or", "@home", "#", "1", "wow", "?!", "vitamin", "c.", "no.", "5", "ok"]
+    assert eval.tokenize("he said no. dogs' toys.") == ["he", "said", "no", "dogs", "toys"]
 
 
 def test_cider_d_hand_computed():
@@ -78,25 +147,6 @@ def test_bleu4_hand_computed():
     assert got == pytest.approx((11 / 12 * 7 / 10 * 5 / 8 * 3 / 6) ** 0.25 * math.exp(1 - 13 / 12))
 
 
-def test_answers_post_processed():
-    assert eval.short_answer("The answer is red. Because it is ripe.") == "red"
-    assert eval.short_answer("yes.\nQuestion: what?") == "yes"
-    assert eval.short_answer(" 2 Short answer: 3") == "2"
-    assert eval.short_answer("2.5 meters!") == "2.5 meters"
-    assert eval.caption("A dog on a bed.\nOutput: x") == "A dog on a bed."
-    assert eval.caption("Two cats<|endofchunk|>") == "Two cats"
-
-
-def test_aokvqa_choice_and_direct_answer():
-    choices = ["red", "green apple", "green", "blue"]
-    assert eval.choose("Red", choices) == 0
-    assert eval.choose("a green apple", choices) == 1        # equal after normalisation
-    assert eval.choose("it is green here", choices) == 2     # contained as whole words
-    assert eval.choose("purple", choices) is None
-    assert eval.aokvqa_direct("Red", ["red"] * 2 + ["blue"] * 8) == pytest.approx(2 / 3)
-    assert eval.aokvqa_direct("red", ["red"] * 4 + ["blue"] * 6) == 1.0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Readers, on tiny files in the real formats
 
@@ -110,16 +160,40 @@ def picture(path, colour=(200, 30, 30)):
     Image.new("RGB", (20, 20), colour).save(path)
 
 
+def vqa_annotation(qid, image_id, answers, answer_type="other", question_type="what color"):
+    """A record of the VQAv2 / OK-VQA annotations file, every field as published."""
+    return {"question_type": question_type, "multiple_choice_answer": answers[0], "image_id": image_id,
+            "answer_type": answer_type, "question_id": qid,
+            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(answers)]}
+
+
 def vqa_files(tmp, n=3):
     questions = {"data_subtype": "val2014",
                  "questions": [{"image_id": 10 + i, "question": f"What colour {i}?", "question_id": 100 + i}
                                for i in range(n)]}
-    annotations = {"annotations": [{"question_id": 100 + i, "answers": [{"answer": a, "answer_id": j}
-                                                                         for j, a in enumerate(["red"] * 6 + ["blue"] * 4)]}
-                                   for i in range(n)]}
+    annotations = {"annotations": [vqa_annotation(100 + i, 10 + i, ["red"] * 6 + ["blue"] * 4) for i in range(n)]}
     for i in range(n):
         picture(str(tmp / "val2014" / f"COCO_val2014_{10 + i:012d}.jpg"), (40 * i, 30, 30))
     return write(tmp / "q.json", questions), write(tmp / "a.json", annotations), str(tmp / "val2014")
+
+
+def test_vqa_breakdowns_by_answer_and_question_type(tmp_path):
+    humans = [(["yes"] * 10, "yes/no", "is the"), (["2"] * 2 + ["3"] * 8, "number", "how many"),
+              (["red"] * 10, "other", "what color"), (["blue"] * 2 + ["navy"] * 8, "other", "what color")]
+    q = write(tmp_path / "q.json", {"data_subtype": "val2014", "questions": [
+        {"image_id": i, "question": f"Question {i}?", "question_id": i} for i in range(4)]})
+    a = write(tmp_path / "a.json", {"annotations": [vqa_annotation(i, i, *h) for i, h in enumerate(humans)]})
+    items = eval.read("vqav2", q, a, "val2014")
+    per_item, metrics, breakdown = eval.score("vqav2", items, ["yes", "Two", "Red", "blue"])
+    # "Two" -> "2", two matches: (2 * 1/3 + 8 * 2/3) / 10; "Red" against unanimous "red": 0; "blue": as "Two".
+    assert per_item == pytest.approx([1.0, 0.6, 0.0, 0.6])
+    assert metrics == {"accuracy": pytest.approx(55.0)}
+    assert breakdown == {"per_answer_type": pytest.approx({"yes/no": 100.0, "number": 60.0, "other": 30.0}),
+                         "per_question_type": pytest.approx({"is the": 100.0, "how many": 60.0, "what color": 30.0})}
+    textvqa = write(tmp_path / "t.json", {"data": [{"question_id": 7, "image_id": "abc", "question": "Brand?",
+                                                    "answers": ["nike"] * 10}]})
+    assert eval.score("textvqa", eval.read("textvqa", None, textvqa, "imgs"), ["nike"]) == ([1.0], {"accuracy": 100.0},
+                                                                                           {})
 
 
 def test_readers_in_the_published_formats(tmp_path):
@@ -159,6 +233,9 @@ def test_readers_in_the_published_formats(tmp_path):
     assert [(it.id, it.references[0], it.correct) for it in items] == \
         [("q1:mc", "dog", 1), ("q1:da", "dog", None), ("q2:mc", "dog", 1)]   # difficult: no direct-answer row
     assert items[0].image == os.path.join("coco", "val2017", "000000299207.jpg")
+    # Scored as eval_predictions.py scores it: the difficult question counts in multiple choice only.
+    assert eval.score("aokvqa", items, ["dog", "dog", "cat"]) == ([1.0, 1.0, 0.0], {"mc_accuracy": 50.0,
+                                                                                   "da_accuracy": 100.0}, {})
 
 
 @pytest.mark.parametrize("task, content, message", [
@@ -284,11 +361,13 @@ def test_main_writes_predictions_and_summary(base, tmp_path, capsys):
     args = ["--task", "vqav2", "--questions", q, "--annotations", a, "--images", images, "--max-new-tokens", "4",
             *flags]
     summary = eval.main([*args, "--out", str(tmp_path / "one"), "--batch-size", "2"])
-    assert "vqav2, 3 items, 0-shot (paper): accuracy" in capsys.readouterr().out
+    assert "vqav2, 3 items, 0-shot (paper), answers openflamingo: accuracy" in capsys.readouterr().out
     lines = [json.loads(x) for x in open(tmp_path / "one" / "predictions.jsonl")]
     assert [x["id"] for x in lines] == ["100", "101", "102"]
     assert [x["score"] for x in lines] == [eval.vqa_accuracy(x["answer"], x["references"]) for x in lines]
     assert summary["metrics"]["accuracy"] == pytest.approx(100 * sum(x["score"] for x in lines) / 3)
+    assert summary["answer_processor"] == "openflamingo"
+    assert summary["per_answer_type"] == {"other": summary["metrics"]["accuracy"]}
     assert json.load(open(tmp_path / "one" / "summary.json")) == summary | {"seconds": summary["seconds"]}
     # Deterministic, whatever the batch size; --limit takes the first items; few-shot from a support file.
     eval.main([*args, "--out", str(tmp_path / "two"), "--batch-size", "3", "--limit", "2"])
@@ -297,6 +376,32 @@ def test_main_writes_predictions_and_summary(base, tmp_path, capsys):
                        "--support-annotations", a])
     first = json.loads(open(tmp_path / "shots" / "predictions.jsonl").readline())
     assert shots["format"] == "flamingo" and first["prompt"].count("<image>") == 2
+
+
+def test_main_names_the_answer_processor(base, tmp_path, capsys, monkeypatch):
+    """The same replies ("Yes." to everything) submitted by each processor: a different number, named in the printed
+    line and summary.json."""
+    _, flags = base
+    q = write(tmp_path / "q.json", {"data_subtype": "val2014", "questions": [
+        {"image_id": i, "question": "Is it?", "question_id": i} for i in range(2)]})
+    a = write(tmp_path / "a.json", {"annotations": [vqa_annotation(0, 0, ["yes"] * 10, "yes/no", "is it"),
+                                                    vqa_annotation(1, 1, ["yes"] * 9 + ["no"], "yes/no", "is it")]})
+    for i in range(2):
+        picture(str(tmp_path / "val2014" / f"COCO_val2014_{i:012d}.jpg"))
+    monkeypatch.setattr(mmgpt.Tokenizer, "decode", lambda self, ids: "Yes.")
+    args = ["--task", "vqav2", "--questions", q, "--annotations", a, "--images", str(tmp_path / "val2014"),
+            "--max-new-tokens", "2", *flags]
+    for processor, accuracy in (("openflamingo", 50.0), ("evalai", 100.0)):
+        out = tmp_path / processor
+        summary = eval.main([*args, "--answer-processor", processor, "--out", str(out)])
+        assert capsys.readouterr().out.startswith(
+            f"vqav2, 2 items, 0-shot (paper), answers {processor}: accuracy {accuracy:.4g} (yes/no {accuracy:.4g})")
+        saved = json.load(open(out / "summary.json"))
+        assert (saved["answer_processor"], saved["metrics"], saved["per_question_type"]) == \
+            (processor, {"accuracy": accuracy}, {"is it": accuracy})
+    with pytest.raises(SystemExit):
+        eval.parse_args(["--task", "coco", "--annotations", a, "--images", "x", "--answer-processor", "evalai"])
+    assert eval.parse_args(["--task", "demo"]).answer_processor == "none"
 
 
 def test_main_names_a_missing_picture_and_bad_flags(base, tmp_path):
