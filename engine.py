@@ -58,6 +58,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None        # "stop", "length" or "cancelled"
     cached: int = 0                         # prompt tokens a slot already held (prefix reuse)
+    cancelled: bool = False                 # set by Engine.cancel: the request ends at the engine's next step
 
 
 class Output(NamedTuple):
@@ -252,13 +253,21 @@ class Engine:
         request._index = media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0]
         request._seed = random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & MASK32
         request._greedy = s.greedy or s.temperature <= 0
-        request._detok, request._cancelled, request._slot, request._next = Detokenizer(self.tokenizer), False, None, None
+        request._detok, request._slot, request._next = Detokenizer(self.tokenizer), None, None
         self.waiting.append(request)
         return request
 
     def cancel(self, request: Request):
-        """Stop a request at the next step (from any thread: it only sets a flag); its slot is freed there."""
-        request._cancelled = True
+        """Stop a request at the next step (from any thread, also before it is submitted: it only sets a flag); its
+        slot is freed there."""
+        request.cancelled = True
+
+    def reset(self):
+        """Forget every request and what every slot holds (after a step failed half-way)."""
+        self.waiting.clear()
+        for slot in self.slots:
+            slot.ids, slot.pictures, slot.request = [], [], None
+        self.running = 0
 
     @property
     def busy(self) -> bool:
@@ -287,7 +296,7 @@ class Engine:
         """Cancel what was cancelled, admit waiting requests into free slots, prefill (within the token budget),
         then decode one token for every request whose prompt is in. Returns what each request produced."""
         self.clock += 1
-        outputs = [self._finish(r, "cancelled") for r in self._requests() if r._cancelled]
+        outputs = [self._finish(r, "cancelled") for r in self._requests() if r.cancelled]
         while self.waiting and self.running < len(self.slots):
             self._admit(self.waiting.popleft())
         budget = self.prefill_tokens

@@ -10,9 +10,11 @@ import types
 import pytest
 import sentencepiece as spm
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoints  # noqa: E402
 import lora  # noqa: E402
 import mmgpt  # noqa: E402
 import train  # noqa: E402
@@ -143,6 +145,37 @@ def write_release(model, path, r, alpha):
     finally:
         for name in names:
             del sys.modules[name]
+
+
+def tiny_release(tmp, sp_model, tokenizer) -> dict:
+    """A tiny model with LoRA and nonzero gates, written as an HF LLaMA dir, an OpenFlamingo checkpoint.pt, the
+    MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back."""
+    model = tiny_model(tokenizer, seed=8)  # a random model whose greedy answers depend on the picture
+    lora.inject(model, r=4, alpha=8, within="layers.")
+    with torch.no_grad():
+        for m in lora.lora_layers(model):
+            m.lora_B.normal_(0, 0.3)
+    f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "release": str(tmp / "release.pt"),
+         "run": str(tmp / "run")}
+    checkpoints.save_llama(model, f["llama"], sp_model)
+    checkpoints.save_openflamingo(model, f["openflamingo"])
+    write_release(model, f["release"], r=4, alpha=8)
+    f["vision"], f["vision_weights"] = write_vision(model, tmp)
+    os.makedirs(f["run"])
+    checkpoints.save_lora(model, os.path.join(f["run"], "lora.pt"),
+                          {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
+                           "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
+                           "vision_weights": f["vision_weights"]})
+    g = torch.Generator().manual_seed(0)
+    for name in ("pic1", "pic2"):
+        f[name] = str(tmp / f"{name}.png")
+        Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()).save(f[name])
+    f["broken"] = str(tmp / "broken.png")
+    with open(f["broken"], "wb") as fh:
+        fh.write(b"not a picture")
+    f["model"], f["tokenizer"], f["transform"] = checkpoints.load(
+        f["llama"], f["openflamingo"], f["release"], f["vision"], f["vision_weights"])
+    return f
 
 
 def lora_model(tokenizer, **overrides):
