@@ -9,14 +9,17 @@ step. Gradients are clipped once per step. The effective batch is ranks x batch 
 
 Outputs in --out: lora.pt (final weights + the settings that rebuild the model: `checkpoints.load_run(out)`),
 ckpt.pt (written atomically every --save-every steps and on SIGTERM/Ctrl-C; --resume continues from it exactly),
-metrics.jsonl (one record per optimizer step and per evaluation).
+metrics.jsonl (one record per optimizer step and per evaluation). On several machines: README, "Train on several
+machines".
 """
 import argparse
+import datetime
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -84,6 +87,9 @@ def parse_args(argv=None):
                     help="sort each window of this many samples by length (less padding)")
     ap.add_argument("--skip-bad", action="store_true", help="skip unreadable records and pictures, and count them")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--rdzv-timeout", type=float, default=300, metavar="SECONDS",
+                    help="how long the ranks wait for one another to form the process group before giving up "
+                         "with what to check")
     ap.add_argument("--fast", action=argparse.BooleanOptionalAction,
                     help="the fast path (default: on with CUDA): bf16 weights with fp32 master copies in the "
                          "optimizer, each decoder layer compiled, lengths padded to multiples of --bucket")
@@ -311,15 +317,60 @@ class Ranks:
         return self.rank == 0
 
 
+def tagged(message: str) -> str:
+    """The message with "[rank R/W] " before each line when there are several ranks (they share one console)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return message if world == 1 else "\n".join(f"[rank {os.environ['RANK']}/{world}] {line}"
+                                                 for line in message.split("\n"))
+
+
+def log(ranks: Ranks, message: str, every_rank: bool = False):
+    if ranks.main or every_rank:
+        print(tagged(message), flush=True)
+
+
+def fail(message: str):
+    sys.exit(tagged(message))
+
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # for the slowest rank: loading the base, rank 0 evaluating
+
+
 def setup(args) -> Ranks:
+    """One process, or one rank of the process group that torchrun (or RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT set by hand or a scheduler) describes. Forming the group waits at most --rdzv-timeout, then says
+    what to check; once formed, collectives wait COLLECTIVE_TIMEOUT."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ:
         return Ranks(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Ranks(device, dist.get_rank(), dist.get_world_size())
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]):
+        # torchrun serves one store for the whole job, so a restarted group finds in it the keys that the group
+        # that died wrote: Gloo's peer addresses, NCCL's unique id. A new rank may read them before its peer has
+        # overwritten them and connect to a dead process ("Gloo connectFullMesh failed ... Connection refused";
+        # pytorch#135712). Without the shared store every rendezvous round has its rank 0 serve a new, empty one.
+        fail("torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, and use c10d "
+             "rendezvous (--standalone, or --rdzv-backend c10d): otherwise a restarted group reads the addresses "
+             "of the group that died from torchrun's store and cannot connect")
+    try:  # with device_id NCCL connects here too, so that every way of failing to meet ends within the timeout
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(seconds=args.rdzv_timeout))
+    except RuntimeError as e:  # the store's DistStoreError / DistNetworkError, Gloo's and NCCL's own errors
+        fail(f"the process group of {os.environ['WORLD_SIZE']} ranks did not form within --rdzv-timeout "
+             f"{args.rdzv_timeout:g} s: {checkpoints.first_line(e)}\n"
+             "check: every node was started, with the same --nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-id\n"
+             f"check: MASTER_ADDR:MASTER_PORT ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) is "
+             "an address of rank 0's node that every node reaches (torchrun takes that node's --local-addr, else its "
+             "host name), and no firewall stands between the nodes\n"
+             "check: NCCL_SOCKET_IFNAME (GPUs) or GLOO_SOCKET_IFNAME (CPUs) names the network interface the nodes "
+             "share (NCCL_DEBUG=INFO shows the one NCCL took)")
+    dist.set_timeout(COLLECTIVE_TIMEOUT)
+    ranks = Ranks(device, dist.get_rank(), dist.get_world_size())
+    log(ranks, f"in the process group: {socket.gethostname()}, {device}", every_rank=True)
+    return ranks
 
 
 def base_files(args, ranks: Ranks) -> dict:
@@ -379,7 +430,7 @@ def make_data(args, ranks: Ranks, tokenizer, transform):
         seed=args.seed, max_len=args.max_len, num_workers=args.workers, group_window=args.group_by_length,
         skip_bad=args.skip_bad)
     if vl_stream is None or lang_stream is None:
-        sys.exit(f"{args.config}: the recipe needs both vision-language and language-only data")
+        fail(f"{args.config}: the recipe needs both vision-language and language-only data")
     return vl_stream, lang_stream, held_out, demo_items
 
 
@@ -436,10 +487,10 @@ def resume(run: Run) -> tuple[int, int]:
     non-finite steps so far)."""
     path, ranks, args = run.ckpt_path, run.ranks, run.args
     if not os.path.isfile(path):
-        sys.exit(f"--resume: {path} not found")
+        fail(f"--resume: {path} not found")
     ckpt = checkpoints.read_train_state(path)  # nothing in it can run code
     if ckpt["world"] * ckpt["batch_size"] * ckpt["grad_accum"] != ranks.world * args.batch_size * args.grad_accum:
-        sys.exit(f"--resume: {path} was written with another effective batch")
+        fail(f"--resume: {path} was written with another effective batch")
     with torch.no_grad():
         for n, t in ckpt["trainable"].items():
             run.optimizer.masters[n].copy_(t)
@@ -568,8 +619,8 @@ def main(argv=None):
         log(ranks, f"{s}: stopped at step {s.step}; {run.ckpt_path} written, continue with --resume")
         return
     except torch.OutOfMemoryError:
-        sys.exit("out of memory: try --grad-checkpointing, a smaller --max-len or --batch-size "
-                 "(the effective batch is kept by raising --grad-accum)")
+        fail("out of memory: try --grad-checkpointing, a smaller --max-len or --batch-size "
+             "(the effective batch is kept by raising --grad-accum)")
     # -- the end -------------------------------------------------------------------------------------------------
     save_checkpoint(run, step, bad_total)  # so that a run cut short by --max-steps can go on with --resume
     if ranks.main:
@@ -585,20 +636,16 @@ def main(argv=None):
             for i, (conv, _) in enumerate(demo_items[-4:]):
                 data.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
         skipped = vl_stream.skipped + lang_stream.skipped
-        print(f"done: {step} steps, {tokens_seen:,} tokens in {(time.time() - started) / 60:.1f} min; final loss_vl "
-              f"{last.get('loss_vl', float('nan')):.4f}, loss_lang {last.get('loss_lang', float('nan')):.4f}"
-              + "".join(f", {k} {v:.3f}" for k, v in final.items() if k != "step")
-              + (f"; {bad_total} steps skipped (non-finite)" if bad_total else "")
-              + (f"; {skipped} samples skipped (unreadable)" if skipped else "")
-              + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
-              + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
+        log(ranks, f"done: {step} steps, {tokens_seen:,} tokens in {(time.time() - started) / 60:.1f} min; "
+            f"final loss_vl {last.get('loss_vl', float('nan')):.4f}, "
+            f"loss_lang {last.get('loss_lang', float('nan')):.4f}"
+            + "".join(f", {k} {v:.3f}" for k, v in final.items() if k != "step")
+            + (f"; {bad_total} steps skipped (non-finite)" if bad_total else "")
+            + (f"; {skipped} samples skipped (unreadable)" if skipped else "")
+            + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
+            + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
     if ranks.distributed:
         dist.destroy_process_group()
-
-
-def log(ranks: Ranks, *a):
-    if ranks.main:
-        print(*a)
 
 
 def train(run: Run, step: int, bad_total: int, metrics):
@@ -646,7 +693,7 @@ def train(run: Run, step: int, bad_total: int, metrics):
         if args.eval_every and step % args.eval_every == 0 and step < steps and (run.held_out or run.demo_items):
             if ranks.main:
                 record = evaluate_run(run, step, metrics)
-                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                bar.write(tagged("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items())))
             if ranks.distributed:
                 dist.barrier()
         if stop.name:
@@ -660,4 +707,4 @@ if __name__ == "__main__":
     try:
         main()
     except (checkpoints.CheckpointError, data.DataError, FileNotFoundError) as e:  # the user's files: named
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
