@@ -9,8 +9,8 @@ step. Gradients are clipped once per step. The effective batch is ranks x batch 
 
 Outputs in --out: lora.pt (final weights + the settings that rebuild the model: `checkpoints.load_run(out)`),
 ckpt.pt (written atomically every --save-every steps and on SIGTERM/Ctrl-C; --resume continues from it exactly),
-metrics.jsonl (one record per optimizer step and per evaluation). On several machines: README, "Train on several
-machines".
+metrics.jsonl (one record per optimizer step and per evaluation). On several machines, and restarted by torchrun
+when a worker dies, with `--resume auto`: README, "Train on several machines".
 """
 import argparse
 import datetime
@@ -86,7 +86,9 @@ def parse_args(argv=None):
     ap.add_argument("--group-by-length", type=int, default=0, metavar="WINDOW",
                     help="sort each window of this many samples by length (less padding)")
     ap.add_argument("--skip-bad", action="store_true", help="skip unreadable records and pictures, and count them")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--resume", nargs="?", const="always", choices=("always", "auto"),
+                    help="continue from OUT/ckpt.pt; `--resume auto`: from it where it exists, else start afresh "
+                         "(one command line for the first start and every restart, e.g. torchrun --max-restarts)")
     ap.add_argument("--rdzv-timeout", type=float, default=300, metavar="SECONDS",
                     help="how long the ranks wait for one another to form the process group before giving up "
                          "with what to check")
@@ -482,13 +484,27 @@ def save_checkpoint(run: Run, step: int, bad_total: int):
             run.ckpt_path)
 
 
-def resume(run: Run) -> tuple[int, int]:
-    """Load ckpt.pt into the optimizer (masters, then parameters), schedule, streams and RNGs; returns (step,
-    non-finite steps so far)."""
+def resume(run: Run) -> tuple[int, int] | None:
+    """--resume: load ckpt.pt into the optimizer (masters, then parameters), schedule, streams and RNGs; returns
+    (step, non-finite steps so far), or None where `--resume auto` finds no checkpoint (a first start). Every rank
+    reads the file, so every rank must find the same one."""
     path, ranks, args = run.ckpt_path, run.ranks, run.args
-    if not os.path.isfile(path):
-        fail(f"--resume: {path} not found")
-    ckpt = checkpoints.read_train_state(path)  # nothing in it can run code
+    ckpt = checkpoints.read_train_state(path) if os.path.isfile(path) else None  # nothing in it can run code
+    steps = [None if ckpt is None else ckpt["step"]]
+    if ranks.distributed:
+        steps = [None] * ranks.world
+        dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+    if len(set(steps)) > 1:  # ranks on a node that does not see --out, or sees an older copy of it
+        found = {}
+        for rank, s in enumerate(steps):
+            found.setdefault("no file" if s is None else f"step {s}", []).append(rank)
+        fail(f"--resume: the ranks found different checkpoints at {path} ("
+             + "; ".join(f"{what} on ranks {', '.join(map(str, r))}" for what, r in found.items())
+             + "): --out must be one folder that every node sees (a shared filesystem)")
+    if ckpt is None:
+        if args.resume == "always":
+            fail(f"--resume: {path} not found")
+        return None
     if ckpt["world"] * ckpt["batch_size"] * ckpt["grad_accum"] != ranks.world * args.batch_size * args.grad_accum:
         fail(f"--resume: {path} was written with another effective batch")
     with torch.no_grad():
@@ -539,11 +555,11 @@ class StopSignal:
         self.name = signal.Signals(signum).name
 
 
-def open_metrics(path: str, resume_step: int | None):
-    """metrics.jsonl for appending. On --resume, the records after the checkpoint's step (the run went on past
-    it before it was stopped) and a torn last line (killed mid-write) are dropped first: the resumed run writes
-    those steps again, so the file reads as one uninterrupted run's."""
-    if resume_step is not None and os.path.isfile(path):
+def open_metrics(path: str, start: int):
+    """metrics.jsonl for appending, from optimizer step `start` on. The records after it (a resumed run went on
+    past its checkpoint before it was stopped; a fresh start keeps none) and a torn last line (killed mid-write)
+    are dropped first: the run writes those steps again, so the file reads as one uninterrupted run's."""
+    if os.path.isfile(path):
         kept = []
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -551,7 +567,7 @@ def open_metrics(path: str, resume_step: int | None):
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     break
-                if not line.endswith("\n") or record.get("step", 0) > resume_step:
+                if not line.endswith("\n") or record.get("step", 0) > start:
                     break
                 kept.append(line)
         checkpoints.atomic_write(path, lambda f: f.write("".join(kept).encode()))
@@ -594,11 +610,13 @@ def main(argv=None):
     run = Run(args, ranks, model, tokenizer, transform, settings, unfrozen, (vl_stream, lang_stream), held_out,
               demo_items, optimizer, scheduler, total, autocast, os.path.join(args.out, "ckpt.pt"))
     # -- state: resumed, or seeded -------------------------------------------------------------------------------
-    step, bad_total = 0, 0
-    if args.resume:
-        step, bad_total = resume(run)
+    resumed = resume(run) if args.resume else None
+    step, bad_total = resumed or (0, 0)
+    if resumed:
         log(ranks, f"resumed from {run.ckpt_path} at step {step}")
     else:
+        if args.resume:
+            log(ranks, f"--resume auto: no {run.ckpt_path} yet, starting afresh")
         torch.manual_seed(args.seed + ranks.rank)
         random.seed(args.seed + ranks.rank)
         np.random.seed(args.seed + ranks.rank)
@@ -609,8 +627,7 @@ def main(argv=None):
         f"{args.batch_size} x {args.grad_accum} accumulation x 2 kinds; {min(total, args.max_steps or total)} of "
         f"{total} optimizer steps on {ranks.device}" + (" (fast path)" if args.fast else ""))
     # -- the loop ------------------------------------------------------------------------------------------------
-    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step if args.resume else None) \
-        if ranks.main else None
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step) if ranks.main else None
     started = time.time()
     try:
         step, bad_total, last, tokens_seen = train(run, step, bad_total, metrics)
