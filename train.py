@@ -547,12 +547,21 @@ class StopSignal:
     """SIGTERM/SIGINT handler: remembers the signal; the loop saves and exits cleanly after the current step."""
 
     def __init__(self):
-        self.name = None
+        self.signum = 0
         signal.signal(signal.SIGTERM, self)
         signal.signal(signal.SIGINT, self)
 
     def __call__(self, signum, frame):
-        self.name = signal.Signals(signum).name
+        self.signum = signum
+
+    def agreed(self, ranks: Ranks) -> str | None:
+        """The signal's name once any rank has caught one, on every rank: a scheduler's SIGTERM reaches the ranks
+        at different moments, and a rank that stopped alone would wait in the checkpoint's collective while the
+        others wait in the next step's."""
+        signum = torch.tensor(self.signum, device=ranks.device)
+        if ranks.distributed:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(signum)).name if signum else None
 
 
 def open_metrics(path: str, start: int):
@@ -713,9 +722,9 @@ def train(run: Run, step: int, bad_total: int, metrics):
                 bar.write(tagged("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items())))
             if ranks.distributed:
                 dist.barrier()
-        if stop.name:
+        if name := stop.agreed(ranks):
             bar.close()
-            raise Stop(stop.name, step, bad_total)
+            raise Stop(name, step, bad_total)
     bar.close()
     return step, bad_total, last, tokens_seen
 
