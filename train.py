@@ -401,7 +401,10 @@ def make_model(args, ranks: Ranks):
     else:
         torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
         lora_lib.inject(model, lora_r, lora_alpha, args.lora_dropout, targets, within="layers.")
-    unfrozen = [n for n, _ in model.named_parameters() if n.startswith("vision.")] if args.vision_lr else []
+    # --vision-lr: the ViT's parameters that the encoder uses. It stops before open_clip's ln_post and proj
+    # (mmgpt.VisionEncoder): those would get no gradient, which DDP takes for an error.
+    unfrozen = [n for n, _ in model.named_parameters() if n.startswith("vision.")
+                and not n.startswith(("vision.visual.ln_post.", "vision.visual.proj"))] if args.vision_lr else []
     unfrozen += [n for n, _ in model.named_parameters()
                  if ".lora_" not in n and not n.startswith("vision.") and any(s in n for s in args.unfreeze)]
     # Slow path: trained weights in fp32 under autocast. Fast path: everything in the frozen weights' dtype (the
