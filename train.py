@@ -365,8 +365,8 @@ def setup(args) -> Ranks:
              f"{args.rdzv_timeout:g} s: {checkpoints.first_line(e)}\n"
              "check: every node was started, with the same --nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-id\n"
              f"check: MASTER_ADDR:MASTER_PORT ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) is "
-             "an address of rank 0's node that every node reaches (torchrun takes that node's --local-addr, else its "
-             "host name), and no firewall stands between the nodes\n"
+             "an address of rank 0's node that every node reaches (torchrun's c10d rendezvous takes that node's "
+             "--local-addr, else its host name; its static one --master-addr), and no firewall stands between them\n"
              "check: NCCL_SOCKET_IFNAME (GPUs) or GLOO_SOCKET_IFNAME (CPUs) names the network interface the nodes "
              "share (NCCL_DEBUG=INFO shows the one NCCL took)")
     dist.set_timeout(COLLECTIVE_TIMEOUT)
@@ -493,16 +493,17 @@ def resume(run: Run) -> tuple[int, int] | None:
     reads the file, so every rank must find the same one."""
     path, ranks, args = run.ckpt_path, run.ranks, run.args
     ckpt = checkpoints.read_train_state(path) if os.path.isfile(path) else None  # nothing in it can run code
-    steps = [None if ckpt is None else ckpt["step"]]
+    found = None if ckpt is None else ckpt["step"]
+    steps = [found]
     if ranks.distributed:
         steps = [None] * ranks.world
-        dist.all_gather_object(steps, None if ckpt is None else ckpt["step"])
+        dist.all_gather_object(steps, found)
     if len(set(steps)) > 1:  # ranks on a node that does not see --out, or sees an older copy of it
-        found = {}
+        where = {}
         for rank, s in enumerate(steps):
-            found.setdefault("no file" if s is None else f"step {s}", []).append(rank)
+            where.setdefault("no file" if s is None else f"step {s}", []).append(rank)
         fail(f"--resume: the ranks found different checkpoints at {path} ("
-             + "; ".join(f"{what} on ranks {', '.join(map(str, r))}" for what, r in found.items())
+             + "; ".join(f"{what} on ranks {', '.join(map(str, r))}" for what, r in where.items())
              + "): --out must be one folder that every node sees (a shared filesystem)")
     if ckpt is None:
         if args.resume == "always":
