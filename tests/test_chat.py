@@ -179,9 +179,9 @@ def open_text(c: chat.Chat) -> str:
 def test_cache_kept_across_rounds_and_pictures_encoded_once(files, monkeypatch):
     c = new_chat(files)
     submitted, encoded = [], []
-    submit, encode_images = c.engine.submit, c.engine.model.encode_images
+    submit, encode_images = c.engine.submit, c.engine.runner.model.encode_images
     monkeypatch.setattr(c.engine, "submit", lambda request: submitted.append(request) or submit(request))
-    monkeypatch.setattr(c.engine.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
+    monkeypatch.setattr(c.engine.runner.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
                         encode_images(images))
     c.add_picture(files["pic1"])
     got = [c.ask(Q1)]
@@ -246,7 +246,7 @@ def test_question_too_long_or_with_special_tokens_is_refused(files, capsys):
 
 def interrupt_sampling(c: chat.Chat, at: int):
     """Ctrl-C during an answer: the engine's sampler raises KeyboardInterrupt on its at-th call from now."""
-    choose, calls = c.engine.greedy, []
+    choose, calls = c.engine.runner.greedy, []
 
     def interrupted(*args):
         calls.append(1)
@@ -254,7 +254,7 @@ def interrupt_sampling(c: chat.Chat, at: int):
             raise KeyboardInterrupt
         return choose(*args)
 
-    c.engine.greedy = interrupted
+    c.engine.runner.greedy = interrupted
 
 
 def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
@@ -273,7 +273,7 @@ def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(c.engine, "prefill_step", stop)
+    monkeypatch.setattr(c.engine.runner, "prefill_step", stop)
     assert c.ask(Q3) == []
     monkeypatch.undo()
     slot = c.engine.slots[0]
@@ -284,12 +284,12 @@ def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
 
 def scripted_answer(c: chat.Chat, question: str, tokens: list[int]) -> list[int] | None:
     """Ask, the engine's sampler returning these tokens one per call, whatever the model says."""
-    left, choose = iter(tokens), c.engine.greedy
-    c.engine.greedy = lambda logits, banned: torch.tensor([next(left)])
+    left, choose = iter(tokens), c.engine.runner.greedy
+    c.engine.runner.greedy = lambda logits, banned: torch.tensor([next(left)])
     try:
         return c.ask(question)
     finally:
-        c.engine.greedy = choose
+        c.engine.runner.greedy = choose
 
 
 def test_answer_ends_before_a_spelled_out_special_string(files):

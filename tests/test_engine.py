@@ -32,13 +32,13 @@ def alone(model, tokenizer, requests, **kw) -> list[list[int]]:
 
 def capture_logits(engine: Engine) -> list:
     """The logits each sampling call sees, recorded."""
-    seen, choose = [], engine.greedy
+    seen, choose = [], engine.runner.greedy
 
     def recording(logits, banned):
         seen.append(logits.clone())
         return choose(logits, banned)
 
-    engine.greedy = recording
+    engine.runner.greedy = recording
     return seen
 
 
@@ -71,8 +71,8 @@ def test_eos_and_the_limit_are_not_fed(tokenizer):
     prompts, images = batch_input(tokenizer)
     e = Engine(model, tokenizer, slots=1, eos_id=-1)
     steps = []
-    decode = e.decode_step
-    e.decode_step = lambda *a: steps.append(1) or decode(*a)
+    decode = e.runner.decode_step
+    e.runner.decode_step = lambda *a: steps.append(1) or decode(*a)
     (r,) = e.generate([greedy(prompts[0], images[0], 6)])
     assert r.finish_reason == "length" and len(steps) == 5 and e.slots[0].ids == prompts[0] + r.tokens[:-1]
     eos = r.tokens[2]
@@ -162,7 +162,7 @@ def test_prefix_reuse_equals_a_fresh_prefill(tokenizer):
     torch.testing.assert_close(seen[0], fresh_seen[0], rtol=1e-5, atol=1e-5)
     slot = next(s for s in e.slots if s.ids[:len(round2)] == round2)
     n = len(round2) + 5
-    for mine, theirs in zip(e.cache.layers, fresh.cache.layers):
+    for mine, theirs in zip(e.runner.cache.layers, fresh.runner.cache.layers):
         torch.testing.assert_close(mine.k[slot.index, :, :n], theirs.k[0, :, :n], rtol=1e-5, atol=1e-6)
     # The same text with another picture: only what precedes <image> is shared; the answer is that picture's.
     other = torch.randn_like(pics)
