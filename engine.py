@@ -214,10 +214,12 @@ class Runner:
 
     def _compile(self, backend: str):
         lora.merge(self.model)
-        # A graph per batch bucket (or prefill length) and width, with and without pictures: more than dynamo's
-        # default 8.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        options = dict(backend=backend, fullgraph=True, dynamic=False)
+        # Shapes come in buckets; the second size a dimension takes makes it symbolic (torch.compile's automatic
+        # dynamic shapes), so each step compiles a few times, not once per (batch, width) bucket: with the pictures'
+        # variants that would be dozens of compiles of the whole decoder. CUDA graphs are still recorded per bucket
+        # (cheap). Dynamo's default of 8 graphs per function is too few all the same.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = dict(backend=backend, fullgraph=True)
         cuda_graphs = "reduce-overhead" if self.device.type == "cuda" else None
         self.decode_step = torch.compile(_decode_step, mode=cuda_graphs, **options)
         self.prefill_step = torch.compile(_prefill_step, **options)

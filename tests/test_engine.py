@@ -3,6 +3,7 @@ every step, and against the same request decoded alone: batched, joined mid-answ
 seed, reusing a slot's prefix, compiled."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import engine as engine_lib
 from conftest import batch_input, full_forward_greedy, tiny_model
@@ -287,3 +288,23 @@ def test_compiled_equals_eager(tokenizer):
 
     assert [r.tokens for r in traced.generate(requests() + sampled())] == \
         want + alone(tiny_model(tokenizer), tokenizer, sampled(), eos_id=-1)
+
+
+def test_the_fast_path_compiles_a_few_graphs_not_one_per_bucket(tokenizer):
+    """8 slots, prompts and answers of many lengths: batch buckets 1 to 8, widths 64 to 256, prefill lengths 16 to
+    64, rows with and without pictures. The compiled steps give the eager ids, and the shapes that vary become
+    symbolic after their second size: about a dozen graphs where one per shape would be twice as many."""
+    prompts, images = batch_input(tokenizer)
+
+    def requests():
+        return [Request(prompts[k % 4] + tokenizer.encode(" the cat" * (8 * k), bos=False),
+                        [] if images[k % 4] is None else list(images[k % 4]), 20 + 10 * k, Sampling(greedy=True))
+                for k in range(8)]
+
+    counters.clear()
+    torch._dynamo.reset()
+    fast = Engine(tiny_model(tokenizer), tokenizer, slots=8, eos_id=-1, fast=True, backend="aot_eager",
+                  prefill_tokens=64)
+    got = [r.tokens for r in fast.generate(requests())]
+    assert got == [r.tokens for r in Engine(tiny_model(tokenizer), tokenizer, slots=8, eos_id=-1).generate(requests())]
+    assert counters["stats"]["unique_graphs"] <= 16
