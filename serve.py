@@ -619,13 +619,34 @@ def usage(r: Request) -> dict:
 
 
 class Server(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections at once: past them a connection is answered 503 and
+    closed at once (a flood of connections takes no thread, and no memory, from those being served)."""
     daemon_threads = True
+    BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\r\n"
+            + json.dumps(APIError(503, "too many connections; try again shortly", None, "too_many_connections")
+                         .body()).encode())
 
     def __init__(self, address, loop: Loop, renderer: Renderer, model_name: str, api_key: str | None = None,
-                 max_body: int = 20 << 20, body_timeout: float = 30.0, quiet: bool = False):
+                 max_body: int = 20 << 20, body_timeout: float = 30.0, quiet: bool = False, max_connections: int = 256):
         super().__init__(address, Handler)
         self.loop, self.renderer, self.model_name, self.api_key = loop, renderer, model_name, api_key
         self.max_body, self.body_timeout, self.quiet, self.started = max_body, body_timeout, quiet, int(time.time())
+        self.connections = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            try:
+                request.sendall(self.BUSY)
+            except OSError:
+                pass
+            return self.shutdown_request(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, model_name: str = "mmgpt",
@@ -672,6 +693,7 @@ def main(argv=None):
     s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot (then 429)")
     s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: none asked)")
     s.add_argument("--max-body", type=int, default=20 << 20, help="the largest request body in bytes (413)")
+    s.add_argument("--max-connections", type=int, default=256, help="connections served at once (then 503)")
     s.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="pictures may also name local files under DIR (default: data: URLs only)")
     s.add_argument("--model-name", default="mmgpt", help="the model's name in the API (default: mmgpt)")
@@ -681,8 +703,8 @@ def main(argv=None):
     s.add_argument("--grace", type=float, default=10.0, help="seconds running answers get to finish at shutdown")
     s.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     args = ap.parse_args(argv)
-    if args.slots < 1 or args.max_waiting < 0 or args.max_body < 1:
-        ap.error("--slots and --max-body must be at least 1, --max-waiting at least 0")
+    if min(args.slots, args.max_body, args.max_connections) < 1 or args.max_waiting < 0:
+        ap.error("--slots, --max-body and --max-connections must be at least 1, --max-waiting at least 0")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
 
@@ -693,7 +715,7 @@ def main(argv=None):
     name = args.model_name
     server = start(engine, transform, args.host, args.port, model_name=name, max_waiting=args.max_waiting,
                    api_key=args.api_key, max_body=args.max_body, media_dir=args.allowed_local_media_path,
-                   quiet=args.quiet)
+                   quiet=args.quiet, max_connections=args.max_connections)
     host, port = server.server_address[:2]
     if args.api_key is None and not loopback(args.host):
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",

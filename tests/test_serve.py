@@ -355,6 +355,18 @@ def test_slow_headers_are_timed_out(files, monkeypatch):
         assert post(server, {"messages": [user(Q1)], "max_tokens": 2})[0] == 200
 
 
+def test_connections_past_the_limit_get_503_and_the_server_goes_on(files):
+    with running(files, max_connections=2) as server:
+        idle = [socket.create_connection(("127.0.0.1", port(server)), timeout=10) for _ in range(2)]
+        time.sleep(0.2)                      # two connections that send nothing hold both threads
+        status, body = raw(server, b"GET /health HTTP/1.1\r\n\r\n")
+        assert_error(status, body, 503, None, "too_many_connections", "too many connections")
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert raw(server, b"GET /health HTTP/1.1\r\n\r\n") == (200, {"status": "ok"})
+
+
 def test_metrics_health_and_models(files):
     with running(files) as server:
         done = client(server).chat.completions.create(model="mmgpt", messages=[user(Q1)], max_tokens=3, temperature=0)
