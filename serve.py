@@ -115,7 +115,8 @@ class Renderer:
     takes the place of the header line."""
 
     def __init__(self, tokenizer, transform, media_dir: str | None, max_pictures: int):
-        self.tokenizer, self.transform, self.media_dir, self.max_pictures = tokenizer, transform, media_dir, max_pictures
+        self.tokenizer, self.transform = tokenizer, transform
+        self.media_dir, self.max_pictures = media_dir, max_pictures
 
     def __call__(self, messages) -> tuple[str, list[torch.Tensor]]:
         if not isinstance(messages, list) or not messages:
