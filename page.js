@@ -69,7 +69,7 @@ function saveSettings() {
 }
 
 function showSamplingKnobs() {   // greedy makes temperature, top-p, top-k and the seed moot
-  for (const field of document.querySelectorAll('.field.sampling')) {
+  for (const field of document.querySelectorAll('.sampling')) {
     field.classList.toggle('off', els.greedy.checked);
     for (const input of field.querySelectorAll('input')) input.disabled = els.greedy.checked;
   }
@@ -105,6 +105,7 @@ async function loadModel() {
     limitMaxTokens();
   } catch (e) {
     els.model.textContent = e.message === '401' ? 'API key needed' : 'model unknown';
+    if (e.message === '401') askForKey();
   }
 }
 
@@ -114,6 +115,11 @@ function limitMaxTokens() {
   if (Number($('max-tokens').value) > contextLength / 2) {   // as chat.py: an answer takes at most half the context
     $('max-tokens').value = $('max-tokens-range').value = Math.floor(contextLength / 2);
   }
+}
+
+function askForKey() {   // the key's box, in view
+  els.apiKey.closest('details').open = true;
+  if (drawer()) openPanel();
 }
 
 function authHeaders() {
@@ -306,10 +312,7 @@ function finishAssistant(reply) {
   actions.replaceChildren(
     button(`${ICONS.regenerate}<span>Regenerate</span>`, 'Write this answer again', () => regenerate(reply),
            'ghost regen'),
-    button(`${ICONS.input}<span>Input</span>`, 'Show the exact text the model was given', () => {
-      showPrompt(reply.prompt);
-      openPanel();
-    }),
+    button(`${ICONS.input}<span>Input</span>`, 'Show the exact text the model was given', () => showInput(reply.prompt)),
     button(`${ICONS.copy}<span>Copy</span>`, 'Copy the answer', () => copy(reply.text)),
   );
   refreshActions();
@@ -512,6 +515,7 @@ async function answer() {
         }
         : null;
       notice(explain(e, places), retry, question.el);
+      if (e.status === 401) askForKey();
       finishRun();
       return;
     }
@@ -557,9 +561,10 @@ function clearConversation() {
 // ---------------------------------------------------------------------------------------------------------------
 // Keyboard and buttons
 
-function fitInput() {   // the question box grows with its text, up to its max-height
+function fitInput() {   // the question box grows with its text, up to its max-height; Send needs a question
   els.input.style.height = 'auto';
   els.input.style.height = `${els.input.scrollHeight}px`;
+  els.send.disabled = !els.input.value.trim();
 }
 
 els.input.addEventListener('input', fitInput);
@@ -569,11 +574,12 @@ els.input.addEventListener('keydown', (e) => {
     ask();
   }
 });
+// Escape closes the settings drawer (narrow screens), else stops the answer being written.
+const drawer = () => getComputedStyle(els.panel).position === 'fixed';
 document.addEventListener('keydown', (e) => {
-  if (e.key === 'Escape') {
-    if (els.panel.classList.contains('open')) closePanel();
-    else stop();
-  }
+  if (e.key !== 'Escape') return;
+  if (drawer() && els.panel.classList.contains('open')) closePanel();
+  else stop();
 });
 els.composer.addEventListener('submit', (e) => { e.preventDefault(); ask(); });
 els.stop.addEventListener('click', stop);
@@ -583,6 +589,11 @@ function openPanel() {
   els.panel.classList.add('open');
   els.scrim.classList.add('open');
   els.toggle.setAttribute('aria-expanded', 'true');
+}
+function showInput(prompt) {   // an answer's "Input": its model input, in view
+  showPrompt(prompt);
+  if (drawer()) openPanel();
+  els.prompt.scrollIntoView({ block: 'nearest' });
 }
 function closePanel() {
   els.panel.classList.remove('open');
@@ -596,4 +607,5 @@ els.scrim.addEventListener('click', closePanel);
 loadSettings();
 loadModel();
 renderPending();
+fitInput();
 els.input.focus();

@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTEXT = 1024          # the tiny model's context: room for an answer long enough to be stopped half-way
 LONG = 800              # max new tokens of that answer
 Q1, Q2, Q3 = "what colour is the square?", "how many circles are there?", "and what shape is on the left?"
+HEADER = "You are a careful assistant. Answer in one word."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,6 +349,8 @@ def test_rounds_pictures_regenerate_and_clear_answer_as_the_api(server, browser,
 
 
 def test_two_tabs_are_two_conversations(server, browser, run):
+    """A second tab is a conversation of its own (the server sees only its messages); a picture dropped on the
+    page is attached; a header line set there is sent as the system message and replaces the template's."""
     open_page(browser, server)
     set_knobs(browser, greedy=True, max_tokens=12)
     attach(browser, run["pic1"])
@@ -359,9 +362,14 @@ def test_two_tabs_are_two_conversations(server, browser, run):
         assert answers(browser) == []             # the new tab starts empty (settings are remembered)
         drop(browser, run["pic2"])
         assert not browser.find_element(By.ID, "drop").is_displayed()
+        browser.find_element(By.CSS_SELECTOR, "details.more summary").click()
+        browser.find_element(By.ID, "system").send_keys(HEADER)      # the template's first line, replaced
         ask(browser, Q3)
-        alone = api(server, [user(Q3, run["pic2"])], 12)
+        alone = api(server, [{"role": "system", "content": HEADER}, user(Q3, run["pic2"])], 12)
         assert answers(browser) == [alone["text"]] and shown_prompt(browser) == alone["prompt"]
+        assert alone["prompt"] == layout([Conversation("p", [Turn(Q3, "")])], open_last=True, header=HEADER)[0]
+        browser.find_element(By.ID, "system").clear()
+        browser.find_element(By.ID, "system").send_keys(" ", Keys.BACKSPACE)     # (clear() fires no input event)
     finally:
         browser.close()
         browser.switch_to.window(first)
@@ -369,8 +377,9 @@ def test_two_tabs_are_two_conversations(server, browser, run):
 
 
 def test_stop_cancels_the_answer_on_the_server(server, browser, run):
-    """Stop mid-answer: the page stops, keeps what was written (a prefix of the whole answer), the server cancels
-    the request (its slot is free, it wrote far fewer tokens than asked), and the next round goes on from there."""
+    """Stop mid-answer (the Stop button, then Escape on the regenerated answer): the page stops, keeps what was
+    written (a prefix of the whole answer), the server cancels the request (its slot is free, it wrote far fewer
+    tokens than asked), and the next round goes on from what was written."""
     open_page(browser, server)
     set_knobs(browser, greedy=True, max_tokens=LONG)
     before = metrics(server)
@@ -390,11 +399,21 @@ def test_stop_cancels_the_answer_on_the_server(server, browser, run):
     whole = api(server, [user(Q1, run["pic1"])], LONG)
     assert whole["finish"] == "length" and whole["text"].startswith(partial) and len(partial) < len(whole["text"])
 
+    # Regenerate it, and stop that with Escape.
+    browser.find_element(By.CSS_SELECTOR, "button.regen").click()
+    wait(browser, "the answer to start again", lambda: running(browser) and answers(browser)[0] != "")
+    browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait(browser, "the page to stop", lambda: not running(browser), timeout=10)
+    again = answers(browser)
+    assert len(again) == 1 and statuses(browser) == ["stopped"]
+    assert whole["text"].startswith(again[0]) and len(again[0]) < len(whole["text"])
+    wait(browser, "the server to free the slot", lambda: metrics(server)["mmgpt_requests_running"] == 0, timeout=10)
+
     set_knobs(browser, max_tokens=12)
     ask(browser, Q2)                              # the stopped answer stays in the conversation, as written
-    expected = api(server, [user(Q1, run["pic1"]), assistant(partial), user(Q2)], 12)
-    assert answers(browser) == [partial, expected["text"]]
-    assert shown_prompt(browser) == expected["prompt"] == template((True, [(Q1, partial), (Q2, "")]))
+    expected = api(server, [user(Q1, run["pic1"]), assistant(again[0]), user(Q2)], 12)
+    assert answers(browser) == [again[0], expected["text"]]
+    assert shown_prompt(browser) == expected["prompt"] == template((True, [(Q1, again[0]), (Q2, "")]))
 
 
 def test_errors_are_lines_in_the_conversation_and_the_page_goes_on(server, browser, run, tmp_path):
