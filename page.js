@@ -304,7 +304,8 @@ function finishAssistant(reply) {
   const seconds = reply.doneAt && reply.firstAt ? (reply.doneAt - reply.firstAt) / 1000 : 0;
   const words = [];
   if (reply.finish === 'stopped') words.push('stopped');
-  else if (reply.finish === 'length') words.push('cut at max new tokens');
+  else if (reply.finish === 'length') words.push(reply.fitted ? 'cut at the end of the context' : 'cut at max new tokens');
+  else if (reply.fitted) words.push('max new tokens did not fit: written in the room left');
   if (n !== undefined) words.push(`${n} token${n === 1 ? '' : 's'}`);
   if (n > 1 && seconds > 0) words.push(`${((n - 1) / seconds).toFixed(1)} tokens/s`);
   reply.el.querySelector('.status').textContent = words.join(' · ');
@@ -445,7 +446,7 @@ function explain(e, places = {}) {
     if (param && message.startsWith(param + ': ')) message = message.slice(param.length + 2);   // said below
     if (e.status === 429) return `The server is busy: ${message}`;      // with a Retry button
     if (e.error.code === 'context_length_exceeded') {
-      return `Too long for the model: ${message}. Clear the conversation or lower max new tokens.`;
+      return `Too long for the model: ${message}. Clear the conversation, or ask a shorter question.`;
     }
     if (e.status === 401) return `The server wants an API key (Settings): ${message}`;
     if (e.status === 413) return `Too large for the server (a big picture?): ${message}`;
@@ -481,21 +482,32 @@ async function answer() {
   setRunning(true);
   const { body, places } = request();
   convo.push(reply);
+  const read = (chunk) => {
+    if (chunk.prompt !== undefined) { reply.prompt = chunk.prompt; showPrompt(chunk.prompt); }
+    if (chunk.usage) reply.usage = chunk.usage;
+    const choice = chunk.choices && chunk.choices[0];
+    if (!choice) return;
+    if (choice.delta && choice.delta.content) {
+      reply.firstAt = reply.firstAt || performance.now();
+      const follow = atEnd();
+      reply.text += choice.delta.content;
+      reply.textEl.textContent = reply.text;
+      if (follow) toEnd();
+    }
+    if (choice.finish_reason) reply.finish = choice.finish_reason;
+  };
   try {
-    await stream(body, controller.signal, (chunk) => {
-      if (chunk.prompt !== undefined) { reply.prompt = chunk.prompt; showPrompt(chunk.prompt); }
-      if (chunk.usage) reply.usage = chunk.usage;
-      const choice = chunk.choices && chunk.choices[0];
-      if (!choice) return;
-      if (choice.delta && choice.delta.content) {
-        reply.firstAt = reply.firstAt || performance.now();
-        const follow = atEnd();
-        reply.text += choice.delta.content;
-        reply.textEl.textContent = reply.text;
-        if (follow) toEnd();
-      }
-      if (choice.finish_reason) reply.finish = choice.finish_reason;
-    });
+    try {
+      await stream(body, controller.signal, read);
+    } catch (e) {
+      // The conversation fits the context but not with max new tokens more: answer in the room that is left
+      // (the server's default without max_tokens) rather than not at all. If the conversation alone does not
+      // fit, this fails too, and says so.
+      if (!(e instanceof ServerError && e.error.code === 'context_length_exceeded' && body.max_tokens)) throw e;
+      delete body.max_tokens;
+      reply.fitted = true;
+      await stream(body, controller.signal, read);
+    }
   } catch (e) {
     if (e.name === 'AbortError') reply.finish = 'stopped';
     else if (reply.prompt !== null && reply.text) {   // it broke off mid-answer: keep what was written

@@ -165,10 +165,11 @@ def post(server: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def api(server: str, messages: list, max_tokens: int, **sampling) -> dict:
-    """The API's own (non-streamed) answer: {"text", "prompt", "finish"}; greedy unless sampling is given."""
-    status, body = post(server, {"messages": messages, "max_tokens": max_tokens, "return_prompt": True,
-                                 **(sampling or {"temperature": 0})})
+def api(server: str, messages: list, max_tokens: int | None, **sampling) -> dict:
+    """The API's own (non-streamed) answer: {"text", "prompt", "finish"}; greedy unless sampling is given; no
+    max_tokens: the room left in the context."""
+    status, body = post(server, {"messages": messages, "return_prompt": True, **(sampling or {"temperature": 0}),
+                                 **({} if max_tokens is None else {"max_tokens": max_tokens})})
     assert status == 200, body
     choice = body["choices"][0]
     return {"text": choice["message"]["content"], "prompt": body["prompt"], "finish": choice["finish_reason"]}
@@ -245,10 +246,14 @@ def drop(browser, path: str):
     wait(browser, "the picture dropped", lambda: chips(browser) > n)
 
 
-def ask(browser, *keys, done: bool = True):
-    """Type the question (keys: text, or Keys.SHIFT + Keys.ENTER + Keys.NULL for a new line) and press Enter."""
+def ask(browser, *keys, paste: str | None = None, done: bool = True):
+    """Type the question (keys: text, or Keys.SHIFT + Keys.ENTER + Keys.NULL for a new line), or paste a long
+    one, and press Enter."""
     n = len(answers(browser)) + len(notices(browser))
     box = browser.find_element(By.ID, "input")
+    if paste is not None:
+        browser.execute_script("arguments[0].value = arguments[1];"
+                               "arguments[0].dispatchEvent(new Event('input'))", box, paste)
     box.send_keys(*keys)
     box.send_keys(Keys.ENTER)
     if done:
@@ -417,8 +422,9 @@ def test_stop_cancels_the_answer_on_the_server(server, browser, run):
 
 
 def test_errors_are_lines_in_the_conversation_and_the_page_goes_on(server, browser, run, tmp_path):
-    """A file that is not a picture, a question too long for the context, a busy server: each a readable line
-    with the server's message; the refused question is left out of the conversation and the page goes on."""
+    """A file that is not a picture, a busy server, a conversation too long for the context: each a readable line
+    with the server's message; the refused question is left out of the conversation and the page goes on. (Max
+    new tokens that do not fit after a long question: the answer takes the room left.)"""
     open_page(browser, server)
     set_knobs(browser, greedy=True, max_tokens=12)
 
@@ -440,16 +446,7 @@ def test_errors_are_lines_in_the_conversation_and_the_page_goes_on(server, brows
     a1 = api(server, [user(Q1, run["pic1"])], 12)
     assert answers(browser) == [a1["text"]] and shown_prompt(browser) == a1["prompt"]
 
-    set_knobs(browser, max_tokens=CONTEXT - 10)   # the conversation and the answer asked for pass the context
-    ask(browser, Q2)
-    status, refused = post(server, {"messages": [user(Q1, run["pic1"]), assistant(a1["text"]), user(Q2)],
-                                    "max_tokens": CONTEXT - 10})
-    assert status == 400 and refused["error"]["code"] == "context_length_exceeded"
-    assert notices(browser)[-1] == (f"Too long for the model: {refused['error']['message']}. "
-                                    f"Clear the conversation or lower max new tokens.")
-
     # Busy: both slots taken by long answers streamed to someone else, no queue.
-    set_knobs(browser, max_tokens=12)
     others = [urllib.request.urlopen(urllib.request.Request(
         server + "/v1/chat/completions", json.dumps({"messages": [user(Q3, run["pic2"])], "max_tokens": LONG,
                                                      "temperature": 0, "stream": True}).encode(),
@@ -468,10 +465,33 @@ def test_errors_are_lines_in_the_conversation_and_the_page_goes_on(server, brows
     wait(browser, "the slots to be free", lambda: metrics(server)["mmgpt_requests_running"] == 0, timeout=10)
     browser.find_element(By.CSS_SELECTOR, ".notice:last-child button").click()      # Retry
     wait(browser, "the retried answer", lambda: not running(browser) and len(answers(browser)) == 2)
-    a2 = api(server, [user(Q1, run["pic1"]), assistant(a1["text"]), user(Q2)], 12)
+    conv = [user(Q1, run["pic1"]), assistant(a1["text"]), user(Q2)]
+    a2 = api(server, conv, 12)
     assert answers(browser) == [a1["text"], a2["text"]]
-    assert questions(browser) == ["what is this?", Q1, Q2, Q2]      # the refused ones stay visible, dimmed
+
+    # A long question: the conversation fits the context, but not with max new tokens more. The page asks again
+    # without max_tokens (the answer takes the room left), as the API answers that.
+    set_knobs(browser, max_tokens=100)
+    long = "x" * 850 + " " + Q3                   # 'x' is a byte token of the tiny tokenizer: 850 tokens
+    ask(browser, paste=long)
+    conv += [assistant(a2["text"]), user(long)]
+    status, refused = post(server, {"messages": conv, "max_tokens": 100})
+    assert status == 400 and refused["error"]["code"] == "context_length_exceeded"
+    a3 = api(server, conv, None)
+    assert a3["finish"] == "length" and 0 < len(a3["text"])
+    assert answers(browser) == [a1["text"], a2["text"], a3["text"]] and shown_prompt(browser) == a3["prompt"]
+    assert statuses(browser)[-1].startswith("cut at the end of the context")
+
+    # Now the conversation alone fills the context: the next question is refused, and says why.
+    ask(browser, Q1)
+    conv += [assistant(a3["text"]), user(Q1)]
+    status, refused = post(server, {"messages": conv})
+    assert status == 400 and refused["error"]["code"] == "context_length_exceeded"
+    assert notices(browser)[-1] == (f"Too long for the model: {refused['error']['message']}. "
+                                    f"Clear the conversation, or ask a shorter question.")
+    assert questions(browser) == ["what is this?", Q1, Q2, long, Q1]     # the refused ones stay visible, dimmed
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user.failed")) == 2
+    assert len(answers(browser)) == 3
 
 
 def test_phone_sized_screen_has_no_horizontal_scrolling(server, browser, run, tmp_path):
