@@ -198,7 +198,7 @@ function pictureElement(picture) {
   }
   const img = document.createElement('img');
   img.src = picture.url;
-  img.alt = picture.title = picture.name;
+  img.alt = img.title = picture.name;
   return img;
 }
 
@@ -456,7 +456,8 @@ function explain(e, places = {}) {
     if (e.status === 200) return `The server failed while answering: ${message}`;
     return `The server refused the question (${e.status}): ${message}`;
   }
-  return `Cannot reach the server: ${e.message}`;
+  if (e instanceof TypeError) return `Cannot reach the server: ${e.message}`;   // what fetch throws then
+  return `The answer could not be read: ${e.message}`;
 }
 
 async function ask() {
