@@ -7,6 +7,7 @@ Without /usr/bin/chromium, /usr/bin/chromedriver or selenium the tests are skipp
     apt-get install chromium chromium-driver && pip install selenium
 Nothing is downloaded at test time: the system's Chromium runs headless with its network features off."""
 import base64
+import contextlib
 import json
 import os
 import queue
@@ -90,8 +91,15 @@ def run(tmp_path_factory, sp_model, tokenizer):
 @pytest.fixture(scope="module")
 def server(run):
     """serve.py on 127.0.0.1 (a port the system picks), 2 slots and no queue: a third request at once is a 429."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", run["run"], "--host", "127.0.0.1",
-                             "--port", "0", "--slots", "2", "--max-waiting", "0", "--quiet"],
+    with serving(["--ckpt", run["run"], "--slots", "2", "--max-waiting", "0"]) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def serving(args: list[str]):
+    """serve.py as a subprocess on 127.0.0.1, on a port the system picks; its address once it says it."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--host", "127.0.0.1",
+                             "--port", "0", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = queue.Queue()
@@ -100,11 +108,12 @@ def server(run):
     try:
         while True:
             try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                said.append(lines.get(timeout=0.2))
             except queue.Empty:
-                raise AssertionError(f"serve.py did not say where it serves within 120 s:\n{''.join(said)}") from None
-            said.append(line)
-            address = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"serve.py did not start:\n{''.join(said)}") from None
+                continue
+            address = re.search(r"http://127\.0\.0\.1:(\d+)", said[-1])
             if address:
                 break
         yield f"http://127.0.0.1:{address.group(1)}"
@@ -528,3 +537,41 @@ def test_phone_sized_screen_has_no_horizontal_scrolling(server, browser, run, tm
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's screenshot: the page answering the demo's picture (made with runs/demo, after `python train.py`)
+
+SCREENSHOT = os.environ.get("MMGPT_PAGE_SCREENSHOT")      # where to write it, e.g. docs/page.png
+
+
+@pytest.mark.skipif(not SCREENSHOT, reason="MMGPT_PAGE_SCREENSHOT=docs/page.png retakes the README's screenshot "
+                                           "(with runs/demo, after `python train.py`)")
+def test_readme_screenshot(browser):
+    demo = os.path.join(ROOT, "runs", "demo")
+    picture = os.path.join(demo, "samples", "0.png")
+    assert os.path.exists(picture), "train the demo first: python train.py"
+    with serving(["--ckpt", demo, "--slots", "4"]) as address:
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": 1200, "height": 760, "deviceScaleFactor": 1, "mobile": False})
+        try:
+            browser.get(address + "/")
+            wait(browser, "the model's name", lambda: browser.find_element(By.ID, "model-name").text == "demo")
+            browser.find_element(By.ID, "reset-settings").click()
+            set_knobs(browser, greedy=True, max_tokens=16)
+            attach(browser, picture)
+            conv = []
+            for i, question in enumerate(("What colour is the shape?", "What shape is it?",
+                                          "How many shapes are there?", "Where are they?")):
+                ask(browser, question)
+                conv.append(user(question, picture) if i == 0 else user(question))
+                expected = api(address, conv, 16)
+                assert answers(browser)[-1] == expected["text"]
+                conv.append(assistant(expected["text"]))
+            browser.find_element(By.ID, "input").send_keys("And what colour")
+            browser.save_screenshot(SCREENSHOT)
+        finally:
+            browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    # A few colours are enough for the page: a 256-colour palette keeps the file small (the README's ~200 KB).
+    Image.open(SCREENSHOT).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(SCREENSHOT, optimize=True)
+    assert os.path.getsize(SCREENSHOT) < 200_000
