@@ -3,6 +3,7 @@
     python bench.py                      # one GPU: LLaMA-7B + ViT-L/14 + 8 cross-attention blocks, LoRA r=16, bf16
     python bench.py --tiny               # the "bench-tiny" preset (32 layers, small widths) on the CPU, in seconds
     python bench.py --train-only --cuda-graphs --json out.json
+    python bench.py --serve runs/demo    # serve.py's server on the demo model, 1/4/16/32 clients that stream
 
 train: one iteration is what train.py runs for one optimizer step (train.train_iteration + train.optimizer_step,
 the same functions) with one micro-batch pair: V language-only then V vision-language samples of --seq tokens,
@@ -24,7 +25,13 @@ weight gradient; lm_head only where a label is), LoRA 6 per parameter per token,
 (not causal), the ViT and perceiver forward (no backward: nothing upstream is trained).
 """
 import argparse
+import base64
+import glob
+import http.client
 import json
+import math
+import os
+import threading
 import time
 from contextlib import nullcontext
 
@@ -304,6 +311,112 @@ def bench_engine(model, device, concurrency: int, fast: bool, prompt_len=96, new
             "per_request_tokens_per_s": rate / concurrency, "peak_gib": peak_gib(device)}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Serving (--serve RUN): serve.py's server in this process, clients that stream over HTTP on 127.0.0.1
+
+def stream(port: int, body: dict) -> dict:
+    """One streamed chat completion as a client sees it: when it was sent, when each piece of text came, the
+    answer and its tokens (the usage chunk)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body | {"stream": True, "stream_options": {
+        "include_usage": True}}), {"Content-Type": "application/json"})
+    response, times, text, tokens = conn.getresponse(), [], "", 0
+    assert response.status == 200, response.read()
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+        for c in chunk["choices"]:
+            if c["delta"].get("content"):
+                times.append(time.perf_counter())
+                text += c["delta"]["content"]
+    conn.close()
+    return {"sent": sent, "times": times, "text": text, "tokens": tokens}
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99, nearest rank."""
+    v = sorted(values)
+    return v[(len(v) - 1) // 2], v[min(len(v) - 1, math.ceil(0.99 * len(v)) - 1)]
+
+
+def latency_row(name: str, answers: list[dict], seconds: float) -> dict:
+    """tokens/s over all answers and per client, p50/p99 of the time to the first text and between pieces."""
+    ttft = [a["times"][0] - a["sent"] for a in answers]
+    itl = [b - a for x in answers for a, b in zip(x["times"], x["times"][1:])]
+    tokens = sum(a["tokens"] for a in answers)
+    return {"clients": name, "tokens_per_s": tokens / seconds, "ttft_ms": [t * 1e3 for t in percentiles(ttft)],
+            "itl_ms": [t * 1e3 for t in percentiles(itl)], "answers": len(answers)}
+
+
+def bench_serving(run: str, device, concurrencies: list[int], results: dict, new_tokens: int = 64):
+    """The demo model (a train.py run) served to 1, 4, 16, 32 streaming clients at once, each asking about the
+    demo's pictures (answers run to new_tokens: the server's engine ignores EOS here); chat.py's way (one Chat,
+    the same questions one after the other); a conversation's second round re-sent whole against its first."""
+    import chat
+    import demo
+    import serve
+    model, tokenizer, transform = checkpoints.load_run(run, device=str(device))
+    pictures = sorted(glob.glob(os.path.join(run, "samples", "*.png")))
+    if not pictures:
+        raise SystemExit(f"{run}/samples/: no pictures (a train.py demo run writes them)")
+    questions = [q for qs in demo.QUESTIONS.values() for q in qs]
+    data_urls = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in pictures]
+
+    def body(i: int, history=()) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": data_urls[i % len(data_urls)]}},
+                   {"type": "text", "text": questions[i % len(questions)]}]
+        return {"messages": [{"role": "user", "content": content}, *history], "max_tokens": new_tokens,
+                "temperature": 0}
+
+    # chat.py's way: its Chat, a fresh conversation per question, asked one after the other
+    answers, t0 = [], time.perf_counter()
+    for i in range(8):
+        c = chat.Chat(Engine(model, tokenizer, eos_id=-1), transform, new_tokens, Sampling(greedy=True))
+        c.add_picture(pictures[i % len(pictures)])
+        a = {"sent": time.perf_counter(), "times": []}
+        a["tokens"] = len(c.ask(questions[i % len(questions)], lambda text: text and a["times"].append(
+            time.perf_counter())))
+        answers.append(a)
+    results["serve"].append(latency_row("chat.py", answers, time.perf_counter() - t0))
+    print(f"serve {results['serve'][-1]}", flush=True)
+    server = serve.start(Engine(model, tokenizer, slots=max(concurrencies), eos_id=-1), transform, quiet=True)
+    port = server.server_address[1]
+    try:
+        for c in concurrencies:
+            per_client = max(2, 8 // c)
+            answers = [[] for _ in range(c)]
+            threads = [threading.Thread(target=lambda k=k: answers[k].extend(
+                stream(port, body(k * per_client + j)) for j in range(per_client))) for k in range(c)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results["serve"].append(latency_row(str(c), [a for x in answers for a in x], time.perf_counter() - t0))
+            print(f"serve {results['serve'][-1]}", flush=True)
+        first, second = [], []      # the first round, then the whole conversation sent again with one more turn
+        for i in range(4):
+            one = stream(port, body(100 + i))
+            history = ({"role": "assistant", "content": one["text"]},
+                       {"role": "user", "content": questions[(i + 1) % len(questions)]})
+            two = stream(port, body(100 + i, history))
+            first.append(one["times"][0] - one["sent"])
+            second.append(two["times"][0] - two["sent"])
+        results["resend_ttft_ratio"] = percentiles(second)[0] / percentiles(first)[0]
+    finally:
+        serve.stop(server, grace=0)
+    print(f"\n{'clients':<9}{'tok/s':>9}{'per client':>12}{'TTFT p50':>10}{'p99 ms':>8}{'ITL p50':>9}{'p99 ms':>8}")
+    for r in results["serve"]:
+        n = 1 if r["clients"] == "chat.py" else int(r["clients"])
+        print(f"{r['clients']:<9}{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / n:>12.1f}{r['ttft_ms'][0]:>10.1f}"
+              f"{r['ttft_ms'][1]:>8.1f}{r['itl_ms'][0]:>9.1f}{r['itl_ms'][1]:>8.1f}")
+    print(f"a conversation sent again with one more turn: time to first token {results['resend_ttft_ratio']:.2f}x "
+          f"its first round's (p50)")
+
+
 def bench_model(tiny: bool, device) -> mmgpt.MMGPT:
     """OpenFlamingo-9B's shapes (or the bench-tiny preset) with random weights and LoRA r=16 trainable, made on
     the device in its dtype (bf16 on a GPU): never an fp32 copy."""
@@ -326,8 +439,19 @@ def main():
     ap.add_argument("--concurrency", default="1,4,16,32", help="requests decoded at once by the engine (empty: none)")
     ap.add_argument("--train-only", action="store_true", help="skip chat")
     ap.add_argument("--chat-only", action="store_true", help="skip training")
+    ap.add_argument("--serve", metavar="RUN", help="only serving: serve.py's server with this train.py run (the "
+                                                   "demo: runs/demo), streaming clients at --concurrency")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    if args.serve:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "serve": []}
+        bench_serving(args.serve, device, concurrencies, results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     cuda = device.type == "cuda"

@@ -76,15 +76,15 @@ def read_checkpoint(path: str):
     except pickle.UnpicklingError:
         pass  # objects besides tensors and containers: only the restricted unpickler may rebuild them
     except Exception as e:  # torch raises RuntimeError, EOFError, ValueError ... for a truncated or corrupt file
-        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt?): {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt?): {first_line(e)}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap_)
     except Exception as e:
-        what = str(e) if isinstance(e, pickle.UnpicklingError) else _first_line(e)
+        what = str(e) if isinstance(e, pickle.UnpicklingError) else first_line(e)
         raise CheckpointError(f"{path}: cannot be read safely: {what}") from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:300]
 
 
@@ -378,7 +378,7 @@ def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
         try:
             sd = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable TorchScript archive: {_first_line(e)}") from None
+            raise CheckpointError(f"{path}: unreadable TorchScript archive: {first_line(e)}") from None
     else:
         sd = read_checkpoint(path)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
@@ -401,7 +401,7 @@ def read_tokenizer(path: str) -> Tokenizer:
     try:
         return Tokenizer(path)
     except (RuntimeError, OSError) as e:  # sentencepiece's word for a file that is not a model
-        raise CheckpointError(f"{path}: not a sentencepiece model: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a sentencepiece model: {first_line(e)}") from None
 
 
 def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
@@ -541,9 +541,9 @@ def read_train_state(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: not a mmgpt training state (it holds objects other than tensors and plain "
-                              f"containers; refused: {_first_line(e)[:200]})") from None
+                              f"containers; refused: {first_line(e)[:200]})") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt?): {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or corrupt?): {first_line(e)}") from None
     if not isinstance(state, dict) or state.get("format") != "mmgpt-train-state":
         raise CheckpointError(f"{path}: not a mmgpt training state (no format 'mmgpt-train-state')")
     missing = [k for k in TRAIN_STATE_KEYS if k not in state]

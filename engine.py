@@ -11,8 +11,10 @@ How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cach
   between steps; nothing in a row depends on the other rows, so a request gets the same tokens whatever runs
   beside it.
 - The running requests hold slots 0..n-1 (one that finishes swaps places with the last), so a decode step reads
-  a view of the first rows, n rounded up to a batch bucket (1, 2, 4, 8, ...); on the fast path each bucket is
-  compiled once (a CUDA graph on a GPU), as nano-vllm captures one graph per batch size.
+  a view of the first rows, n rounded up to a batch bucket (1, 2, 4, 8, ...), and of their first columns, the
+  longest sequence rounded up to a width bucket (64, 128, ...): attention costs what the sequences hold, not the
+  cache's length. On the fast path each (batch, width) bucket is compiled once (a CUDA graph on a GPU), as
+  nano-vllm captures one graph per batch size.
 - A free slot keeps what it cached. A new request takes the free slot that shares the longest usable prefix with
   it and feeds only the rest, so a conversation sent again with one more turn costs only its new tokens. Pictures
   are compared by a hash of their pixels (every <image> token has the same id: ids alone would hand one user's
@@ -20,6 +22,10 @@ How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cach
 - Sampling runs on the device for the whole batch, per request: greedy, temperature, top-k, top-p. Its noise is a
   hash of (seed, token number, vocabulary id), so a seeded request draws the same tokens alone or in any batch.
 - Text comes out incrementally (Detokenizer): a few tokens are decoded per step, never the whole answer again.
+
+Read top-down: Sampling, Request, Output (the interface); Detokenizer; Slot and the prefix helpers; sampling on
+the device; Runner (the model side: the cache, the compiled steps); Engine (the scheduler: slots, prefix reuse,
+chunked prefill, stopping).
 """
 import hashlib
 import random
@@ -58,6 +64,7 @@ class Request:
     text: str = ""
     finish_reason: str | None = None        # "stop", "length" or "cancelled"
     cached: int = 0                         # prompt tokens a slot already held (prefix reuse)
+    cancelled: bool = False                 # set by Engine.cancel: the request ends at the engine's next step
 
 
 class Output(NamedTuple):
@@ -183,54 +190,135 @@ def _prefill_step(model, step: Step, ids, index, last):
     return model.decode(ids, step, index, last=last)[:, 0]
 
 
-class Engine:
-    """Decodes requests in `slots` cache rows of max_len tokens (default: the model's context), each holding up
-    to max_pictures pictures. eos_id ends an answer (default the tokenizer's </s>); `banned` ids are never
-    generated (default tokenizer.never_generate). fast: the fast path -- LoRA merged into the weights (the model is
-    for decoding from then on), the decode step compiled per batch bucket (CUDA graphs on a GPU), the prefill per
-    length bucket (a chunk is padded up to one), the ViT compiled. Without it everything runs eagerly."""
+class Runner:
+    """The model side of the engine (nano-vllm's model runner): the cache, the steps that run the model over it
+    (compiled on the fast path), picture encoding and sampling. It knows slots by their index; which request is in
+    which slot, and what a slot holds, is the Engine's."""
 
-    def __init__(self, model: MMGPT, tokenizer: Tokenizer, slots: int = 1, max_len: int | None = None, *,
-                 max_pictures: int = 16, prefill_tokens: int = 512, fast: bool = False, eos_id: int | None = None,
-                 banned: list[int] | None = None, backend: str = "inductor"):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, model.cfg
-        self.max_len = max_len or model.cfg.max_seq_len
-        if not 0 < self.max_len <= model.cfg.max_seq_len:
-            raise ValueError(f"max_len {self.max_len}: the model's context holds {model.cfg.max_seq_len} tokens")
-        self.max_pictures, self.prefill_tokens = max_pictures, prefill_tokens
-        self.eos_id = tokenizer.eos_id if eos_id is None else eos_id
-        device = model.rope_cos.device
-        self.device, self.dtype = device, model.activation_dtype()
-        self.cache = KVCache(model.cfg, slots, self.max_len, max_pictures, self.dtype, device)
-        self.banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
-        self.banned[tokenizer.never_generate if banned is None else banned] = True
-        self.slots = [Slot(i) for i in range(slots)]
-        self.running = 0                # slots 0..running-1 hold requests
-        self.waiting: deque[Request] = deque()
-        self.clock = 0
+    def __init__(self, model: MMGPT, slots: int, max_len: int, max_pictures: int, prefill_tokens: int,
+                 banned: list[int], fast: bool, backend: str):
+        self.model, self.cfg, self.max_len, self.fast = model, model.cfg, max_len, fast
+        self.device, dtype = model.rope_cos.device, model.activation_dtype()
+        self.cache = KVCache(model.cfg, slots, max_len, max_pictures, dtype, self.device)
+        self.banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.banned[banned] = True
         # Batch buckets 1, 2, 4, ... (and the slot count); widths read 64, 128, ... (and the whole row);
         # prefill lengths 16, 32, ... up to prefill_tokens.
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
-        self.widths = sorted({min(2 ** i, self.max_len + 1) for i in range(6, (self.max_len + 1).bit_length() + 1)})
+        self.widths = sorted({min(2 ** i, max_len + 1) for i in range(6, (max_len + 1).bit_length() + 1)})
         self.lengths = tuple(n for n in (16, 32, 64, 128, 256, 512, 1024, 2048) if n < prefill_tokens) + \
             (prefill_tokens,)
-        self.fast = fast
         self.decode_step, self.prefill_step, self.greedy, self.sample = _decode_step, _prefill_step, greedy, sample
         if fast:
             self._compile(backend)
 
     def _compile(self, backend: str):
         lora.merge(self.model)
-        cuda = self.device.type == "cuda"
-        # A graph per batch bucket (or prefill length) and width, with and without pictures: more than dynamo's
-        # default 8.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        options = dict(backend=backend, fullgraph=True, dynamic=False)
-        self.decode_step = torch.compile(_decode_step, mode="reduce-overhead" if cuda else None, **options)
+        # Shapes come in buckets; the second size a dimension takes makes it symbolic (torch.compile's automatic
+        # dynamic shapes), so each step compiles a few times, not once per (batch, width) bucket: with the pictures'
+        # variants that would be dozens of compiles of the whole decoder. CUDA graphs are still recorded per bucket
+        # (cheap). Dynamo's default of 8 graphs per function is too few all the same.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        options = dict(backend=backend, fullgraph=True)
+        cuda_graphs = "reduce-overhead" if self.device.type == "cuda" else None
+        self.decode_step = torch.compile(_decode_step, mode=cuda_graphs, **options)
         self.prefill_step = torch.compile(_prefill_step, **options)
         self.greedy, self.sample = torch.compile(greedy, **options), torch.compile(sample, **options)
         # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
         self.model.vision.compile(**options)
+
+    def tensor(self, rows) -> torch.Tensor:
+        """Small per-step inputs go to the device in one copy."""
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def width(self, n: int) -> int:
+        """The columns a step reads: a bucket that holds the first n."""
+        return next(w for w in self.widths if w >= n)
+
+    def swap(self, i: int, j: int):
+        """Exchange the keys/values of slots i and j."""
+        for layer in self.cache.layers:
+            for t in layer.buffers():
+                t[[i, j]] = t[[j, i]]
+
+    def add_pictures(self, slot: int, first: int, pictures: list[torch.Tensor]):
+        """Encode pictures (3, H, W) and keep their cross-attention keys/values as the slot's pictures first, ..."""
+        kv = self.model.picture_kv(self.model.encode_images(torch.stack(pictures)[None].to(self.device)))
+        n = self.cfg.perceiver_latents
+        for i, (k, v) in kv.items():
+            layer = self.cache.layers[i]
+            layer.picture_k[slot, :, first * n:(first + len(pictures)) * n] = k[0]
+            layer.picture_v[slot, :, first * n:(first + len(pictures)) * n] = v[0]
+
+    def prefill(self, slot: int, ids: list[int], start: int, index: list[int] | None) -> torch.Tensor:
+        """Feed ids into the slot at columns start.. (index: their pictures, None for a slot without pictures);
+        logits (1, vocab) after the last. On the fast path the chunk is padded up to a length bucket: the padding
+        goes to the scratch column, after the real tokens, which never see it."""
+        T = len(ids)
+        pad = (next((n for n in self.lengths if n >= T), T) if self.fast else T) - T
+        x = self.tensor(ids + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad
+                        + (index or [0] * T) + [0] * pad + [slot, T - 1])
+        ids, columns, index_ = x[:-2].view(3, 1, T + pad)
+        step = Step(self.cache, x[-2:-1], x[-2:-1, None], columns, self.width(start + T), gather=True)
+        return self.prefill_step(self.model, step, ids, None if index is None else index_, x[-1:])
+
+    def decode(self, rows: list) -> torch.Tensor:
+        """One token for each decoding slot, in one forward over slots 0..B-1 (B: the batch bucket of len(rows)):
+        rows[i] = (token, column, picture index, has pictures) for slot i, or None for a slot that decodes nothing
+        (its row writes to the scratch column). Logits (B, vocab)."""
+        B = next(b for b in self.buckets if b >= len(rows))
+        rows = rows + [None] * (B - len(rows))
+        live = [r for r in rows if r is not None]
+        table = [r or (0, self.max_len, 0, False) for r in rows]
+        ids, columns, index, pictures = self.tensor([list(col) for col in zip(*table)])
+        any_pictures, all_pictures = any(r[3] for r in live), all(r[3] for r in live)
+        if self.fast and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()   # the previous step's outputs are no longer used
+        slots = torch.arange(B, device=self.device)
+        step = Step(self.cache, slots, slots[:, None], columns[:, None], self.width(max(r[1] for r in live) + 1),
+                    gather=False)
+        return self.decode_step(self.model, step, ids[:, None], index[:, None] if any_pictures else None,
+                                None if all_pictures else pictures.bool())
+
+    def choose(self, logits: torch.Tensor, rows: list) -> list[int | None]:
+        """The next token of each logits row's request (None: a row that decodes nothing), with one host sync for
+        all of them."""
+        if all(r._greedy for r in rows if r is not None):
+            tokens = self.greedy(logits, self.banned)
+        else:
+            s = [Sampling() if r is None else r.sampling for r in rows]
+            p = torch.tensor([[x.temperature if x.temperature > 0 else 1.0 for x in s], [x.top_p for x in s]],
+                             dtype=torch.float).to(self.device, non_blocking=True)
+            q = self.tensor([[x.top_k if x.top_k > 0 else logits.shape[-1] for x in s],
+                             [r is None or r._greedy for r in rows], [0 if r is None else r._seed for r in rows],
+                             [0 if r is None else len(r.tokens) for r in rows]])
+            tokens = self.sample(logits, self.banned, p[0], q[0], p[1], q[1].bool(), q[2], q[3])
+        return tokens.tolist()
+
+
+class Engine:
+    """Decodes requests in `slots` cache rows of max_len tokens (default: the model's context), each holding up
+    to max_pictures pictures: the scheduler (requests, slots, prefix reuse, stopping) over a Runner (the model).
+    eos_id ends an answer (default the tokenizer's </s>); `banned` ids are never generated (default
+    tokenizer.never_generate). fast: the fast path -- LoRA merged into the weights (the model is for decoding from
+    then on), the decode step compiled per batch bucket (CUDA graphs on a GPU), the prefill per length bucket (a
+    chunk is padded up to one), the ViT compiled. Without it everything runs eagerly."""
+
+    def __init__(self, model: MMGPT, tokenizer: Tokenizer, slots: int = 1, max_len: int | None = None, *,
+                 max_pictures: int = 16, prefill_tokens: int = 512, fast: bool = False, eos_id: int | None = None,
+                 banned: list[int] | None = None, backend: str = "inductor"):
+        self.tokenizer, self.cfg = tokenizer, model.cfg
+        self.max_len = max_len or model.cfg.max_seq_len
+        if not 0 < self.max_len <= model.cfg.max_seq_len:
+            raise ValueError(f"max_len {self.max_len}: the model's context holds {model.cfg.max_seq_len} tokens")
+        self.max_pictures, self.prefill_tokens = max_pictures, prefill_tokens
+        self.eos_id = tokenizer.eos_id if eos_id is None else eos_id
+        self.runner = Runner(model, slots, self.max_len, max_pictures, prefill_tokens,
+                             tokenizer.never_generate if banned is None else banned, fast, backend)
+        self.slots = [Slot(i) for i in range(slots)]
+        self.running = 0                # slots 0..running-1 hold requests
+        self.waiting: deque[Request] = deque()
+        self.clock = 0
 
     # -- the interface --------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -252,13 +340,21 @@ class Engine:
         request._index = media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0]
         request._seed = random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & MASK32
         request._greedy = s.greedy or s.temperature <= 0
-        request._detok, request._cancelled, request._slot, request._next = Detokenizer(self.tokenizer), False, None, None
+        request._detok, request._slot, request._next = Detokenizer(self.tokenizer), None, None
         self.waiting.append(request)
         return request
 
     def cancel(self, request: Request):
-        """Stop a request at the next step (from any thread: it only sets a flag); its slot is freed there."""
-        request._cancelled = True
+        """Stop a request at the next step (from any thread, also before it is submitted: it only sets a flag); its
+        slot is freed there."""
+        request.cancelled = True
+
+    def reset(self):
+        """Forget every request and what every slot holds (after a step failed half-way)."""
+        self.waiting.clear()
+        for slot in self.slots:
+            slot.ids, slot.pictures, slot.request = [], [], None
+        self.running = 0
 
     @property
     def busy(self) -> bool:
@@ -287,7 +383,7 @@ class Engine:
         """Cancel what was cancelled, admit waiting requests into free slots, prefill (within the token budget),
         then decode one token for every request whose prompt is in. Returns what each request produced."""
         self.clock += 1
-        outputs = [self._finish(r, "cancelled") for r in self._requests() if r._cancelled]
+        outputs = [self._finish(r, "cancelled") for r in self._requests() if r.cancelled]
         while self.waiting and self.running < len(self.slots):
             self._admit(self.waiting.popleft())
         budget = self.prefill_tokens
@@ -330,9 +426,7 @@ class Engine:
         """Exchange slots i and j: their keys/values and what they hold."""
         if i == j:
             return
-        for layer in self.cache.layers:
-            for t in layer.buffers():
-                t[[i, j]] = t[[j, i]]
+        self.runner.swap(i, j)
         a, b = self.slots[i], self.slots[j]
         self.slots[i], self.slots[j], a.index, b.index = b, a, j, i
 
@@ -346,14 +440,8 @@ class Engine:
         slot.truncate(keep, self.cfg.image_id)
         slot.request, request._slot, request.cached = request, slot, keep
         first = len(slot.pictures)      # the others go into the buffers past the slot's; its prefill counts them in
-        new = request.pictures[first:]
-        if new:
-            kv = self.model.picture_kv(self.model.encode_images(torch.stack(new)[None].to(self.device)))
-            n = self.cfg.perceiver_latents
-            for i, (k, v) in kv.items():
-                layer = self.cache.layers[i]
-                layer.picture_k[slot.index, :, first * n:(first + len(new)) * n] = k[0]
-                layer.picture_v[slot.index, :, first * n:(first + len(new)) * n] = v[0]
+        if request.pictures[first:]:
+            self.runner.add_pictures(slot.index, first, request.pictures[first:])
 
     def _finish(self, request: Request, reason: str) -> Output:
         request.finish_reason = reason
@@ -368,74 +456,37 @@ class Engine:
             self._swap(slot.index, self.running)
         return Output(request, text, True)
 
-    # -- the model runner --------------------------------------------------------------------------------------
-    def _tensor(self, rows) -> torch.Tensor:
-        """Small per-step inputs go to the device in one copy."""
-        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-
-    def _width(self, n: int) -> int:
-        """The columns a step reads: a bucket that holds the first n."""
-        return next(w for w in self.widths if w >= n)
-
+    # -- feeding the runner ----------------------------------------------------------------------------------------
     def _prefill(self, slot: Slot, request: Request, budget: int, outputs: list) -> int:
         """Feed the next chunk (at most `budget` tokens) of the request's prompt; after the last, choose its first
         token. Returns the tokens fed."""
         start = len(slot.ids)
         chunk = request.ids[start:start + budget]
-        T = len(chunk)
-        pad = (next((n for n in self.lengths if n >= T), T) if self.fast else T) - T   # the fast path's buckets
-        index = request._index[start:start + T].tolist()
-        x = self._tensor(chunk + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad + index + [0] * pad
-                         + [slot.index, T - 1])
-        ids, columns, index = x[:-2].view(3, 1, T + pad)
-        step = Step(self.cache, x[-2:-1], x[-2:-1, None], columns, self._width(start + T), gather=True)
-        logits = self.prefill_step(self.model, step, ids, index if request.pictures else None, x[-1:])
+        index = request._index[start:start + len(chunk)].tolist() if request.pictures else None
+        logits = self.runner.prefill(slot.index, chunk, start, index)
         slot.ids += chunk      # first: a slot that lacks the hash of one of its pictures reuses nothing past it
         slot.pictures = request._keys[:slot.ids.count(self.cfg.image_id)]
         if len(slot.ids) == len(request.ids):
             self._choose(logits, [request], outputs)
-        return T
+        return len(chunk)
 
     def _decode(self, outputs: list):
-        """One token for every request whose prompt is in, in one forward over slots 0..B-1 (B: the batch bucket);
-        the other rows in it write to the scratch column."""
-        B = next(b for b in self.buckets if b >= self.running)
-        rows: list[Request | None] = [None] * B
-        ids, columns, index, pictures = [0] * B, [self.max_len] * B, [0] * B, [0] * B
+        """One token for every running request whose prompt is in."""
+        rows = [None] * self.running
         for s in self.slots[:self.running]:
             r = s.request
             if r._next is not None:
-                rows[s.index], ids[s.index], columns[s.index], pictures[s.index] = r, r._next, len(s.ids), \
-                    int(bool(r.pictures))
-                index[s.index] = len(r.pictures) if self.cfg.attend_previous else 0
-        ids, columns, index, slots, pictures = self._tensor([ids, columns, index, list(range(B)), pictures])
-        decoding = [r for r in rows if r is not None]
-        any_pictures, all_pictures = any(r.pictures for r in decoding), all(r.pictures for r in decoding)
-        if self.fast and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()   # the previous step's outputs are no longer used
-        step = Step(self.cache, slots, slots[:, None], columns[:, None],
-                    self._width(max(len(r._slot.ids) for r in decoding) + 1), gather=False)
-        logits = self.decode_step(self.model, step, ids[:, None], index[:, None] if any_pictures else None,
-                                  None if all_pictures else pictures.bool())
-        for r in decoding:     # their tokens are in the cache now
-            r._slot.ids.append(r._next)
-        self._choose(logits, rows, outputs)
+                index = len(r.pictures) if self.cfg.attend_previous else 0   # the picture a new token sees
+                rows[s.index] = (r._next, len(s.ids), index, bool(r.pictures))
+        logits = self.runner.decode(rows)
+        requests = [None if row is None else self.slots[i].request for i, row in enumerate(rows)]
+        for r in requests:     # their tokens are in the cache now
+            if r is not None:
+                r._slot.ids.append(r._next)
+        self._choose(logits, requests + [None] * (len(logits) - len(requests)), outputs)
 
     def _choose(self, logits: torch.Tensor, rows: list, outputs: list):
-        """The next token of each logits row's request (None: a row that decodes nothing), with one host sync for
-        all of them; then the stop conditions."""
-        requests = [r for r in rows if r is not None]
-        if all(r._greedy for r in requests):
-            tokens = self.greedy(logits, self.banned)
-        else:
-            s = [Sampling() if r is None else r.sampling for r in rows]
-            p = torch.tensor([[x.temperature if x.temperature > 0 else 1.0 for x in s], [x.top_p for x in s]],
-                             dtype=torch.float).to(self.device, non_blocking=True)
-            q = self._tensor([[x.top_k if x.top_k > 0 else logits.shape[-1] for x in s],
-                              [r is None or r._greedy for r in rows], [0 if r is None else r._seed for r in rows],
-                              [0 if r is None else len(r.tokens) for r in rows]])
-            tokens = self.sample(logits, self.banned, p[0], q[0], p[1], q[1].bool(), q[2], q[3])
-        for r, token in zip(rows, tokens.tolist()):
+        for r, token in zip(rows, self.runner.choose(logits, rows)):
             if r is not None:
                 outputs.append(self._accept(r, token))
 

@@ -9,14 +9,17 @@ step. Gradients are clipped once per step. The effective batch is ranks x batch 
 
 Outputs in --out: lora.pt (final weights + the settings that rebuild the model: `checkpoints.load_run(out)`),
 ckpt.pt (written atomically every --save-every steps and on SIGTERM/Ctrl-C; --resume continues from it exactly),
-metrics.jsonl (one record per optimizer step and per evaluation).
+metrics.jsonl (one record per optimizer step and per evaluation). On several machines, and restarted by torchrun
+when a worker dies, with `--resume auto`: README, "Train on several machines".
 """
 import argparse
+import datetime
 import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -85,7 +88,12 @@ def parse_args(argv=None):
     ap.add_argument("--group-by-length", type=int, default=0, metavar="WINDOW",
                     help="sort each window of this many samples by length (less padding)")
     ap.add_argument("--skip-bad", action="store_true", help="skip unreadable records and pictures, and count them")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--resume", nargs="?", const="always", choices=("always", "auto"),
+                    help="continue from OUT/ckpt.pt; `--resume auto`: from it where it exists, else start afresh "
+                         "(one command line for the first start and every restart, e.g. torchrun --max-restarts)")
+    ap.add_argument("--rdzv-timeout", type=float, default=300, metavar="SECONDS",
+                    help="how long the ranks wait for one another to form the process group before giving up "
+                         "with what to check")
     ap.add_argument("--fast", action=argparse.BooleanOptionalAction,
                     help="the fast path (default: on with CUDA): bf16 weights with fp32 master copies in the "
                          "optimizer, each decoder layer compiled, lengths padded to multiples of --bucket")
@@ -311,15 +319,60 @@ class Ranks:
         return self.rank == 0
 
 
+def tagged(message: str) -> str:
+    """The message with "[rank R/W] " before each line when there are several ranks (they share one console)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return message if world == 1 else "\n".join(f"[rank {os.environ['RANK']}/{world}] {line}"
+                                                 for line in message.split("\n"))
+
+
+def log(ranks: Ranks, message: str, every_rank: bool = False):
+    if ranks.main or every_rank:
+        print(tagged(message), flush=True)
+
+
+def fail(message: str):
+    sys.exit(tagged(message))
+
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # for the slowest rank: loading the base, rank 0 evaluating
+
+
 def setup(args) -> Ranks:
+    """One process, or one rank of the process group that torchrun (or RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT set by hand or a scheduler) describes. Forming the group waits at most --rdzv-timeout, then says
+    what to check; once formed, collectives wait COLLECTIVE_TIMEOUT."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ:
         return Ranks(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Ranks(device, dist.get_rank(), dist.get_world_size())
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ["TORCHELASTIC_MAX_RESTARTS"]):
+        # torchrun serves one store for the whole job, so a restarted group finds in it the keys that the group
+        # that died wrote: Gloo's peer addresses, NCCL's unique id. A new rank may read them before its peer has
+        # overwritten them and connect to a dead process ("Gloo connectFullMesh failed ... Connection refused";
+        # pytorch#135712). Without the shared store every rendezvous round has its rank 0 serve a new, empty one.
+        fail("torchrun --max-restarts: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, and use c10d "
+             "rendezvous (--standalone, or --rdzv-backend c10d): otherwise a restarted group reads the addresses "
+             "of the group that died from torchrun's store and cannot connect")
+    try:  # with device_id NCCL connects here too, so that every way of failing to meet ends within the timeout
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(seconds=args.rdzv_timeout))
+    except RuntimeError as e:  # the store's DistStoreError / DistNetworkError, Gloo's and NCCL's own errors
+        fail(f"the process group of {os.environ['WORLD_SIZE']} ranks did not form within --rdzv-timeout "
+             f"{args.rdzv_timeout:g} s: {checkpoints.first_line(e)}\n"
+             "check: every node was started, with the same --nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-id\n"
+             f"check: MASTER_ADDR:MASTER_PORT ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) is "
+             "an address of rank 0's node that every node reaches (torchrun's c10d rendezvous takes that node's "
+             "--local-addr, else its host name; its static one --master-addr), and no firewall stands between them\n"
+             "check: NCCL_SOCKET_IFNAME (GPUs) or GLOO_SOCKET_IFNAME (CPUs) names the network interface the nodes "
+             "share (NCCL_DEBUG=INFO shows the one NCCL took)")
+    dist.set_timeout(COLLECTIVE_TIMEOUT)
+    ranks = Ranks(device, dist.get_rank(), dist.get_world_size())
+    log(ranks, f"in the process group: {socket.gethostname()}, {device}", every_rank=True)
+    return ranks
 
 
 def base_files(args, ranks: Ranks) -> dict:
@@ -348,7 +401,10 @@ def make_model(args, ranks: Ranks):
     else:
         torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
         lora_lib.inject(model, lora_r, lora_alpha, args.lora_dropout, targets, within="layers.")
-    unfrozen = [n for n, _ in model.named_parameters() if n.startswith("vision.")] if args.vision_lr else []
+    # --vision-lr: the ViT's parameters that the encoder uses. It stops before open_clip's ln_post and proj
+    # (mmgpt.VisionEncoder): those would get no gradient, which DDP takes for an error.
+    unfrozen = [n for n, _ in model.named_parameters() if n.startswith("vision.")
+                and not n.startswith(("vision.visual.ln_post.", "vision.visual.proj"))] if args.vision_lr else []
     unfrozen += [n for n, _ in model.named_parameters()
                  if ".lora_" not in n and not n.startswith("vision.") and any(s in n for s in args.unfreeze)]
     # Slow path: trained weights in fp32 under autocast. Fast path: everything in the frozen weights' dtype (the
@@ -379,7 +435,7 @@ def make_data(args, ranks: Ranks, tokenizer, transform):
         seed=args.seed, max_len=args.max_len, num_workers=args.workers, group_window=args.group_by_length,
         skip_bad=args.skip_bad)
     if vl_stream is None or lang_stream is None:
-        sys.exit(f"{args.config}: the recipe needs both vision-language and language-only data")
+        fail(f"{args.config}: the recipe needs both vision-language and language-only data")
     return vl_stream, lang_stream, held_out, demo_items
 
 
@@ -431,15 +487,30 @@ def save_checkpoint(run: Run, step: int, bad_total: int):
             run.ckpt_path)
 
 
-def resume(run: Run) -> tuple[int, int]:
-    """Load ckpt.pt into the optimizer (masters, then parameters), schedule, streams and RNGs; returns (step,
-    non-finite steps so far)."""
+def resume(run: Run) -> tuple[int, int] | None:
+    """--resume: load ckpt.pt into the optimizer (masters, then parameters), schedule, streams and RNGs; returns
+    (step, non-finite steps so far), or None where `--resume auto` finds no checkpoint (a first start). Every rank
+    reads the file, so every rank must find the same one."""
     path, ranks, args = run.ckpt_path, run.ranks, run.args
-    if not os.path.isfile(path):
-        sys.exit(f"--resume: {path} not found")
-    ckpt = checkpoints.read_train_state(path)  # nothing in it can run code
+    ckpt = checkpoints.read_train_state(path) if os.path.isfile(path) else None  # nothing in it can run code
+    found = None if ckpt is None else ckpt["step"]
+    steps = [found]
+    if ranks.distributed:
+        steps = [None] * ranks.world
+        dist.all_gather_object(steps, found)
+    if len(set(steps)) > 1:  # ranks on a node that does not see --out, or sees an older copy of it
+        where = {}
+        for rank, s in enumerate(steps):
+            where.setdefault("no file" if s is None else f"step {s}", []).append(rank)
+        fail(f"--resume: the ranks found different checkpoints at {path} ("
+             + "; ".join(f"{what} on ranks {', '.join(map(str, r))}" for what, r in where.items())
+             + "): --out must be one folder that every node sees (a shared filesystem)")
+    if ckpt is None:
+        if args.resume == "always":
+            fail(f"--resume: {path} not found")
+        return None
     if ckpt["world"] * ckpt["batch_size"] * ckpt["grad_accum"] != ranks.world * args.batch_size * args.grad_accum:
-        sys.exit(f"--resume: {path} was written with another effective batch")
+        fail(f"--resume: {path} was written with another effective batch")
     with torch.no_grad():
         for n, t in ckpt["trainable"].items():
             run.optimizer.masters[n].copy_(t)
@@ -480,19 +551,28 @@ class StopSignal:
     """SIGTERM/SIGINT handler: remembers the signal; the loop saves and exits cleanly after the current step."""
 
     def __init__(self):
-        self.name = None
+        self.signum = 0
         signal.signal(signal.SIGTERM, self)
         signal.signal(signal.SIGINT, self)
 
     def __call__(self, signum, frame):
-        self.name = signal.Signals(signum).name
+        self.signum = signum
+
+    def agreed(self, ranks: Ranks) -> str | None:
+        """The signal's name once any rank has caught one, on every rank: a scheduler's SIGTERM reaches the ranks
+        at different moments, and a rank that stopped alone would wait in the checkpoint's collective while the
+        others wait in the next step's."""
+        signum = torch.tensor(self.signum, device=ranks.device)
+        if ranks.distributed:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(signum)).name if signum else None
 
 
-def open_metrics(path: str, resume_step: int | None):
-    """metrics.jsonl for appending. On --resume, the records after the checkpoint's step (the run went on past
-    it before it was stopped) and a torn last line (killed mid-write) are dropped first: the resumed run writes
-    those steps again, so the file reads as one uninterrupted run's."""
-    if resume_step is not None and os.path.isfile(path):
+def open_metrics(path: str, start: int):
+    """metrics.jsonl for appending, from optimizer step `start` on. The records after it (a resumed run went on
+    past its checkpoint before it was stopped; a fresh start keeps none) and a torn last line (killed mid-write)
+    are dropped first: the run writes those steps again, so the file reads as one uninterrupted run's."""
+    if os.path.isfile(path):
         kept = []
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -500,7 +580,7 @@ def open_metrics(path: str, resume_step: int | None):
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     break
-                if not line.endswith("\n") or record.get("step", 0) > resume_step:
+                if not line.endswith("\n") or record.get("step", 0) > start:
                     break
                 kept.append(line)
         checkpoints.atomic_write(path, lambda f: f.write("".join(kept).encode()))
@@ -543,11 +623,13 @@ def main(argv=None):
     run = Run(args, ranks, model, tokenizer, transform, settings, unfrozen, (vl_stream, lang_stream), held_out,
               demo_items, optimizer, scheduler, total, autocast, os.path.join(args.out, "ckpt.pt"))
     # -- state: resumed, or seeded -------------------------------------------------------------------------------
-    step, bad_total = 0, 0
-    if args.resume:
-        step, bad_total = resume(run)
+    resumed = resume(run) if args.resume else None
+    step, bad_total = resumed or (0, 0)
+    if resumed:
         log(ranks, f"resumed from {run.ckpt_path} at step {step}")
     else:
+        if args.resume:
+            log(ranks, f"--resume auto: no {run.ckpt_path} yet, starting afresh")
         torch.manual_seed(args.seed + ranks.rank)
         random.seed(args.seed + ranks.rank)
         np.random.seed(args.seed + ranks.rank)
@@ -558,8 +640,7 @@ def main(argv=None):
         f"{args.batch_size} x {args.grad_accum} accumulation x 2 kinds; {min(total, args.max_steps or total)} of "
         f"{total} optimizer steps on {ranks.device}" + (" (fast path)" if args.fast else ""))
     # -- the loop ------------------------------------------------------------------------------------------------
-    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step if args.resume else None) \
-        if ranks.main else None
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step) if ranks.main else None
     started = time.time()
     try:
         step, bad_total, last, tokens_seen = train(run, step, bad_total, metrics)
@@ -568,8 +649,8 @@ def main(argv=None):
         log(ranks, f"{s}: stopped at step {s.step}; {run.ckpt_path} written, continue with --resume")
         return
     except torch.OutOfMemoryError:
-        sys.exit("out of memory: try --grad-checkpointing, a smaller --max-len or --batch-size "
-                 "(the effective batch is kept by raising --grad-accum)")
+        fail("out of memory: try --grad-checkpointing, a smaller --max-len or --batch-size "
+             "(the effective batch is kept by raising --grad-accum)")
     # -- the end -------------------------------------------------------------------------------------------------
     save_checkpoint(run, step, bad_total)  # so that a run cut short by --max-steps can go on with --resume
     if ranks.main:
@@ -585,20 +666,16 @@ def main(argv=None):
             for i, (conv, _) in enumerate(demo_items[-4:]):
                 conversation.load_image(conv.image).save(os.path.join(args.out, "samples", f"{i}.png"))
         skipped = vl_stream.skipped + lang_stream.skipped
-        print(f"done: {step} steps, {tokens_seen:,} tokens in {(time.time() - started) / 60:.1f} min; final loss_vl "
-              f"{last.get('loss_vl', float('nan')):.4f}, loss_lang {last.get('loss_lang', float('nan')):.4f}"
-              + "".join(f", {k} {v:.3f}" for k, v in final.items() if k != "step")
-              + (f"; {bad_total} steps skipped (non-finite)" if bad_total else "")
-              + (f"; {skipped} samples skipped (unreadable)" if skipped else "")
-              + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
-              + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
+        log(ranks, f"done: {step} steps, {tokens_seen:,} tokens in {(time.time() - started) / 60:.1f} min; "
+            f"final loss_vl {last.get('loss_vl', float('nan')):.4f}, "
+            f"loss_lang {last.get('loss_lang', float('nan')):.4f}"
+            + "".join(f", {k} {v:.3f}" for k, v in final.items() if k != "step")
+            + (f"; {bad_total} steps skipped (non-finite)" if bad_total else "")
+            + (f"; {skipped} samples skipped (unreadable)" if skipped else "")
+            + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
+            + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
     if ranks.distributed:
         dist.destroy_process_group()
-
-
-def log(ranks: Ranks, *a):
-    if ranks.main:
-        print(*a)
 
 
 def train(run: Run, step: int, bad_total: int, metrics):
@@ -646,12 +723,12 @@ def train(run: Run, step: int, bad_total: int, metrics):
         if args.eval_every and step % args.eval_every == 0 and step < steps and (run.held_out or run.demo_items):
             if ranks.main:
                 record = evaluate_run(run, step, metrics)
-                bar.write("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                bar.write(tagged("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items())))
             if ranks.distributed:
                 dist.barrier()
-        if stop.name:
+        if name := stop.agreed(ranks):
             bar.close()
-            raise Stop(stop.name, step, bad_total)
+            raise Stop(name, step, bad_total)
     bar.close()
     return step, bad_total, last, tokens_seen
 
@@ -660,4 +737,4 @@ if __name__ == "__main__":
     try:
         main()
     except (checkpoints.CheckpointError, data.DataError, FileNotFoundError) as e:  # the user's files: named
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")

@@ -4,19 +4,25 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import types
 
 import pytest
 import sentencepiece as spm
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import checkpoints  # noqa: E402
+import demo  # noqa: E402
 import lora  # noqa: E402
 import mmgpt  # noqa: E402
 import train  # noqa: E402
 from engine import Engine, Request, Sampling  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = ("the a cat dog sat on mat red blue green yellow square circle triangle picture shows two three four "
          "what colour is shape how many left right top bottom there are answer response instruction image below "
@@ -145,6 +151,37 @@ def write_release(model, path, r, alpha):
             del sys.modules[name]
 
 
+def tiny_release(tmp, sp_model, tokenizer) -> dict:
+    """A tiny model with LoRA and nonzero gates, written as an HF LLaMA dir, an OpenFlamingo checkpoint.pt, the
+    MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back."""
+    model = tiny_model(tokenizer, seed=8)  # a random model whose greedy answers depend on the picture
+    lora.inject(model, r=4, alpha=8, within="layers.")
+    with torch.no_grad():
+        for m in lora.lora_layers(model):
+            m.lora_B.normal_(0, 0.3)
+    f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "release": str(tmp / "release.pt"),
+         "run": str(tmp / "run")}
+    checkpoints.save_llama(model, f["llama"], sp_model)
+    checkpoints.save_openflamingo(model, f["openflamingo"])
+    write_release(model, f["release"], r=4, alpha=8)
+    f["vision"], f["vision_weights"] = write_vision(model, tmp)
+    os.makedirs(f["run"])
+    checkpoints.save_lora(model, os.path.join(f["run"], "lora.pt"),
+                          {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
+                           "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
+                           "vision_weights": f["vision_weights"]})
+    g = torch.Generator().manual_seed(0)
+    for name in ("pic1", "pic2"):
+        f[name] = str(tmp / f"{name}.png")
+        Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()).save(f[name])
+    f["broken"] = str(tmp / "broken.png")
+    with open(f["broken"], "wb") as fh:
+        fh.write(b"not a picture")
+    f["model"], f["tokenizer"], f["transform"] = checkpoints.load(
+        f["llama"], f["openflamingo"], f["release"], f["vision"], f["vision_weights"])
+    return f
+
+
 def lora_model(tokenizer, **overrides):
     model = tiny_model(tokenizer, **overrides)
     torch.manual_seed(1)
@@ -217,6 +254,56 @@ def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10) -> list[list[
     """Greedy answers, each prompt decoded alone by an engine of one slot."""
     return [Engine(model, tokenizer, eos_id=eos_id).generate([
         Request(p, [] if im is None else list(im), n, Sampling(greedy=True))])[0].tokens for p, im in zip(prompts, images)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py end to end: the demo's random base, a few samples, tiny settings
+
+def train_base(tmp) -> dict:
+    """The demo's random base model in the real formats, and a small demo data config, in the folder tmp."""
+    paths = demo.make_base(str(tmp), seed=0)
+    config = tmp / "tiny.json"
+    config.write_text(json.dumps({"seed": 0, "demo": {"vl": 48, "lang": 24, "seed": 0}}))
+    return {**paths, "config": str(config), "tmp": tmp}
+
+
+def train_command(base, out, *extra, launcher=(sys.executable,)) -> list[str]:
+    """train.py on that base, writing to out, started by `launcher` (python, or torchrun and its flags)."""
+    return [*launcher, os.path.join(ROOT, "train.py"), "--config", base["config"], "--llama", base["llama"],
+            "--openflamingo", base["openflamingo"], "--vision", base["vision"], "--vision-weights",
+            base["vision_weights"], "--out", str(out), "--lr", "3e-3", "--warmup", "1", "--batch-size", "1",
+            "--max-len", "96", "--workers", "0", "--lora-r", "4", "--unfreeze", "perceiver.norm", *extra]
+
+
+def torchrun(*flags) -> list[str]:
+    """torchrun, run by this Python (a fresh venv's torchrun script may not be on PATH)."""
+    return [sys.executable, "-m", "torch.distributed.run", *flags]
+
+
+def train_env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def run_train(base, out, *extra, nproc=1, **popen):
+    """train.py to its end, in one process or `nproc` ranks; returns what it wrote. Given Popen's arguments, the
+    running process instead."""
+    launcher = torchrun("--standalone", f"--nproc_per_node={nproc}") if nproc > 1 else (sys.executable,)
+    cmd = train_command(base, out, *extra, launcher=launcher)
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=train_env(), **popen)
+    done = subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def lora_weights(out) -> dict[str, torch.Tensor]:
+    return torch.load(os.path.join(out, "lora.pt"), weights_only=True)["weights"]
+
+
+def assert_same(a, b, tol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < tol, k
 
 
 def pytest_configure(config):

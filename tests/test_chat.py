@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import chat
 import checkpoints
 import conversation
 import lora
 import quantize
-from conftest import full_forward_greedy, tiny_model, write_release, write_vision
+from conftest import full_forward_greedy, tiny_release
 from engine import Engine, Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,35 +27,7 @@ IMAGE_BLOCK = "\n\n### Image:\n<image>"     # the paper's template, written out 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, sp_model, tokenizer):
-    """A tiny model with LoRA and nonzero gates, written as an HF LLaMA dir, an OpenFlamingo checkpoint.pt, the
-    MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back."""
-    tmp = tmp_path_factory.mktemp("chat")
-    model = tiny_model(tokenizer, seed=8)  # a random model whose greedy answers depend on the picture
-    lora.inject(model, r=4, alpha=8, within="layers.")
-    with torch.no_grad():
-        for m in lora.lora_layers(model):
-            m.lora_B.normal_(0, 0.3)
-    f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "release": str(tmp / "release.pt"),
-         "run": str(tmp / "run")}
-    checkpoints.save_llama(model, f["llama"], sp_model)
-    checkpoints.save_openflamingo(model, f["openflamingo"])
-    write_release(model, f["release"], r=4, alpha=8)
-    f["vision"], f["vision_weights"] = write_vision(model, tmp)
-    os.makedirs(f["run"])
-    checkpoints.save_lora(model, os.path.join(f["run"], "lora.pt"),
-                         {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
-                          "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
-                          "vision_weights": f["vision_weights"]})
-    g = torch.Generator().manual_seed(0)
-    for name in ("pic1", "pic2"):
-        f[name] = str(tmp / f"{name}.png")
-        Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()).save(f[name])
-    f["broken"] = str(tmp / "broken.png")
-    with open(f["broken"], "wb") as fh:
-        fh.write(b"not a picture")
-    f["model"], f["tokenizer"], f["transform"] = checkpoints.load(
-        f["llama"], f["openflamingo"], f["release"], f["vision"], f["vision_weights"])
-    return f
+    return tiny_release(tmp_path_factory.mktemp("chat"), sp_model, tokenizer)
 
 
 def reference(files, text: str, pictures: list[str], max_new_tokens: int) -> list[int]:
@@ -208,9 +179,9 @@ def open_text(c: chat.Chat) -> str:
 def test_cache_kept_across_rounds_and_pictures_encoded_once(files, monkeypatch):
     c = new_chat(files)
     submitted, encoded = [], []
-    submit, encode_images = c.engine.submit, c.engine.model.encode_images
+    submit, encode_images = c.engine.submit, c.engine.runner.model.encode_images
     monkeypatch.setattr(c.engine, "submit", lambda request: submitted.append(request) or submit(request))
-    monkeypatch.setattr(c.engine.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
+    monkeypatch.setattr(c.engine.runner.model, "encode_images", lambda images: encoded.append(images.shape[1]) or
                         encode_images(images))
     c.add_picture(files["pic1"])
     got = [c.ask(Q1)]
@@ -275,7 +246,7 @@ def test_question_too_long_or_with_special_tokens_is_refused(files, capsys):
 
 def interrupt_sampling(c: chat.Chat, at: int):
     """Ctrl-C during an answer: the engine's sampler raises KeyboardInterrupt on its at-th call from now."""
-    choose, calls = c.engine.greedy, []
+    choose, calls = c.engine.runner.greedy, []
 
     def interrupted(*args):
         calls.append(1)
@@ -283,7 +254,7 @@ def interrupt_sampling(c: chat.Chat, at: int):
             raise KeyboardInterrupt
         return choose(*args)
 
-    c.engine.greedy = interrupted
+    c.engine.runner.greedy = interrupted
 
 
 def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
@@ -302,7 +273,7 @@ def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(c.engine, "prefill_step", stop)
+    monkeypatch.setattr(c.engine.runner, "prefill_step", stop)
     assert c.ask(Q3) == []
     monkeypatch.undo()
     slot = c.engine.slots[0]
@@ -313,12 +284,12 @@ def test_ctrl_c_ends_the_answer_not_the_session(files, monkeypatch, capsys):
 
 def scripted_answer(c: chat.Chat, question: str, tokens: list[int]) -> list[int] | None:
     """Ask, the engine's sampler returning these tokens one per call, whatever the model says."""
-    left, choose = iter(tokens), c.engine.greedy
-    c.engine.greedy = lambda logits, banned: torch.tensor([next(left)])
+    left, choose = iter(tokens), c.engine.runner.greedy
+    c.engine.runner.greedy = lambda logits, banned: torch.tensor([next(left)])
     try:
         return c.ask(question)
     finally:
-        c.engine.greedy = choose
+        c.engine.runner.greedy = choose
 
 
 def test_answer_ends_before_a_spelled_out_special_string(files):

@@ -3,6 +3,7 @@ every step, and against the same request decoded alone: batched, joined mid-answ
 seed, reusing a slot's prefix, compiled."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import engine as engine_lib
 from conftest import batch_input, full_forward_greedy, tiny_model
@@ -32,13 +33,13 @@ def alone(model, tokenizer, requests, **kw) -> list[list[int]]:
 
 def capture_logits(engine: Engine) -> list:
     """The logits each sampling call sees, recorded."""
-    seen, choose = [], engine.greedy
+    seen, choose = [], engine.runner.greedy
 
     def recording(logits, banned):
         seen.append(logits.clone())
         return choose(logits, banned)
 
-    engine.greedy = recording
+    engine.runner.greedy = recording
     return seen
 
 
@@ -71,8 +72,8 @@ def test_eos_and_the_limit_are_not_fed(tokenizer):
     prompts, images = batch_input(tokenizer)
     e = Engine(model, tokenizer, slots=1, eos_id=-1)
     steps = []
-    decode = e.decode_step
-    e.decode_step = lambda *a: steps.append(1) or decode(*a)
+    decode = e.runner.decode_step
+    e.runner.decode_step = lambda *a: steps.append(1) or decode(*a)
     (r,) = e.generate([greedy(prompts[0], images[0], 6)])
     assert r.finish_reason == "length" and len(steps) == 5 and e.slots[0].ids == prompts[0] + r.tokens[:-1]
     eos = r.tokens[2]
@@ -162,7 +163,7 @@ def test_prefix_reuse_equals_a_fresh_prefill(tokenizer):
     torch.testing.assert_close(seen[0], fresh_seen[0], rtol=1e-5, atol=1e-5)
     slot = next(s for s in e.slots if s.ids[:len(round2)] == round2)
     n = len(round2) + 5
-    for mine, theirs in zip(e.cache.layers, fresh.cache.layers):
+    for mine, theirs in zip(e.runner.cache.layers, fresh.runner.cache.layers):
         torch.testing.assert_close(mine.k[slot.index, :, :n], theirs.k[0, :, :n], rtol=1e-5, atol=1e-6)
     # The same text with another picture: only what precedes <image> is shared; the answer is that picture's.
     other = torch.randn_like(pics)
@@ -287,3 +288,23 @@ def test_compiled_equals_eager(tokenizer):
 
     assert [r.tokens for r in traced.generate(requests() + sampled())] == \
         want + alone(tiny_model(tokenizer), tokenizer, sampled(), eos_id=-1)
+
+
+def test_the_fast_path_compiles_a_few_graphs_not_one_per_bucket(tokenizer):
+    """8 slots, prompts and answers of many lengths: batch buckets 1 to 8, widths 64 to 256, prefill lengths 16 to
+    64, rows with and without pictures. The compiled steps give the eager ids, and the shapes that vary become
+    symbolic after their second size: about a dozen graphs where one per shape would be twice as many."""
+    prompts, images = batch_input(tokenizer)
+
+    def requests():
+        return [Request(prompts[k % 4] + tokenizer.encode(" the cat" * (8 * k), bos=False),
+                        [] if images[k % 4] is None else list(images[k % 4]), 20 + 10 * k, Sampling(greedy=True))
+                for k in range(8)]
+
+    counters.clear()
+    torch._dynamo.reset()
+    fast = Engine(tiny_model(tokenizer), tokenizer, slots=8, eos_id=-1, fast=True, backend="aot_eager",
+                  prefill_tokens=64)
+    got = [r.tokens for r in fast.generate(requests())]
+    assert got == [r.tokens for r in Engine(tiny_model(tokenizer), tokenizer, slots=8, eos_id=-1).generate(requests())]
+    assert counters["stats"]["unique_graphs"] <= 16

@@ -1,0 +1,695 @@
+"""MultiModal-GPT over HTTP: OpenAI's chat completions API, continuous batching, streamed answers, a web page.
+
+    python serve.py                                   runs/demo or checkpoints/ (as chat.py finds them)
+    python serve.py --ckpt runs/demo --port 8000 --slots 16 [--api-key KEY] [--host 0.0.0.0]
+
+    POST /v1/chat/completions    messages (text and data: URL pictures), stream, max_tokens, temperature, top_p, ...
+    GET  /v1/models              the one model;  GET /health;  GET /metrics (Prometheus text)
+    GET  /                       the chat page (page.html, page.js)
+
+How it runs. One thread owns the model (Loop): between engine steps it takes the requests that HTTP threads have
+queued, submits them to the engine (engine.py, `--slots` rows decoded together), and hands every request's new
+text to the HTTP thread that waits for it. An HTTP thread (one per connection) reads and checks a request, renders
+the conversation on the paper's template exactly as chat.py does, decodes its pictures and queues it; then it
+streams what the loop produces. A conversation sent again with one more turn finds its prefix in a slot and feeds
+only the new tokens. A client that goes away has its request cancelled at the next step. When every slot is busy,
+requests wait in a bounded queue; past it the answer is 429 with Retry-After.
+
+Nothing a client sends can stop the server: bad input is a 4xx with OpenAI's error shape naming the field, remote
+picture URLs are refused (the server never reaches another host), local files only under
+--allowed-local-media-path, pictures are checked for size before they are decoded, bodies past --max-body are
+refused, and a connection that sends its headers slowly is timed out.
+"""
+import argparse
+import base64
+import binascii
+import hmac
+import io
+import ipaddress
+import json
+import math
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+import checkpoints
+from conversation import HEADER, Conversation, DataError, Turn, layout, load_image
+from engine import Engine, Output, Request, Sampling
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAGE = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript; charset=utf-8")}
+MAX_PIXELS = 40_000_000     # a picture larger than this is refused before it is decoded (a "decompression bomb")
+
+
+class APIError(Exception):
+    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+             405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A request body -> the engine's Request (run in the HTTP thread)
+
+@dataclass
+class Job:
+    """A checked chat completion request: what the engine runs and how the answer is sent back."""
+    request: Request
+    prompt: str
+    stream: bool
+    include_usage: bool
+    return_prompt: bool
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # Outputs (or an APIError) from the loop
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    submitted: float = field(default_factory=time.perf_counter)
+    last: float | None = None       # when its last tokens came, and how many it had then (for the latencies)
+    tokens: int = 0
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False, default=None):
+    """body[name] as a number in [low, high] (JSON's true/false are not numbers), or default when absent/null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, not {json.dumps(value)}",
+                       name, "invalid_type")
+    if not low <= value <= high or (not integer and not math.isfinite(value)):
+        raise APIError(400, f"'{name}' must be between {low} and {high}, not {value}", name, "invalid_value")
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be true or false, not {json.dumps(value)}", name, "invalid_type")
+    return bool(value)
+
+
+class Renderer:
+    """messages -> the template string and its pictures, as chat.py renders a conversation: a user message's
+    pictures each open a `### Image:` block before its instruction (its text parts, joined by newlines; two user
+    messages in a row are one), an assistant message is the answer to the instruction before it, a system message
+    takes the place of the header line."""
+
+    def __init__(self, tokenizer, transform, media_dir: str | None):
+        self.tokenizer, self.transform, self.media_dir = tokenizer, transform, media_dir
+
+    def __call__(self, messages) -> tuple[str, list[torch.Tensor]]:
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list of messages", "messages", "invalid_value")
+        header, rounds = HEADER, []        # rounds: [pictures, question, answer or None]
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise APIError(400, f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
+            role = m.get("role")
+            texts, pictures = self.content(m.get("content"), f"{where}.content", pictures_ok=role == "user")
+            if role == "system":
+                if i:
+                    raise APIError(400, f"{where}: a system message must come first", f"{where}.role", "invalid_value")
+                header = "\n".join(texts)
+            elif role == "user":
+                if rounds and rounds[-1][2] is None:          # a second user message in a row: the same turn
+                    rounds[-1][0] += pictures
+                    rounds[-1][1] = "\n".join(filter(None, [rounds[-1][1], *texts]))
+                else:
+                    rounds.append([pictures, "\n".join(texts), None])
+            elif role == "assistant":
+                if not rounds or rounds[-1][2] is not None:
+                    raise APIError(400, f"{where}: an assistant message must answer a user message",
+                                   f"{where}.role", "invalid_value")
+                rounds[-1][2] = "\n".join(texts)
+            else:
+                raise APIError(400, f"{where}: unknown role {json.dumps(role)} (system, user or assistant)",
+                               f"{where}.role", "invalid_value")
+        if not rounds or rounds[-1][2] is not None:
+            raise APIError(400, "the last message must be the user's (the one to answer)", "messages",
+                           "invalid_value")
+        parts, pixels = [Conversation(None, [])], []
+        for pictures, question, answer in rounds:
+            for picture in pictures:
+                if parts[-1].turns or parts[-1].image is not None:
+                    parts.append(Conversation(None, []))
+                parts[-1].image = f"picture {len(pixels) + 1}"
+                pixels.append(picture)
+            parts[-1].turns.append(Turn(question, answer or ""))
+        return layout(parts, open_last=True, header=header)[0], pixels
+
+    def content(self, content, where: str, pictures_ok: bool) -> tuple[list[str], list[torch.Tensor]]:
+        """A message's texts and decoded pictures."""
+        if isinstance(content, str):
+            return [self.text(content, where)], []
+        if not isinstance(content, list):
+            raise APIError(400, f"{where} must be a string or a list of parts", where, "invalid_type")
+        texts, pictures = [], []
+        for j, part in enumerate(content):
+            here = f"{where}[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(self.text(part.get("text"), f"{here}.text"))
+            elif kind == "image_url":
+                if not pictures_ok:
+                    raise APIError(400, f"{here}: only user messages may hold pictures", f"{here}.type",
+                                   "invalid_value")
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                pictures.append(self.picture(url, f"{here}.image_url"))
+            else:
+                raise APIError(400, f"{here}: unknown part type {json.dumps(kind)} (text or image_url)",
+                               f"{here}.type", "invalid_value")
+        return texts, pictures
+
+    def text(self, text, where: str) -> str:
+        if not isinstance(text, str):
+            raise APIError(400, f"{where} must be a string", where, "invalid_type")
+        special = [s for s in self.tokenizer.special if s in text]
+        if special:
+            raise APIError(400, f"{where} contains {special[0]}, which the model reads as a control token "
+                                f"(pictures come as image_url parts)", where, "invalid_value")
+        return text
+
+    def picture(self, url, where: str) -> torch.Tensor:
+        """A data: URL (or, under --allowed-local-media-path, a local file) -> the transformed picture."""
+        if not isinstance(url, str):
+            raise APIError(400, f"{where} must hold a URL string", where, "invalid_type")
+        if url.startswith("data:"):
+            meta, _, payload = url.partition(",")
+            if not meta.endswith(";base64"):
+                raise APIError(400, f"{where}: a data: URL must be base64 (data:image/png;base64,...)", where,
+                               "invalid_image_url")
+            try:
+                source = io.BytesIO(base64.b64decode(payload, validate=True))
+            except (binascii.Error, ValueError):
+                raise APIError(400, f"{where}: the data: URL is not valid base64", where, "invalid_image_url") from None
+        elif url.startswith(("http://", "https://")):
+            raise APIError(400, f"{where}: remote picture URLs are not fetched (this server reaches no other host); "
+                                f"send the picture itself as a data: URL", where, "invalid_image_url")
+        else:
+            source = self.local_file(url.removeprefix("file://"), where)
+        try:
+            return self.transform(load_image(source, max_pixels=MAX_PIXELS))
+        except DataError as e:
+            raise APIError(400, f"{where}: {str(e).replace('the picture: ', '')}", where, "invalid_image") from None
+
+    def local_file(self, path: str, where: str) -> str:
+        if self.media_dir is None:
+            raise APIError(400, f"{where}: local files are read only under --allowed-local-media-path; send the "
+                                f"picture as a data: URL", where, "invalid_image_url")
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self.media_dir]) != self.media_dir or not os.path.isfile(real):
+            raise APIError(400, f"{where}: no such picture under --allowed-local-media-path", where,
+                           "invalid_image_url")
+        return real
+
+
+def make_job(body, renderer: Renderer, engine: Engine, model_name: str) -> Job:
+    """A request body -> a Job, or the APIError that names what is wrong with it."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", None, "invalid_type")
+    if body.get("model") not in (None, model_name):
+        raise APIError(404, f"the model {json.dumps(body['model'])} does not exist (this server has "
+                            f"{json.dumps(model_name)})", "model", "model_not_found")
+    if _number(body, "n", 1, 1 << 31, integer=True, default=1) != 1:
+        raise APIError(400, "only n = 1 is supported", "n", "invalid_value")
+    for name in ("logprobs", "tools", "functions", "response_format"):
+        if body.get(name) not in (None, False, [], {"type": "text"}):
+            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _number(body, name, -2, 2, default=0) != 0:
+            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop",
+                       "invalid_value")
+    temperature = _number(body, "temperature", 0, 2, default=1.0)
+    sampling = Sampling(temperature=temperature, greedy=temperature == 0,
+                        top_p=_number(body, "top_p", 0, 1, default=1.0) or 1e-9,
+                        top_k=_number(body, "top_k", 0, 1 << 31, integer=True, default=0),
+                        seed=_number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True))
+    max_tokens = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        max_tokens = max_tokens or _number(body, name, 1, 1 << 31, integer=True)
+    text, pictures = renderer(body.get("messages"))
+    ids = renderer.tokenizer.encode(text)
+    if len(pictures) > engine.max_pictures:
+        raise APIError(400, f"{len(pictures)} pictures: the context holds at most {engine.max_pictures}",
+                       "messages", "too_many_images")
+    room = engine.max_len - len(ids)
+    if room < (max_tokens or 1):
+        raise APIError(400, f"this model's context holds {engine.max_len} tokens; the messages take {len(ids)}"
+                            + (f" and max_tokens asks for {max_tokens} more" if max_tokens else ""),
+                       "messages", "context_length_exceeded")
+    # The answer ends before a control token's string, should the model spell one: the conversation comes back
+    # as text next time, and there it would become a control token.
+    request = Request(ids, pictures, max_tokens or room, sampling,
+                      stop=tuple(stop) + tuple(renderer.tokenizer.special))
+    return Job(request, text, stream, _flag(options, "include_usage"), _flag(body, "return_prompt"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop that owns the model
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count)."""
+
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float):
+        self.sum, self.count = self.sum + value, self.count + 1
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        return [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)] + \
+            [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+class Loop(threading.Thread):
+    """The one thread that runs the model: queued jobs in, engine steps, each job's Outputs out."""
+
+    def __init__(self, engine: Engine, max_waiting: int):
+        super().__init__(name="engine", daemon=True)
+        self.engine, self.max_waiting = engine, max_waiting
+        self.incoming: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.jobs: dict[Request, Job] = {}
+        self.lock = threading.Lock()
+        self.accepted = 0                 # jobs queued and not finished (read by HTTP threads for the 429)
+        self.stopping = threading.Event()
+        self.counts = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+
+    def offer(self, job: Job):
+        """Queue a job, or refuse it (429) when every slot and the queue are taken."""
+        with self.lock:
+            if self.stopping.is_set():
+                raise APIError(503, "the server is shutting down", None, "shutting_down")
+            if self.accepted >= len(self.engine.slots) + self.max_waiting:
+                raise APIError(429, f"all {len(self.engine.slots)} slots are busy and {self.max_waiting} requests "
+                                    f"wait already; try again shortly", None, "rate_limit_exceeded")
+            self.accepted += 1
+        self.incoming.put(job)
+
+    def run(self):
+        while True:
+            idle = not self.engine.busy
+            try:   # wait for work when there is none; else take what has come and go on
+                job = self.incoming.get(timeout=0.1) if idle else self.incoming.get_nowait()
+                jobs = [job] + [self.incoming.get_nowait() for _ in range(self.incoming.qsize())]
+            except queue.Empty:
+                jobs = []
+            for job in jobs:
+                self.submit(job)
+            if self.stopping.is_set() and not self.engine.busy and self.incoming.empty():
+                return
+            if self.engine.busy:
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:   # out of memory, say: fail what was running, not the server
+                    self.fail_all(e)
+                    continue
+                for out in outputs:
+                    self.deliver(out)
+
+    def submit(self, job: Job):
+        try:
+            self.engine.submit(job.request)
+        except ValueError as e:
+            self.finish(job, APIError(400, str(e), "messages", "invalid_value"))
+            return
+        self.jobs[job.request] = job
+
+    def deliver(self, out: Output):
+        job = self.jobs.get(out.request)
+        if job is None:
+            return
+        now, r = time.perf_counter(), out.request
+        if len(r.tokens) > job.tokens:
+            if job.last is None:
+                self.ttft.observe(now - job.submitted)
+            else:
+                self.itl.observe((now - job.last) / (len(r.tokens) - job.tokens))
+            job.last, job.tokens = now, len(r.tokens)
+        if not out.finished:
+            return job.events.put(out)
+        del self.jobs[r]
+        self.counts["prompt_tokens"] += len(r.ids)
+        self.counts["cached_tokens"] += r.cached
+        self.counts["generation_tokens"] += len(r.tokens)
+        self.counts["requests_finished"] += 1
+        # A request cancelled at shutdown: its client hears why (one that went away hears nothing)
+        self.finish(job, APIError(503, "the server stopped before the answer was finished", None, "shutting_down")
+                    if r.finish_reason == "cancelled" else out)
+
+    def finish(self, job: Job, last):
+        with self.lock:
+            self.accepted -= 1
+        job.events.put(last)
+
+    def fail_all(self, error: Exception):
+        print(f"error in an engine step: {type(error).__name__}: {error}; the requests running were failed",
+              file=sys.stderr, flush=True)
+        jobs, self.jobs = list(self.jobs.values()), {}
+        self.engine.reset()
+        for job in jobs:
+            self.finish(job, APIError(500, f"the model failed: {type(error).__name__}", None, "server_error"))
+
+    def metrics(self) -> str:
+        e = self.engine
+        lines = ["# TYPE mmgpt_requests_running gauge", f"mmgpt_requests_running {e.running}",
+                 "# TYPE mmgpt_requests_waiting gauge",
+                 f"mmgpt_requests_waiting {len(e.waiting) + self.incoming.qsize()}",
+                 "# TYPE mmgpt_slots gauge", f"mmgpt_slots {len(e.slots)}"]
+        for name, value in self.counts.items():
+            lines += [f"# TYPE mmgpt_{name}_total counter", f"mmgpt_{name}_total {value}"]
+        lines += ["# HELP mmgpt_time_to_first_token_seconds from the request's arrival to its first token",
+                  "# TYPE mmgpt_time_to_first_token_seconds histogram",
+                  *self.ttft.lines("mmgpt_time_to_first_token_seconds"),
+                  "# HELP mmgpt_inter_token_latency_seconds between a request's tokens",
+                  "# TYPE mmgpt_inter_token_latency_seconds histogram",
+                  *self.itl.lines("mmgpt_inter_token_latency_seconds")]
+        return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HTTP
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection. The server (Server) holds the loop, the renderer and the settings."""
+    server: "Server"
+    timeout = 10          # seconds a connection may take to send its request line and headers (slowloris)
+    error_content_type = "application/json"
+
+    def handle_one_request(self):
+        """The request line and headers must all come within `timeout` seconds, not merely each byte of them."""
+        self.deadline = threading.Timer(self.timeout, self.too_slow)
+        self.deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self.deadline.cancel()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()      # reads the headers
+        self.deadline.cancel()
+        return ok
+
+    def too_slow(self):
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def log_message(self, format, *args):   # one line per request on stderr, as http.server does, unless quiet
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, headers too long): in OpenAI's shape too."""
+        self.close_connection = True
+        self.reply(APIError(code, message or self.responses.get(code, ("error",))[0]))
+
+    def reply(self, error_or_body, status: int = 200, headers: dict | None = None):
+        if isinstance(error_or_body, APIError):
+            status, body = error_or_body.status, error_or_body.body()
+            headers = {"Retry-After": "1"} if status == 429 else headers
+        else:
+            body = error_or_body
+        data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+        self.send_response(status)
+        self.send_header("Content-Type", (headers or {}).pop("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def authorised(self) -> bool:
+        key = self.server.api_key
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+    def do_GET(self):
+        try:
+            self.route_get()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def route_get(self):
+        path = self.path.partition("?")[0]
+        if path in PAGE:
+            name, kind = PAGE[path]
+            try:
+                with open(os.path.join(HERE, name), "rb") as f:
+                    return self.reply(f.read(), headers={"Content-Type": kind})
+            except OSError:
+                return self.reply(APIError(404, f"{name} is missing beside serve.py", None, "not_found"))
+        if path == "/health":
+            return self.reply({"status": "ok"})
+        if path in ("/v1/models", "/metrics") and not self.authorised():
+            return self.reply(APIError(401, "a wrong or missing API key (Authorization: Bearer KEY)", None,
+                                       "invalid_api_key"))
+        if path == "/v1/models":
+            return self.reply({"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                          "created": self.server.started, "owned_by": "mmgpt"}]})
+        if path == "/metrics":
+            return self.reply(self.server.loop.metrics().encode(),
+                              headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        self.reply(APIError(404, f"no such endpoint: GET {path}", None, "not_found"))
+
+    def do_POST(self):
+        try:
+            self.route_post()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+
+    def route_post(self):
+        if self.path.partition("?")[0] != "/v1/chat/completions":
+            return self.reply(APIError(404, f"no such endpoint: POST {self.path}", None, "not_found"))
+        if not self.authorised():
+            return self.reply(APIError(401, "a wrong or missing API key (Authorization: Bearer KEY)", None,
+                                       "invalid_api_key"))
+        try:
+            job = make_job(self.read_json(), self.server.renderer, self.server.loop.engine, self.server.model_name)
+            self.server.loop.offer(job)
+        except APIError as e:
+            return self.reply(e)
+        try:
+            self.answer(job)
+        finally:   # whatever ended the answer (the client went away, a write failed): its slot is freed
+            self.server.loop.engine.cancel(job.request)
+
+    def read_json(self):
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+            self.close_connection = True
+            raise APIError(411, "send the body with a Content-Length", None, "length_required")
+        try:
+            length = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise APIError(400, "Content-Length is not a number", None, "invalid_value") from None
+        if length > self.server.max_body:
+            self.close_connection = True     # the body is not read: the connection cannot be reused
+            raise APIError(413, f"the body has {length:,} bytes; this server takes at most "
+                                f"{self.server.max_body:,} (--max-body)", None, "request_too_large")
+        self.connection.settimeout(self.server.body_timeout)
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self.close_connection = True
+            raise APIError(400, "the body ended before Content-Length bytes", None, "invalid_value")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+
+    def next_event(self, job: Job):
+        """The loop's next Output for this job (or its APIError); None if the client has gone away meanwhile."""
+        while True:
+            try:
+                return job.events.get(timeout=0.25)
+            except queue.Empty:
+                if self.client_gone():
+                    return None
+
+    def client_gone(self) -> bool:
+        """A closed connection reads as ready with no bytes (a client may still send bytes: they are not ours)."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, 0x2) == b""      # MSG_PEEK
+        except OSError:
+            return True
+
+    def answer(self, job: Job):
+        name, r = self.server.model_name, job.request
+        if not job.stream:
+            while (out := self.next_event(job)) is not None:
+                if isinstance(out, APIError):
+                    return self.reply(out)
+                if out.finished:
+                    body = {"id": job.id, "object": "chat.completion", "created": job.created, "model": name,
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
+                                         "finish_reason": r.finish_reason}],
+                            "usage": usage(r)}
+                    return self.reply(body | ({"prompt": job.prompt} if job.return_prompt else {}))
+            return
+        self.close_connection = True     # the stream ends when the connection closes (HTTP/1.0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def chunk(delta: dict | None, finish=None, **extra):
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            self.event({"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": name,
+                        "choices": choices, **extra})
+
+        chunk({"role": "assistant", "content": ""}, **({"prompt": job.prompt} if job.return_prompt else {}))
+        while (out := self.next_event(job)) is not None:
+            if isinstance(out, APIError):
+                self.event(out.body())
+                break
+            if out.text:
+                chunk({"content": out.text})
+            if out.finished:
+                chunk({}, r.finish_reason)
+                if job.include_usage:
+                    chunk(None, usage=usage(r))
+                break
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def event(self, body: dict):
+        self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+        self.wfile.flush()
+
+
+def usage(r: Request) -> dict:
+    return {"prompt_tokens": len(r.ids), "completion_tokens": len(r.tokens), "total_tokens": len(r.ids) + len(r.tokens),
+            "prompt_tokens_details": {"cached_tokens": r.cached}}
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, loop: Loop, renderer: Renderer, model_name: str, api_key: str | None = None,
+                 max_body: int = 20 << 20, body_timeout: float = 30.0, quiet: bool = False):
+        super().__init__(address, Handler)
+        self.loop, self.renderer, self.model_name, self.api_key = loop, renderer, model_name, api_key
+        self.max_body, self.body_timeout, self.quiet, self.started = max_body, body_timeout, quiet, int(time.time())
+
+
+def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, model_name: str = "mmgpt",
+          max_waiting: int = 64, **options) -> Server:
+    """The server and its loop running in threads of this process (serve.py's main, bench.py and the tests)."""
+    loop = Loop(engine, max_waiting)
+    loop.start()
+    media = options.pop("media_dir", None)
+    server = Server((host, port), loop, Renderer(engine.tokenizer, transform, media and os.path.realpath(media)),
+                    model_name, **options)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def stop(server: Server, grace: float):
+    """Stop taking requests; let those running finish for up to `grace` seconds, then cancel them."""
+    server.shutdown()
+    loop = server.loop
+    loop.stopping.set()
+    deadline = time.monotonic() + grace
+    while loop.is_alive() and time.monotonic() < deadline:
+        loop.join(0.1)
+    for job in list(loop.jobs.values()):
+        loop.engine.cancel(job.request)
+    loop.join(10)
+    server.server_close()
+
+
+def loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:      # a host name
+        return False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    checkpoints.add_weight_args(ap.add_argument_group(
+        "weights (as chat.py; none: checkpoints/ as the MultiModal-GPT README lays it out, then runs/demo)"))
+    s = ap.add_argument_group("serving")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=int, default=16, help="requests decoded at once")
+    s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: none asked)")
+    s.add_argument("--max-body", type=int, default=20 << 20, help="the largest request body in bytes (413)")
+    s.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="pictures may also name local files under DIR (default: data: URLs only)")
+    s.add_argument("--model-name", help="the model's name in the API (default: the run folder's, or mmgpt)")
+    s.add_argument("--device", help="default: cuda when there is one, else cpu")
+    s.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA merged, decoding compiled with CUDA graphs (default: on with a GPU)")
+    s.add_argument("--grace", type=float, default=10.0, help="seconds running answers get to finish at shutdown")
+    s.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    args = ap.parse_args(argv)
+    if args.slots < 1 or args.max_waiting < 0 or args.max_body < 1:
+        ap.error("--slots and --max-body must be at least 1, --max-waiting at least 0")
+    if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
+        ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, transform = checkpoints.load_model(args, device)
+    fast = args.fast if args.fast is not None else device.startswith("cuda")
+    engine = Engine(model, tokenizer, slots=args.slots, fast=fast)
+    name = args.model_name or (os.path.basename(os.path.normpath(args.ckpt)) if args.ckpt else "mmgpt")
+    server = start(engine, transform, args.host, args.port, model_name=name, max_waiting=args.max_waiting,
+                   api_key=args.api_key, max_body=args.max_body, media_dir=args.allowed_local_media_path,
+                   quiet=args.quiet)
+    host, port = server.server_address[:2]
+    if args.api_key is None and not loopback(args.host):
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",
+              file=sys.stderr, flush=True)
+    print(f"serving {name} on http://{host}:{port} ({args.slots} slots{', fast path' if fast else ''}): the page "
+          f"at /, the API at /v1/chat/completions; Ctrl-C stops", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("stopping: the answers running get a moment to finish", file=sys.stderr, flush=True)
+    stop(server, args.grace)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""serve.py over real sockets on 127.0.0.1: the `openai` client for what OpenAI's clients do, raw HTTP for what a
+broken or hostile client does. The server runs in this process (serve.start: its loop and HTTP threads) on a tiny
+model saved in the real formats; its greedy answers are held against chat.py's for the same conversation and
+against the same request answered alone."""
+import base64
+import http.client
+import io
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+
+import openai
+import pytest
+from PIL import Image
+
+import chat
+import serve
+from conftest import tiny_release
+from engine import Engine, Sampling
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Q1, Q2 = "what colour is the square?", "how many circles are there?"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sp_model, tokenizer):
+    return tiny_release(tmp_path_factory.mktemp("serve"), sp_model, tokenizer)
+
+
+@contextmanager
+def running(files, slots: int = 4, eos_id: int | None = None, **options):
+    """The server on a free port; eos_id=-1: answers never end before max_tokens (the model's EOS is ignored)."""
+    engine = Engine(files["model"], files["tokenizer"], slots=slots, eos_id=eos_id)
+    server = serve.start(engine, files["transform"], quiet=True, **options)
+    try:
+        yield server
+    finally:
+        serve.stop(server, grace=0)
+
+
+def port(server) -> int:
+    return server.server_address[1]
+
+
+def client(server, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port(server)}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def data_url(path_or_bytes) -> str:
+    raw = open(path_or_bytes, "rb").read() if isinstance(path_or_bytes, str) else path_or_bytes
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def user(text: str, *pictures) -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pictures]
+            + [{"type": "text", "text": text}]}
+
+
+def post(server, body, headers=None, path="/v1/chat/completions"):
+    """Raw HTTP: (status, headers, parsed JSON or the text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port(server), timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    try:
+        return r.status, dict(r.getheaders()), json.loads(text)
+    except json.JSONDecodeError:
+        return r.status, dict(r.getheaders()), text
+
+
+def raw(server, data: bytes) -> tuple[int, dict]:
+    """Bytes sent as they are; the response's status and JSON body."""
+    s = socket.create_connection(("127.0.0.1", port(server)), timeout=10)
+    s.sendall(data)
+    r = http.client.HTTPResponse(s)
+    r.begin()
+    body = json.loads(r.read())
+    s.close()
+    return r.status, body
+
+
+def chat_answers(files, rounds: list[tuple[str, list[str]]], n: int) -> list[str]:
+    """chat.py's answers, greedy, to questions asked one after the other (each with the pictures it brings)."""
+    c = chat.Chat(Engine(files["model"], files["tokenizer"]), files["transform"], n, Sampling(greedy=True))
+    out = []
+    for question, pictures in rounds:
+        for p in pictures:
+            c.add_picture(p)
+        c.ask(question)
+        out.append(c.parts[-1].turns[-1].answer)
+    return out
+
+
+def test_openai_client_plain_and_streamed_answers_equal_chat_py(files):
+    want = chat_answers(files, [(Q1, [files["pic1"]]), (Q2, [])], 12)
+    with running(files) as server:
+        api = client(server)
+        messages = [user(Q1, files["pic1"])]
+        plain = api.chat.completions.create(model="mmgpt", messages=messages, max_tokens=12, temperature=0)
+        assert plain.choices[0].message.content == want[0] and plain.choices[0].finish_reason in ("stop", "length")
+        assert plain.object == "chat.completion" and plain.id.startswith("chatcmpl-") and plain.model == "mmgpt"
+        assert plain.usage.prompt_tokens == len(files["tokenizer"].encode(chat_prompt(files, Q1)))
+        assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+        chunks = list(api.chat.completions.create(model="mmgpt", messages=messages, max_tokens=12, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices == []
+        assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == want[0]
+        assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+        # The second round, the whole conversation sent again: its prefix is reused, the answer is chat.py's.
+        messages += [{"role": "assistant", "content": want[0]}, user(Q2)]
+        again = api.chat.completions.create(model="mmgpt", messages=messages, max_tokens=12, temperature=0)
+        assert again.choices[0].message.content == want[1]
+        assert again.usage.prompt_tokens_details.cached_tokens >= plain.usage.prompt_tokens
+        # The exact prompt the model got (an extension the page uses): the template as chat.py renders it.
+        status, _, body = post(server, {"messages": messages, "max_tokens": 2, "return_prompt": True})
+        assert status == 200 and body["prompt"] == chat_prompt(files, Q1, want[0], Q2)
+        assert api.models.list().data[0].id == "mmgpt"
+
+
+def chat_prompt(files, *turns) -> str:
+    """The template string chat.py gives the model for these questions and answers about pic1."""
+    c = chat.Chat(Engine(files["model"], files["tokenizer"]), files["transform"])
+    c.add_picture(files["pic1"])
+    questions, answers = turns[::2], list(turns[1::2]) + [""]
+    for q, a in zip(questions, answers):
+        c.parts[-1].turns.append(chat.Turn(q, a))
+    return c.text()
+
+
+def requests_of_all_kinds(files) -> list[dict]:
+    """16 requests: pictures or none, one or two pictures, different lengths and limits."""
+    out = []
+    for i in range(16):
+        pictures = [[], [files["pic1"]], [files["pic2"]], [files["pic1"], files["pic2"]]][i % 4]
+        out.append({"model": "mmgpt", "messages": [user(f"{Q1} {'and more ' * (i % 5)}", *pictures)],
+                    "max_tokens": 4 + i % 7, "temperature": 0})
+    return out
+
+
+def stream_text(server, body) -> tuple[str, str]:
+    chunks = client(server).chat.completions.create(stream=True, **body)
+    parts, finish = [], None
+    for c in chunks:
+        parts.append(c.choices[0].delta.content or "")
+        finish = c.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+def test_sixteen_concurrent_streams_get_what_they_get_alone(files):
+    bodies = requests_of_all_kinds(files)
+    with running(files, slots=1) as server:
+        alone = [stream_text(server, b) for b in bodies]
+    with running(files, slots=16) as server:
+        got = [None] * 16
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_text(server, bodies[i])))
+                   for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == alone and len(set(alone)) > 8
+        assert server.loop.engine.running == 0
+
+
+def bomb() -> bytes:
+    """A PNG that declares 10,000 x 10,000 pixels in 70 bytes (the pixels themselves are not there)."""
+    small = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(small, "PNG")
+    raw = bytearray(small.getvalue())
+    raw[16:24] = (10000).to_bytes(4, "big") * 2                         # IHDR: width, height
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")       # and its checksum
+    return bytes(raw)
+
+
+def bad_inputs(files) -> list[tuple]:
+    """(body, status, param, code, words in the message) for what a broken client sends."""
+    good = [user(Q1, files["pic1"])]
+    png = open(files["pic1"], "rb").read()
+    pic = lambda url: [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                    {"type": "text", "text": Q1}]}]
+    p = "messages[0].content[0].image_url"
+    return [
+        (b'{"messages": [', 400, None, "invalid_json", "not valid JSON"),
+        (b"\xff\xfe", 400, None, "invalid_json", "not valid JSON"),
+        ([1, 2], 400, None, "invalid_type", "JSON object"),
+        ({}, 400, "messages", "invalid_value", "non-empty list"),
+        ({"messages": "hi"}, 400, "messages", "invalid_value", "non-empty list"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value", "unknown role"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type", "string or a list"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, 400, "messages[0].content[0].type",
+         "invalid_value", "unknown part type"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
+         "messages[0].content[0].text", "invalid_type", "must be a string"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages[0].role", "invalid_value",
+         "must answer a user message"),
+        ({"messages": good + [{"role": "assistant", "content": "red"}]}, 400, "messages", "invalid_value",
+         "last message"),
+        ({"messages": [{"role": "user", "content": "what is <image> here"}]}, 400, "messages[0].content",
+         "invalid_value", "control token"),
+        ({"messages": good, "n": 2}, 400, "n", "invalid_value", "n = 1"),
+        ({"messages": good, "max_tokens": -3}, 400, "max_tokens", "invalid_value", "between 1"),
+        ({"messages": good, "max_tokens": "many"}, 400, "max_tokens", "invalid_type", "an integer"),
+        ({"messages": good, "max_tokens": 10 ** 12}, 400, "max_tokens", "invalid_value", "between 1"),
+        ({"messages": good, "max_tokens": 1000}, 400, "messages", "context_length_exceeded", "max_tokens"),
+        ({"messages": good, "temperature": 1e9}, 400, "temperature", "invalid_value", "between 0 and 2"),
+        ({"messages": good, "temperature": True}, 400, "temperature", "invalid_type", "a number"),
+        ({"messages": good, "top_p": -1}, 400, "top_p", "invalid_value", "between 0 and 1"),
+        ({"messages": good, "stream": "yes"}, 400, "stream", "invalid_type", "true or false"),
+        ({"messages": good, "stop": ["a"] * 5}, 400, "stop", "invalid_value", "at most 4"),
+        ({"messages": good, "logprobs": True}, 400, "logprobs", "unsupported_parameter", "not supported"),
+        ({"messages": good, "model": "gpt-4"}, 404, "model", "model_not_found", "does not exist"),
+        ({"messages": pic("data:image/png;base64,@@not base64@@")}, 400, p, "invalid_image_url", "not valid base64"),
+        ({"messages": pic(data_url(b"these bytes are no picture"))}, 400, p, "invalid_image", "unreadable picture"),
+        ({"messages": pic(data_url(png[:len(png) // 2]))}, 400, p, "invalid_image", "unreadable picture"),
+        ({"messages": pic(data_url(bomb()))}, 400, p, "invalid_image", "10000 x 10000 pixels"),
+        ({"messages": pic("https://example.com/cat.png")}, 400, p, "invalid_image_url", "not fetched"),
+        ({"messages": pic(files["pic1"])}, 400, p, "invalid_image_url", "--allowed-local-media-path"),
+        ({"messages": [user(Q1, *[files["pic1"]] * 17)]}, 400, "messages", "too_many_images", "at most 16"),
+        ({"messages": [user("the cat sat " * 200)]}, 400, "messages", "context_length_exceeded", "context holds"),
+    ]
+
+
+def assert_error(status, body, want_status, param, code, words):
+    assert status == want_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert (body["error"]["param"], body["error"]["code"]) == (param, code), body
+    assert words in body["error"]["message"], body
+
+
+def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on(files):
+    with running(files, slots=2, max_body=200_000) as server:
+        good = {"messages": [user(Q1, files["pic1"])], "max_tokens": 3, "temperature": 0}
+        want = post(server, good)[2]["choices"][0]["message"]["content"]
+        for body, status, param, code, words in bad_inputs(files):
+            got_status, _, got = post(server, body)
+            assert_error(got_status, got, status, param, code, words)
+            assert post(server, good)[2]["choices"][0]["message"]["content"] == want      # still answers
+        # Too large a body is refused on its Content-Length, before it is read (here it is never sent).
+        status, body = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 300000\r\n\r\n")
+        assert_error(status, body, 413, None, "request_too_large", "300,000 bytes")
+        status, body = raw(server, b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert_error(status, body, 411, None, "length_required", "Content-Length")
+        status, body = raw(server, b"BREW /pot HTTP/1.1\r\n\r\n")
+        assert status == 501 and "error" in body
+        status, body = raw(server, b"GET /nowhere HTTP/1.1\r\n\r\n")
+        assert_error(status, body, 404, None, "not_found", "no such endpoint")
+        assert post(server, good)[2]["choices"][0]["message"]["content"] == want
+        assert server.loop.engine.running == 0 and server.loop.accepted == 0
+
+
+def test_api_key_is_required_when_set(files):
+    with running(files, api_key="s3cret") as server:
+        for key in ("wrong", "s3cre", "s3cret!"):
+            with pytest.raises(openai.AuthenticationError) as e:
+                client(server, key).chat.completions.create(model="mmgpt", messages=[user(Q1)], max_tokens=2)
+            assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        status, _, body = post(server, {"messages": [user(Q1)]})
+        assert_error(status, body, 401, None, "invalid_api_key", "API key")
+        done = client(server, "s3cret").chat.completions.create(model="mmgpt", messages=[user(Q1)], max_tokens=2)
+        assert done.usage.completion_tokens >= 1
+
+
+def test_local_pictures_only_under_the_allowed_folder(files, tmp_path):
+    inside = tmp_path / "media" / "p.png"
+    inside.parent.mkdir()
+    inside.write_bytes(open(files["pic1"], "rb").read())
+    message = lambda url: [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                        {"type": "text", "text": Q1}]}]
+    with running(files, media_dir=str(tmp_path / "media")) as server:
+        via_file = post(server, {"messages": message(f"file://{inside}"), "max_tokens": 4, "temperature": 0})[2]
+        via_data = post(server, {"messages": message(data_url(files["pic1"])), "max_tokens": 4, "temperature": 0})[2]
+        assert via_file["choices"][0]["message"] == via_data["choices"][0]["message"]
+        for url in (files["pic1"], f"{tmp_path}/media/../../{os.path.basename(files['pic1'])}"):
+            status, _, body = post(server, {"messages": message(url)})
+            assert_error(status, body, 400, "messages[0].content[0].image_url", "invalid_image_url", "no such picture")
+
+
+def stream_raw(server, body: dict) -> socket.socket:
+    """A streamed request on a bare socket (a client that can be killed at any byte)."""
+    s = socket.create_connection(("127.0.0.1", port(server)), timeout=30)
+    data = json.dumps(body | {"stream": True}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return s
+
+
+def test_a_client_killed_mid_stream_frees_its_slot_and_changes_no_other(files):
+    bodies = requests_of_all_kinds(files)[:3]
+    with running(files, slots=1, eos_id=-1) as server:
+        alone = [stream_text(server, b) for b in bodies]
+    with running(files, slots=4, eos_id=-1) as server:
+        got = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_text(server, bodies[i])))
+                   for i in range(3)]
+        killed = stream_raw(server, {"messages": [user(Q2, files["pic2"])], "max_tokens": 150, "temperature": 0})
+        for t in threads:
+            t.start()
+        seen = b""
+        while seen.count(b"data: ") < 4:         # the answer has begun
+            more = killed.recv(4096)
+            assert more, seen
+            seen += more
+        killed.close()
+        for t in threads:
+            t.join(60)
+        assert got == alone
+        deadline = time.time() + 10
+        while server.loop.engine.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.loop.engine.running == 0 and server.loop.accepted == 0
+        # the killed request was cancelled, not run to its 150 tokens
+        assert server.loop.counts["generation_tokens"] < sum(b["max_tokens"] for b in bodies) + 75
+
+
+def test_busy_server_says_429_with_retry_after(files):
+    with running(files, slots=1, eos_id=-1, max_waiting=0) as server:
+        first = stream_raw(server, {"messages": [user(Q1)], "max_tokens": 150, "temperature": 0})
+        first.recv(4096)
+        status, headers, body = post(server, {"messages": [user(Q2)], "max_tokens": 2})
+        assert_error(status, body, 429, None, "rate_limit_exceeded", "slots are busy")
+        assert headers["Retry-After"] == "1"
+        first.close()
+
+
+def test_slow_headers_are_timed_out(files, monkeypatch):
+    monkeypatch.setattr(serve.Handler, "timeout", 1)
+    with running(files) as server:
+        s = socket.create_connection(("127.0.0.1", port(server)), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.time()
+        for _ in range(6):               # a header byte every 0.4 s: each byte in time, the whole too slow
+            try:
+                s.sendall(b"X")
+            except OSError:
+                break
+            time.sleep(0.4)
+        assert s.recv(100) == b"" and time.time() - t0 < 3
+        assert post(server, {"messages": [user(Q1)], "max_tokens": 2})[0] == 200
+
+
+def test_metrics_health_and_models(files):
+    with running(files) as server:
+        done = client(server).chat.completions.create(model="mmgpt", messages=[user(Q1)], max_tokens=3, temperature=0)
+        conn = http.client.HTTPConnection("127.0.0.1", port(server), timeout=10)
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        text = r.read().decode()
+        assert r.getheader("Content-Type").startswith("text/plain")
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+        assert values["mmgpt_requests_running"] == "0" and values["mmgpt_requests_finished_total"] == "1"
+        assert values["mmgpt_generation_tokens_total"] == str(done.usage.completion_tokens)
+        assert values["mmgpt_time_to_first_token_seconds_count"] == "1"
+        assert values['mmgpt_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
+            values["mmgpt_inter_token_latency_seconds_count"]
+        assert "# TYPE mmgpt_time_to_first_token_seconds histogram" in text
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read()) == {"status": "ok"}
+
+
+def test_bounded_load_mixed_good_and_bad_leaks_nothing(files):
+    """8 clients x 12 requests, a third of them bad: every good one gets its answer alone, every bad one its 4xx;
+    afterwards no slot, queue entry or thread is left, and a second round does not grow the memory."""
+    good = requests_of_all_kinds(files)[:6]
+    bad = bad_inputs(files)
+    with running(files, slots=1) as server:
+        want = [stream_text(server, b) for b in good]
+    with running(files, slots=4, max_waiting=64) as server:
+        threads_before = threading.active_count()
+        failures = []
+
+        def client_run(c: int):
+            for k in range(12):
+                i = (c * 12 + k)
+                try:
+                    if i % 3 == 2:
+                        body, status, param, code, words = bad[i % len(bad)]
+                        got_status, _, got = post(server, body)
+                        assert_error(got_status, got, status, param, code, words)
+                    else:
+                        assert stream_text(server, good[i % 6]) == want[i % 6]
+                except Exception as e:      # noqa: BLE001 (collected, then reported)
+                    failures.append(f"client {c} request {k}: {type(e).__name__}: {e}")
+
+        rss = []
+        for _ in range(2):
+            threads = [threading.Thread(target=client_run, args=(c,)) for c in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        assert not failures, failures[:3]
+        deadline = time.time() + 5
+        while threading.active_count() > threads_before and time.time() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() == threads_before
+        assert server.loop.engine.running == 0 and not server.loop.engine.waiting and server.loop.accepted == 0
+        assert rss[1] - rss[0] < 50_000      # KiB: the second round takes no more memory than the first
+
+
+def test_serve_py_prints_its_address_warns_without_a_key_and_stops_on_sigterm(files):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "serve.py", "--ckpt", files["run"], "--port", "0", "--host", "0.0.0.0",
+                          "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        address = re.search(r"http://0\.0\.0\.0:(\d+)", line)
+        assert address, line + p.stderr.read()
+        conn = http.client.HTTPConnection("127.0.0.1", int(address.group(1)), timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [user(Q1)], "max_tokens": 3}))
+        assert json.loads(conn.getresponse().read())["model"] == "run"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+        err = p.stderr.read()
+        assert "warning: listening on 0.0.0.0 without --api-key" in err and "stopping" in err
+    finally:
+        p.kill()
