@@ -539,6 +539,31 @@ def test_phone_sized_screen_has_no_horizontal_scrolling(server, browser, run, tm
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def test_a_server_with_an_api_key(run, browser):
+    """serve.py --api-key: the page loads without it, asks for it (a wrong one is a line saying so), and with it
+    answers as the API does."""
+    with serving(["--ckpt", run["run"], "--slots", "1", "--api-key", "sesame"]) as address:
+        browser.get(address + "/")
+        wait(browser, "the page to ask for the key", lambda: browser.find_element(By.ID, "model-name").text == "API key needed")
+        key = browser.find_element(By.ID, "api-key")
+        assert key.is_displayed()                 # its box opened
+        set_knobs(browser, greedy=True, max_tokens=12)
+        key.send_keys("wrong")
+        attach(browser, run["pic1"])
+        ask(browser, Q1)
+        assert notices(browser)[-1].startswith("The server wants an API key (Settings): a wrong or missing API key")
+        key.send_keys(Keys.CONTROL, "a")
+        key.send_keys("sesame")
+        wait(browser, "the model's name", lambda: browser.find_element(By.ID, "model-name").text == "run")
+        browser.find_element(By.CSS_SELECTOR, ".notice button").click()      # Retry, with the key
+        wait(browser, "the answer", lambda: not running(browser) and len(answers(browser)) == 1)
+        request = urllib.request.Request(address + "/v1/chat/completions", json.dumps(
+            {"messages": [user(Q1, run["pic1"])], "max_tokens": 12, "temperature": 0}).encode(),
+            {"Content-Type": "application/json", "Authorization": "Bearer sesame"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert answers(browser) == [json.loads(r.read())["choices"][0]["message"]["content"]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The README's screenshot: the page answering the demo's picture (made with runs/demo, after `python train.py`)
 
