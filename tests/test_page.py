@@ -578,7 +578,7 @@ def test_readme_screenshot(browser):
     assert os.path.exists(picture), "train the demo first: python train.py"
     with serving(["--ckpt", demo, "--slots", "4"]) as address:
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                                {"width": 1200, "height": 760, "deviceScaleFactor": 1, "mobile": False})
+                                {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False})
         try:
             browser.get(address + "/")
             wait(browser, "the model's name", lambda: browser.find_element(By.ID, "model-name").text == "demo")
