@@ -305,7 +305,7 @@ function finishAssistant(reply) {
   const words = [];
   if (reply.finish === 'stopped') words.push('stopped');
   else if (reply.finish === 'length') words.push(reply.fitted ? 'cut at the end of the context' : 'cut at max new tokens');
-  else if (reply.fitted) words.push('max new tokens did not fit: written in the room left');
+  else if (reply.fitted) words.push('max new tokens lowered to the room left in the context');
   if (n !== undefined) words.push(`${n} token${n === 1 ? '' : 's'}`);
   if (n > 1 && seconds > 0) words.push(`${((n - 1) / seconds).toFixed(1)} tokens/s`);
   reply.el.querySelector('.status').textContent = words.join(' · ');
