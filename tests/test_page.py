@@ -97,9 +97,10 @@ def server(run):
 
 @contextlib.contextmanager
 def serving(args: list[str]):
-    """serve.py as a subprocess on 127.0.0.1, on a port the system picks; its address once it says it."""
+    """serve.py as a subprocess on 127.0.0.1, on a port the system picks, on the CPU (a tiny model; and the
+    timing of the stop test the same everywhere); its address once it says it."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--host", "127.0.0.1",
-                             "--port", "0", "--quiet"],
+                             "--port", "0", "--device", "cpu", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = queue.Queue()
