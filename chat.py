@@ -1,6 +1,6 @@
 """Chat with MultiModal-GPT about a picture, for as many rounds as you like, the answers streamed.
 
-    python chat.py cat.jpg                              weights from checkpoints/ or runs/demo (checkpoints.find_weights)
+    python chat.py cat.jpg                              weights: checkpoints/ or runs/demo (checkpoints.find_weights)
     python chat.py cat.jpg --ckpt runs/demo             a train.py output folder
     python chat.py cat.jpg --llama DIR --openflamingo FILE --lora FILE [--vision NAME --vision-weights TAG|FILE]
     python chat.py cat.jpg --greedy --json --prompt "What is this?" --prompt "Why?"      one-shot: answer, exit

@@ -3,7 +3,7 @@ eval.py, the demo and the server all share, so that each renders a conversation 
 
 The template (paper, Tables 1 and 2), for a picture and two rounds:
 
-    {HEADER}\\n\\n### Image:\\n<image>\\n\\n### Instruction:\\n{q1}\\n\\n### Response:\\n{a1}</s>\\n\\n### Instruction:\\n{q2}...
+    {HEADER}\\n\\n### Image:\\n<image>\\n\\n### Instruction:\\n{q1}\\n\\n### Response:\\n{a1}</s>\\n\\n###...
 
 Language-only: the same without the `### Image:` block; a turn with an input adds `\\n\\n### Input:\\n{input}` after
 its instruction. A conversation that brings in another picture later (chat.py's /image, a second image in a

@@ -516,6 +516,5 @@ def default_dtype(dtype: torch.dtype):
 def build(cfg: Config, device="cpu", dtype=torch.float32) -> MMGPT:
     """A randomly initialised model made directly on `device` in `dtype`, cross-attention gates at zero."""
     with torch.device(device), default_dtype(dtype):
-        model = MMGPT(cfg)
-    return model
+        return MMGPT(cfg)
 

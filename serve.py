@@ -36,6 +36,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,13 +114,15 @@ class Renderer:
     messages in a row are one), an assistant message is the answer to the instruction before it, a system message
     takes the place of the header line."""
 
-    def __init__(self, tokenizer, transform, media_dir: str | None):
-        self.tokenizer, self.transform, self.media_dir = tokenizer, transform, media_dir
+    def __init__(self, tokenizer, transform, media_dir: str | None, max_pictures: int):
+        self.tokenizer, self.transform = tokenizer, transform
+        self.media_dir, self.max_pictures = media_dir, max_pictures
 
     def __call__(self, messages) -> tuple[str, list[torch.Tensor]]:
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list of messages", "messages", "invalid_value")
         header, rounds = HEADER, []        # rounds: [pictures, question, answer or None]
+        self.pictures = 0
         for i, m in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(m, dict):
@@ -173,6 +176,10 @@ class Renderer:
                 if not pictures_ok:
                     raise APIError(400, f"{here}: only user messages may hold pictures", f"{here}.type",
                                    "invalid_value")
+                self.pictures += 1
+                if self.pictures > self.max_pictures:     # counted before they are decoded
+                    raise APIError(400, f"more than {self.max_pictures} pictures: the context holds at most "
+                                        f"{self.max_pictures}", "messages", "too_many_images")
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
                 pictures.append(self.picture(url, f"{here}.image_url"))
@@ -184,6 +191,10 @@ class Renderer:
     def text(self, text, where: str) -> str:
         if not isinstance(text, str):
             raise APIError(400, f"{where} must be a string", where, "invalid_type")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:      # JSON can spell a lone surrogate ("\\ud800"); it is no character
+            raise APIError(400, f"{where}: a lone surrogate at character {e.start}", where, "invalid_value") from None
         special = [s for s in self.tokenizer.special if s in text]
         if special:
             raise APIError(400, f"{where} contains {special[0]}, which the model reads as a control token "
@@ -258,9 +269,6 @@ def make_job(body, renderer: Renderer, engine: Engine, model_name: str) -> Job:
         max_tokens = max_tokens or _number(body, name, 1, 1 << 31, integer=True)
     text, pictures = renderer(body.get("messages"))
     ids = renderer.tokenizer.encode(text)
-    if len(pictures) > engine.max_pictures:
-        raise APIError(400, f"{len(pictures)} pictures: the context holds at most {engine.max_pictures}",
-                       "messages", "too_many_images")
     room = engine.max_len - len(ids)
     if room < (max_tokens or 1):
         raise APIError(400, f"this model's context holds {engine.max_len} tokens; the messages take {len(ids)}"
@@ -438,6 +446,12 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.reply(APIError(code, message or self.responses.get(code, ("error",))[0]))
 
+    headers_sent = False
+
+    def end_headers(self):
+        self.headers_sent = True
+        super().end_headers()
+
     def reply(self, error_or_body, status: int = 200, headers: dict | None = None):
         if isinstance(error_or_body, APIError):
             status, body = error_or_body.status, error_or_body.body()
@@ -494,6 +508,10 @@ class Handler(BaseHTTPRequestHandler):
             self.route_post()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
+        except Exception:       # a bug, not the client's fault: say so, keep serving
+            traceback.print_exc()
+            if not self.headers_sent:
+                self.reply(APIError(500, "the server failed on this request", None, "server_error"))
 
     def route_post(self):
         if self.path.partition("?")[0] != "/v1/chat/completions":
@@ -602,13 +620,34 @@ def usage(r: Request) -> dict:
 
 
 class Server(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections at once: past them a connection is answered 503 and
+    closed at once (a flood of connections takes no thread, and no memory, from those being served)."""
     daemon_threads = True
+    BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\r\n"
+            + json.dumps(APIError(503, "too many connections; try again shortly", None, "too_many_connections")
+                         .body()).encode())
 
     def __init__(self, address, loop: Loop, renderer: Renderer, model_name: str, api_key: str | None = None,
-                 max_body: int = 20 << 20, body_timeout: float = 30.0, quiet: bool = False):
+                 max_body: int = 20 << 20, body_timeout: float = 30.0, quiet: bool = False, max_connections: int = 256):
         super().__init__(address, Handler)
         self.loop, self.renderer, self.model_name, self.api_key = loop, renderer, model_name, api_key
         self.max_body, self.body_timeout, self.quiet, self.started = max_body, body_timeout, quiet, int(time.time())
+        self.connections = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            try:
+                request.sendall(self.BUSY)
+            except OSError:
+                pass
+            return self.shutdown_request(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, model_name: str = "mmgpt",
@@ -617,8 +656,8 @@ def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, 
     loop = Loop(engine, max_waiting)
     loop.start()
     media = options.pop("media_dir", None)
-    server = Server((host, port), loop, Renderer(engine.tokenizer, transform, media and os.path.realpath(media)),
-                    model_name, **options)
+    renderer = Renderer(engine.tokenizer, transform, media and os.path.realpath(media), engine.max_pictures)
+    server = Server((host, port), loop, renderer, model_name, **options)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 
@@ -655,17 +694,18 @@ def main(argv=None):
     s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot (then 429)")
     s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: none asked)")
     s.add_argument("--max-body", type=int, default=20 << 20, help="the largest request body in bytes (413)")
+    s.add_argument("--max-connections", type=int, default=256, help="connections served at once (then 503)")
     s.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="pictures may also name local files under DIR (default: data: URLs only)")
-    s.add_argument("--model-name", help="the model's name in the API (default: the run folder's, or mmgpt)")
+    s.add_argument("--model-name", default="mmgpt", help="the model's name in the API (default: mmgpt)")
     s.add_argument("--device", help="default: cuda when there is one, else cpu")
     s.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA merged, decoding compiled with CUDA graphs (default: on with a GPU)")
     s.add_argument("--grace", type=float, default=10.0, help="seconds running answers get to finish at shutdown")
     s.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     args = ap.parse_args(argv)
-    if args.slots < 1 or args.max_waiting < 0 or args.max_body < 1:
-        ap.error("--slots and --max-body must be at least 1, --max-waiting at least 0")
+    if min(args.slots, args.max_body, args.max_connections) < 1 or args.max_waiting < 0:
+        ap.error("--slots, --max-body and --max-connections must be at least 1, --max-waiting at least 0")
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
 
@@ -673,10 +713,10 @@ def main(argv=None):
     model, tokenizer, transform = checkpoints.load_model(args, device)
     fast = args.fast if args.fast is not None else device.startswith("cuda")
     engine = Engine(model, tokenizer, slots=args.slots, fast=fast)
-    name = args.model_name or (os.path.basename(os.path.normpath(args.ckpt)) if args.ckpt else "mmgpt")
+    name = args.model_name
     server = start(engine, transform, args.host, args.port, model_name=name, max_waiting=args.max_waiting,
                    api_key=args.api_key, max_body=args.max_body, media_dir=args.allowed_local_media_path,
-                   quiet=args.quiet)
+                   quiet=args.quiet, max_connections=args.max_connections)
     host, port = server.server_address[:2]
     if args.api_key is None and not loopback(args.host):
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",

@@ -167,8 +167,9 @@ def tiny_release(tmp, sp_model, tokenizer) -> dict:
     f["vision"], f["vision_weights"] = write_vision(model, tmp)
     os.makedirs(f["run"])
     checkpoints.save_lora(model, os.path.join(f["run"], "lora.pt"),
-                          {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
-                           "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": f["vision"],
+                          {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                           "lora_targets": list(lora.DEFAULT_TARGETS), "llama": f["llama"],
+                           "openflamingo": f["openflamingo"], "vision": f["vision"],
                            "vision_weights": f["vision_weights"]})
     g = torch.Generator().manual_seed(0)
     for name in ("pic1", "pic2"):
@@ -252,8 +253,9 @@ def full_forward_greedy(model, ids, images, n, banned, eos_id=-1) -> list[int]:
 
 def one_at_a_time(model, tokenizer, prompts, images, eos_id, n=10) -> list[list[int]]:
     """Greedy answers, each prompt decoded alone by an engine of one slot."""
-    return [Engine(model, tokenizer, eos_id=eos_id).generate([
-        Request(p, [] if im is None else list(im), n, Sampling(greedy=True))])[0].tokens for p, im in zip(prompts, images)]
+    return [Engine(model, tokenizer, eos_id=eos_id).generate([Request(p, [] if im is None else list(im), n,
+                                                                      Sampling(greedy=True))])[0].tokens
+            for p, im in zip(prompts, images)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -200,7 +200,8 @@ def bad_inputs(files) -> list[tuple]:
         ({}, 400, "messages", "invalid_value", "non-empty list"),
         ({"messages": "hi"}, 400, "messages", "invalid_value", "non-empty list"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value", "unknown role"),
-        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type", "string or a list"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type",
+         "string or a list"),
         ({"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}, 400, "messages[0].content[0].type",
          "invalid_value", "unknown part type"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
@@ -230,6 +231,8 @@ def bad_inputs(files) -> list[tuple]:
         ({"messages": pic("https://example.com/cat.png")}, 400, p, "invalid_image_url", "not fetched"),
         ({"messages": pic(files["pic1"])}, 400, p, "invalid_image_url", "--allowed-local-media-path"),
         ({"messages": [user(Q1, *[files["pic1"]] * 17)]}, 400, "messages", "too_many_images", "at most 16"),
+        ({"messages": [{"role": "user", "content": "a \ud800 b"}]}, 400, "messages[0].content", "invalid_value",
+         "lone surrogate"),
         ({"messages": [user("the cat sat " * 200)]}, 400, "messages", "context_length_exceeded", "context holds"),
     ]
 
@@ -352,6 +355,18 @@ def test_slow_headers_are_timed_out(files, monkeypatch):
         assert post(server, {"messages": [user(Q1)], "max_tokens": 2})[0] == 200
 
 
+def test_connections_past_the_limit_get_503_and_the_server_goes_on(files):
+    with running(files, max_connections=2) as server:
+        idle = [socket.create_connection(("127.0.0.1", port(server)), timeout=10) for _ in range(2)]
+        time.sleep(0.2)                      # two connections that send nothing hold both threads
+        status, body = raw(server, b"GET /health HTTP/1.1\r\n\r\n")
+        assert_error(status, body, 503, None, "too_many_connections", "too many connections")
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert raw(server, b"GET /health HTTP/1.1\r\n\r\n") == (200, {"status": "ok"})
+
+
 def test_metrics_health_and_models(files):
     with running(files) as server:
         done = client(server).chat.completions.create(model="mmgpt", messages=[user(Q1)], max_tokens=3, temperature=0)
@@ -415,14 +430,15 @@ def test_bounded_load_mixed_good_and_bad_leaks_nothing(files):
 def test_serve_py_prints_its_address_warns_without_a_key_and_stops_on_sigterm(files):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "serve.py", "--ckpt", files["run"], "--port", "0", "--host", "0.0.0.0",
-                          "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                          "--model-name", "tiny", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
     try:
         line = p.stdout.readline()
         address = re.search(r"http://0\.0\.0\.0:(\d+)", line)
         assert address, line + p.stderr.read()
         conn = http.client.HTTPConnection("127.0.0.1", int(address.group(1)), timeout=30)
         conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [user(Q1)], "max_tokens": 3}))
-        assert json.loads(conn.getresponse().read())["model"] == "run"
+        assert json.loads(conn.getresponse().read())["model"] == "tiny"
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
         err = p.stderr.read()
