@@ -91,7 +91,7 @@ def run(tmp_path_factory, sp_model, tokenizer):
 @pytest.fixture(scope="module")
 def server(run):
     """serve.py on 127.0.0.1 (a port the system picks), 2 slots and no queue: a third request at once is a 429."""
-    with serving(["--ckpt", run["run"], "--slots", "2", "--max-waiting", "0"]) as address:
+    with serving(["--ckpt", run["run"], "--model-name", "tiny", "--slots", "2", "--max-waiting", "0"]) as address:
         yield address
 
 
@@ -202,7 +202,7 @@ def template(*parts: tuple) -> str:
 
 def open_page(browser, server: str):
     browser.get(server + "/")
-    wait(browser, "the model's name shown", lambda: browser.find_element(By.ID, "model-name").text == "run")
+    wait(browser, "the model's name shown", lambda: browser.find_element(By.ID, "model-name").text == "tiny")
 
 
 def wait(browser, what: str, ready, timeout: float = 60):
@@ -543,7 +543,7 @@ def test_phone_sized_screen_has_no_horizontal_scrolling(server, browser, run, tm
 def test_a_server_with_an_api_key(run, browser):
     """serve.py --api-key: the page loads without it, asks for it (a wrong one is a line saying so), and with it
     answers as the API does."""
-    with serving(["--ckpt", run["run"], "--slots", "1", "--api-key", "sesame"]) as address:
+    with serving(["--ckpt", run["run"], "--model-name", "tiny", "--slots", "1", "--api-key", "sesame"]) as address:
         browser.get(address + "/")
         wait(browser, "the page to ask for the key", lambda: browser.find_element(By.ID, "model-name").text == "API key needed")
         key = browser.find_element(By.ID, "api-key")
@@ -555,7 +555,7 @@ def test_a_server_with_an_api_key(run, browser):
         assert notices(browser)[-1].startswith("The server wants an API key (Settings): a wrong or missing API key")
         key.send_keys(Keys.CONTROL, "a")
         key.send_keys("sesame")
-        wait(browser, "the model's name", lambda: browser.find_element(By.ID, "model-name").text == "run")
+        wait(browser, "the model's name", lambda: browser.find_element(By.ID, "model-name").text == "tiny")
         browser.find_element(By.CSS_SELECTOR, ".notice button").click()      # Retry, with the key
         wait(browser, "the answer", lambda: not running(browser) and len(answers(browser)) == 1)
         request = urllib.request.Request(address + "/v1/chat/completions", json.dumps(
@@ -577,7 +577,7 @@ def test_readme_screenshot(browser):
     demo = os.path.join(ROOT, "runs", "demo")
     picture = os.path.join(demo, "samples", "0.png")
     assert os.path.exists(picture), "train the demo first: python train.py"
-    with serving(["--ckpt", demo, "--slots", "4"]) as address:
+    with serving(["--ckpt", demo, "--model-name", "demo", "--slots", "4"]) as address:
         browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                 {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False})
         try:
