@@ -77,12 +77,13 @@ def prompt(conv: Conversation, open_last: bool = False) -> str:
 def load_image(source, max_pixels: int | None = None) -> Image.Image:
     """An RGB picture from a path or a binary file object: EXIF rotation applied; palette, alpha (composited on
     white), grey, CMYK and 16-bit modes converted. A picture of more than max_pixels pixels is refused before it is
-    decoded (a small file can declare a huge picture). Raises DataError naming it when unreadable."""
-    name = source if isinstance(source, str) else "the picture"
+    decoded (a small file can declare a huge picture). Raises DataError naming it (a path) when unreadable."""
+    name = f" {source}" if isinstance(source, str) else ""
     try:
         with Image.open(source) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{name}: {im.width} x {im.height} pixels, more than the {max_pixels:,} allowed")
+                raise DataError(f"picture{name} of {im.width} x {im.height} pixels, more than the {max_pixels:,} "
+                                f"allowed")
             im.load()
             try:
                 im = ImageOps.exif_transpose(im)
@@ -92,7 +93,8 @@ def load_image(source, max_pixels: int | None = None) -> Image.Image:
     except DataError:
         raise
     except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError, ...
-        raise DataError(f"unreadable picture {name}: {type(e).__name__}: {e}") from e
+        detail = str(e).replace(f" {source!r}", "")     # PIL names a file object by its repr: an address
+        raise DataError(f"unreadable picture{name}: {type(e).__name__}: {detail}") from e
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

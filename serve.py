@@ -222,7 +222,7 @@ class Renderer:
         try:
             return self.transform(load_image(source, max_pixels=MAX_PIXELS))
         except DataError as e:
-            raise APIError(400, f"{where}: {str(e).replace('the picture: ', '')}", where, "invalid_image") from None
+            raise APIError(400, f"{where}: {e}", where, "invalid_image") from None
 
     def local_file(self, path: str, where: str) -> str:
         if self.media_dir is None:
@@ -497,7 +497,8 @@ class Handler(BaseHTTPRequestHandler):
                                        "invalid_api_key"))
         if path == "/v1/models":
             return self.reply({"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                          "created": self.server.started, "owned_by": "mmgpt"}]})
+                                                          "created": self.server.started, "owned_by": "mmgpt",
+                                                          "max_model_len": self.server.loop.engine.max_len}]})
         if path == "/metrics":
             return self.reply(self.server.loop.metrics().encode(),
                               headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -128,7 +128,8 @@ def test_openai_client_plain_and_streamed_answers_equal_chat_py(files):
         # The exact prompt the model got (an extension the page uses): the template as chat.py renders it.
         status, _, body = post(server, {"messages": messages, "max_tokens": 2, "return_prompt": True})
         assert status == 200 and body["prompt"] == chat_prompt(files, Q1, want[0], Q2)
-        assert api.models.list().data[0].id == "mmgpt"
+        [model] = api.models.list().data
+        assert model.id == "mmgpt" and model.model_extra["max_model_len"] == 256
 
 
 def chat_prompt(files, *turns) -> str:
@@ -225,7 +226,8 @@ def bad_inputs(files) -> list[tuple]:
         ({"messages": good, "logprobs": True}, 400, "logprobs", "unsupported_parameter", "not supported"),
         ({"messages": good, "model": "gpt-4"}, 404, "model", "model_not_found", "does not exist"),
         ({"messages": pic("data:image/png;base64,@@not base64@@")}, 400, p, "invalid_image_url", "not valid base64"),
-        ({"messages": pic(data_url(b"these bytes are no picture"))}, 400, p, "invalid_image", "unreadable picture"),
+        ({"messages": pic(data_url(b"these bytes are no picture"))}, 400, p, "invalid_image",
+         "unreadable picture: UnidentifiedImageError: cannot identify image file"),
         ({"messages": pic(data_url(png[:len(png) // 2]))}, 400, p, "invalid_image", "unreadable picture"),
         ({"messages": pic(data_url(bomb()))}, 400, p, "invalid_image", "10000 x 10000 pixels"),
         ({"messages": pic("https://example.com/cat.png")}, 400, p, "invalid_image_url", "not fetched"),
