@@ -93,7 +93,7 @@ def load_image(source, max_pixels: int | None = None) -> Image.Image:
     except DataError:
         raise
     except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError, ...
-        detail = str(e).replace(f" {source!r}", "")     # PIL names a file object by its repr: an address
+        detail = str(e) if name else str(e).replace(f" {source!r}", "")   # PIL names a file object by its address
         raise DataError(f"unreadable picture{name}: {type(e).__name__}: {detail}") from e
 
 
