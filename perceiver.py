@@ -122,8 +122,9 @@ class MaskedCrossAttention(nn.Module):
 
     def picture_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents (B, N, n, dv) -> keys, values (B, heads, N * n, d): the pictures' latents one after the other.
-        Computed once per picture when decoding."""
-        k, v = self.to_kv(latents.flatten(1, 2)).chunk(2, dim=-1)
+        Computed once per picture when decoding. (Flattened after to_kv, not before: that would change the order in
+        which autograd sums the blocks' gradients into the latents, and with it training's rounding.)"""
+        k, v = self.to_kv(latents).flatten(1, 2).chunk(2, dim=-1)
         return split_heads(k, self.heads), split_heads(v, self.heads)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], picture_mask) -> torch.Tensor:
