@@ -179,15 +179,14 @@ def sample(logits: torch.Tensor, banned: torch.Tensor, temperature, top_k, top_p
 # ----------------------------------------------------------------------------------------------------------------
 # The engine
 
-def _decode_step(model, step: Step, ids, index, rows):
-    """What a decode step runs (compiled once per batch and width bucket on the fast path): a token per slot
-    0..B-1."""
-    return model.decode(ids, step, index, rows)[:, 0]
+def _decode_step(model, step: Step, ids, rows, index):
+    """What a decode step runs (compiled on the fast path): a token per slot 0..B-1."""
+    return model.decode(ids, step, rows, index)[:, 0]
 
 
-def _prefill_step(model, step: Step, ids, index, last):
-    """What a prefill chunk runs (compiled once per length and width bucket on the fast path): one slot, padded."""
-    return model.decode(ids, step, index, last=last)[:, 0]
+def _prefill_step(model, step: Step, ids, rows, index, last):
+    """What a prefill chunk runs (compiled on the fast path): one slot, padded."""
+    return model.decode(ids, step, rows, index, last)[:, 0]
 
 
 class Runner:
@@ -202,12 +201,15 @@ class Runner:
         self.cache = KVCache(model.cfg, slots, max_len, max_pictures, dtype, self.device)
         self.banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.banned[banned] = True
-        # Batch buckets 1, 2, 4, ... (and the slot count); widths read 64, 128, ... (and the whole row);
-        # prefill lengths 16, 32, ... up to prefill_tokens.
+        # Batch buckets 1, 2, 4, ... (and the slot count); widths read 64, 96, 128, 192, 256, ... (x 1.5, x 4/3:
+        # attention reads at most half again what the sequences hold) and the whole row; prefill lengths 16, 32, ...
+        # up to prefill_tokens.
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
-        self.widths = sorted({min(2 ** i, max_len + 1) for i in range(6, (max_len + 1).bit_length() + 1)})
+        self.widths = sorted({min(w, max_len + 1) for i in range(6, (max_len + 1).bit_length() + 1)
+                              for w in (2 ** i, 3 * 2 ** (i - 1))})
         self.lengths = tuple(n for n in (16, 32, 64, 128, 256, 512, 1024, 2048) if n < prefill_tokens) + \
             (prefill_tokens,)
+        self.pictures = sorted({min(2 ** i, max_pictures) for i in range(max_pictures.bit_length() + 1)})
         self.decode_step, self.prefill_step, self.greedy, self.sample = _decode_step, _prefill_step, greedy, sample
         if fast:
             self._compile(backend)
@@ -235,50 +237,58 @@ class Runner:
         """The columns a step reads: a bucket that holds the first n."""
         return next(w for w in self.widths if w >= n)
 
-    def swap(self, i: int, j: int):
-        """Exchange the keys/values of slots i and j."""
-        for layer in self.cache.layers:
-            for t in layer.buffers():
-                t[[i, j]] = t[[j, i]]
+    def picture_keys(self, n: int) -> int:
+        """The pictures' keys a step reads: those of a bucket of pictures that holds the first n."""
+        return next(p for p in self.pictures if p >= n) * self.cfg.perceiver_latents
+
+    def swap(self, i: int, j: int, columns: int, pictures: int):
+        """Exchange the keys/values of slots i and j: their first `columns` columns and `pictures` pictures (what
+        they hold; the rest is never read before it is written)."""
+        n, c = pictures * self.cfg.perceiver_latents, self.cache
+        for t, width in ((c.k, columns), (c.v, columns), (c.picture_k, n), (c.picture_v, n)):
+            t[:, [i, j], :, :width] = t[:, [j, i], :, :width]
 
     def add_pictures(self, slot: int, first: int, pictures: list[torch.Tensor]):
         """Encode pictures (3, H, W) and keep their cross-attention keys/values as the slot's pictures first, ..."""
         kv = self.model.picture_kv(self.model.encode_images(torch.stack(pictures)[None].to(self.device)))
         n = self.cfg.perceiver_latents
         for i, (k, v) in kv.items():
-            layer = self.cache.layers[i]
-            layer.picture_k[slot, :, first * n:(first + len(pictures)) * n] = k[0]
-            layer.picture_v[slot, :, first * n:(first + len(pictures)) * n] = v[0]
+            j = self.cache.xattn[i]
+            self.cache.picture_k[j, slot, :, first * n:(first + len(pictures)) * n] = k[0]
+            self.cache.picture_v[j, slot, :, first * n:(first + len(pictures)) * n] = v[0]
 
-    def prefill(self, slot: int, ids: list[int], start: int, index: list[int] | None) -> torch.Tensor:
-        """Feed ids into the slot at columns start.. (index: their pictures, None for a slot without pictures);
-        logits (1, vocab) after the last. On the fast path the chunk is padded up to a length bucket: the padding
-        goes to the scratch column, after the real tokens, which never see it."""
+    def prefill(self, slot: int, ids: list[int], start: int, index: list[int], pictures: int) -> torch.Tensor:
+        """Feed ids into the slot at columns start.. (index: their pictures among the slot's `pictures`); logits
+        (1, vocab) after the last. On the fast path the chunk is padded up to a length bucket: the padding goes to
+        the scratch column, after the real tokens, which never see it."""
         T = len(ids)
         pad = (next((n for n in self.lengths if n >= T), T) if self.fast else T) - T
-        x = self.tensor(ids + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad
-                        + (index or [0] * T) + [0] * pad + [slot, T - 1])
-        ids, columns, index_ = x[:-2].view(3, 1, T + pad)
-        step = Step(self.cache, x[-2:-1], x[-2:-1, None], columns, self.width(start + T), gather=True)
-        return self.prefill_step(self.model, step, ids, None if index is None else index_, x[-1:])
+        x = self.tensor(ids + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad + index + [0] * pad
+                        + [slot, T - 1, 1])
+        ids, columns, index_ = x[:-3].view(3, 1, T + pad)
+        step = Step(self.cache, x[-3:-2], x[-3:-2, None], columns, self.width(start + T), gather=True,
+                    picture_keys=self.picture_keys(pictures))
+        rows = x[-1:].bool() if pictures else None
+        return self.prefill_step(self.model, step, ids, rows, index_ if pictures else None, x[-2:-1])
 
     def decode(self, rows: list) -> torch.Tensor:
         """One token for each decoding slot, in one forward over slots 0..B-1 (B: the batch bucket of len(rows)):
-        rows[i] = (token, column, picture index, has pictures) for slot i, or None for a slot that decodes nothing
-        (its row writes to the scratch column). Logits (B, vocab)."""
+        rows[i] = (token, column, pictures in the slot) for slot i, or None for a slot that decodes nothing (its
+        row writes to the scratch column). A new token sees no picture by the default masking rule (only the
+        cross-attention blocks' FFW runs), the slot's last one under attend_previous. Logits (B, vocab)."""
         B = next(b for b in self.buckets if b >= len(rows))
         rows = rows + [None] * (B - len(rows))
         live = [r for r in rows if r is not None]
-        table = [r or (0, self.max_len, 0, False) for r in rows]
-        ids, columns, index, pictures = self.tensor([list(col) for col in zip(*table)])
-        any_pictures, all_pictures = any(r[3] for r in live), all(r[3] for r in live)
+        table = [r or (0, self.max_len, 0) for r in rows]
+        ids, columns, pictures = self.tensor([list(col) for col in zip(*table)])
+        most = max(r[2] for r in live)
         if self.fast and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()   # the previous step's outputs are no longer used
         slots = torch.arange(B, device=self.device)
         step = Step(self.cache, slots, slots[:, None], columns[:, None], self.width(max(r[1] for r in live) + 1),
-                    gather=False)
-        return self.decode_step(self.model, step, ids[:, None], index[:, None] if any_pictures else None,
-                                None if all_pictures else pictures.bool())
+                    gather=False, picture_keys=self.picture_keys(most))
+        index = pictures[:, None] if most and self.cfg.attend_previous else None
+        return self.decode_step(self.model, step, ids[:, None], pictures.bool() if most else None, index)
 
     def choose(self, logits: torch.Tensor, rows: list) -> list[int | None]:
         """The next token of each logits row's request (None: a row that decodes nothing), with one host sync for
@@ -426,8 +436,10 @@ class Engine:
         """Exchange slots i and j: their keys/values and what they hold."""
         if i == j:
             return
-        self.runner.swap(i, j)
         a, b = self.slots[i], self.slots[j]
+        # What each holds: its tokens, and its pictures (a request being prefilled has all of its own already)
+        pictures = [len(s.request.pictures) if s.request else len(s.pictures) for s in (a, b)]
+        self.runner.swap(i, j, max(len(a.ids), len(b.ids)), max(pictures))
         self.slots[i], self.slots[j], a.index, b.index = b, a, j, i
 
     def _admit(self, request: Request):
@@ -462,8 +474,8 @@ class Engine:
         token. Returns the tokens fed."""
         start = len(slot.ids)
         chunk = request.ids[start:start + budget]
-        index = request._index[start:start + len(chunk)].tolist() if request.pictures else None
-        logits = self.runner.prefill(slot.index, chunk, start, index)
+        logits = self.runner.prefill(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
+                                     len(request.pictures))
         slot.ids += chunk      # first: a slot that lacks the hash of one of its pictures reuses nothing past it
         slot.pictures = request._keys[:slot.ids.count(self.cfg.image_id)]
         if len(slot.ids) == len(request.ids):
@@ -476,8 +488,7 @@ class Engine:
         for s in self.slots[:self.running]:
             r = s.request
             if r._next is not None:
-                index = len(r.pictures) if self.cfg.attend_previous else 0   # the picture a new token sees
-                rows[s.index] = (r._next, len(s.ids), index, bool(r.pictures))
+                rows[s.index] = (r._next, len(s.ids), len(r.pictures))
         logits = self.runner.decode(rows)
         requests = [None if row is None else self.slots[i].request for i, row in enumerate(rows)]
         for r in requests:     # their tokens are in the cache now

@@ -287,8 +287,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, pictures=None, cache=None):
-        """x: (B * T, dim); pictures: (this layer's keys/values of the pictures' latents, perceiver.picture_mask,
-        rows with pictures (B * T, 1) or None), or None for language-only input; the rest as Attention's."""
+        """x: (B * T, dim); pictures: (this layer's keys/values of the pictures' latents or None when no token sees
+        one, perceiver.picture_mask, rows with pictures (B * T, 1) or None: all), or None for language-only input;
+        the rest as Attention's."""
         if self.xattn is not None and pictures is not None:
             kv, picture_mask, rows = pictures
             y = self.xattn(x, kv, picture_mask)
@@ -400,8 +401,7 @@ class MMGPT(nn.Module):
     def _layers(self, input_ids, kv, index, mask, positions=None, rows=None, step=None):
         """The decoder layers over input_ids (B, T) -> (B, T, dim). kv: each cross-attention layer's keys/values of
         the pictures (None: language-only, the blocks are skipped); positions (B, T): each token's RoPE position
-        (None: 0..T-1); rows (B,): which rows have pictures (None: all); step: where cached decoding reads and
-        writes (see decode)."""
+        (None: 0..T-1); step: where cached decoding reads and writes, and then rows and index as decode's."""
         B, T = input_ids.shape
         # The layers work on (B * T, dim): every linear layer is then one plain matmul.
         x = self.embed_tokens(input_ids).view(B * T, -1)
@@ -412,15 +412,19 @@ class MMGPT(nn.Module):
         rows = None if rows is None else rows.repeat_interleave(T)[:, None]
         picture_mask = None
         for i, layer in enumerate(self.layers):
-            layer_kv, layer_cache = None if kv is None else kv.get(i), None
-            if step is not None:
-                c = step.cache.layers[i]
-                layer_cache = (c.k, c.v, step)
-                if layer.xattn is not None and index is not None:  # the pictures' keys/values are in the cache too
-                    layer_kv = (step.read(c.picture_k), step.read(c.picture_v))
+            cross, layer_kv, layer_cache = layer.xattn is not None and kv is not None, None, None
+            if step is None:
+                layer_kv = kv[i] if cross else None
+            else:
+                c = step.cache
+                layer_cache = (c.k[i], c.v[i], step)
+                cross = layer.xattn is not None and rows is not None
+                if cross and index is not None:   # the pictures' keys/values are in the cache too
+                    j = c.xattn[i]
+                    layer_kv = tuple(step.read(t[j, :, :, :step.picture_keys]) for t in (c.picture_k, c.picture_v))
             if layer_kv is not None and picture_mask is None:     # the same for every block: made once
                 picture_mask = make_picture_mask(index, self.cfg.perceiver_latents, layer_kv[0].shape[2], dtype)
-            pictures = None if layer_kv is None else (layer_kv, picture_mask, rows)
+            pictures = (layer_kv, picture_mask, rows) if cross else None
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, pictures, use_reentrant=False)
             else:
@@ -428,12 +432,13 @@ class MMGPT(nn.Module):
         return x.view(B, T, -1)
 
     # -- cached decoding (engine.py runs it) --------------------------------------------------------------------
-    def decode(self, input_ids, step: "Step", index=None, rows=None, last=None):
+    def decode(self, input_ids, step: "Step", rows=None, index=None, last=None):
         """One cached forward: logits (B, T, vocab) of input_ids (B, T) -- (B, 1, vocab) at column `last` (1,)
         when given -- written into the cache where `step` says, each token seeing its slot's columns up to its own.
-        index (B, T): each token's picture among its slot's (perceiver.media_index), their keys/values in the cache
-        (KVCache.layers[i].picture_k/v); None when no row has a picture (the blocks are skipped); rows (B,): which
-        rows have pictures (the others skip the blocks, as a language-only forward does), None = all."""
+        rows (B,): which rows have pictures (the others skip the cross-attention blocks, as a language-only forward
+        does); None: no row has one. index (B, T): each token's picture among its slot's (perceiver.media_index),
+        the first step.picture_keys of their keys/values read from the cache; None: no token sees a picture (the
+        default masking rule's new tokens), so the blocks run their FFW only."""
         seen = torch.arange(step.width, device=input_ids.device) <= step.columns[:, None, :, None]   # (B, 1, T, W)
         # As an additive mask, made once: a boolean one would be turned into this in every layer.
         mask = torch.zeros(seen.shape, dtype=self.activation_dtype(), device=seen.device).masked_fill_(~seen, -math.inf)
@@ -453,24 +458,21 @@ class MMGPT(nn.Module):
 
 class KVCache(nn.Module):
     """The keys/values of `slots` cached sequences, each of up to max_len tokens, for every layer (plus a scratch
-    column, see MMGPT.decode), and each cross-attention layer's keys/values of up to `pictures` pictures per slot.
-    Allocated once (engine.Engine owns one); buffers of a module, as gpt-fast keeps them, so that a compiled step
-    that writes them mutates no input and can run as a CUDA graph."""
+    column, see MMGPT.decode), and each cross-attention layer's keys/values of up to `pictures` pictures per slot
+    (their latents one after the other). One allocation each, made once (engine.Engine owns one); buffers of a
+    module, as gpt-fast keeps them, so that a compiled step that writes them mutates no input and can run as a CUDA
+    graph."""
 
     def __init__(self, cfg: Config, slots: int, max_len: int, pictures: int, dtype, device):
         super().__init__()
-        self.layers = nn.ModuleList()
-        for i in range(cfg.n_layers):
-            layer = nn.Module()
-            for name in ("k", "v"):
-                layer.register_buffer(name, torch.zeros(slots, cfg.n_heads, max_len + 1, cfg.head_dim, dtype=dtype,
-                                                        device=device), persistent=False)
-            if i in cfg.xattn_layers:     # the latents of a slot's pictures one after the other
-                for name in ("picture_k", "picture_v"):
-                    layer.register_buffer(name, torch.zeros(slots, cfg.xattn_heads, pictures * cfg.perceiver_latents,
-                                                            cfg.xattn_dim_head, dtype=dtype, device=device),
-                                          persistent=False)
-            self.layers.append(layer)
+        self.xattn = {layer: j for j, layer in enumerate(cfg.xattn_layers)}   # layer -> its row in picture_k/v
+        for name, shape in (("k", (cfg.n_layers, slots, cfg.n_heads, max_len + 1, cfg.head_dim)),
+                            ("v", (cfg.n_layers, slots, cfg.n_heads, max_len + 1, cfg.head_dim)),
+                            ("picture_k", (len(self.xattn), slots, cfg.xattn_heads, pictures * cfg.perceiver_latents,
+                                           cfg.xattn_dim_head)),
+                            ("picture_v", (len(self.xattn), slots, cfg.xattn_heads, pictures * cfg.perceiver_latents,
+                                           cfg.xattn_dim_head))):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
 class Step(NamedTuple):
@@ -487,6 +489,7 @@ class Step(NamedTuple):
     columns: torch.Tensor
     width: int
     gather: bool
+    picture_keys: int = 0       # the pictures' keys read: the most pictures a row has (a bucket) x latents
 
     def read(self, buffer: torch.Tensor) -> torch.Tensor:
         if self.gather:

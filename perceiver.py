@@ -144,6 +144,8 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = feed_forward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], picture_mask) -> torch.Tensor:
-        x = x + self.attn(x, kv, picture_mask) * self.attn_gate.tanh()
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, picture_mask) -> torch.Tensor:
+        """kv None: no token of x sees a picture (their cross-attention output would be 0): only the FFW runs."""
+        if kv is not None:
+            x = x + self.attn(x, kv, picture_mask) * self.attn_gate.tanh()
         return x + self.ff(x) * self.ff_gate.tanh()

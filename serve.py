@@ -624,6 +624,7 @@ class Server(ThreadingHTTPServer):
     """A thread per connection, at most max_connections at once: past them a connection is answered 503 and
     closed at once (a flood of connections takes no thread, and no memory, from those being served)."""
     daemon_threads = True
+    request_queue_size = 1024     # the listen backlog (socketserver's 5 resets a burst of clients' connections)
     BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\r\n"
             + json.dumps(APIError(503, "too many connections; try again shortly", None, "too_many_connections")
                          .body()).encode())

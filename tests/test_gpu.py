@@ -103,4 +103,4 @@ def test_gpu_cache_under_autocast(tokenizer):
         got = answers(engine, prompts, images, 4)
         want = [full_forward_greedy(model, p, None if im is None else im[None], 4, tokenizer.never_generate)
                 for p, im in zip(prompts, images)]
-    assert engine.runner.cache.layers[0].k.dtype == torch.bfloat16 and got == want
+    assert engine.runner.cache.k.dtype == torch.bfloat16 and got == want
