@@ -259,7 +259,7 @@ def ops_per_token(model, device, steps: int = 10) -> float:
     with OpCounter() as counter:
         for _ in range(steps):
             engine.step()
-    assert len(r.tokens) == steps + 3
+    assert len(r.tokens) == steps + 2     # the first step prefills (the first token), each later one decodes one
     return counter.ops / steps
 
 
@@ -352,10 +352,42 @@ def latency_row(name: str, answers: list[dict], seconds: float) -> dict:
             "itl_ms": [t * 1e3 for t in percentiles(itl)], "answers": len(answers)}
 
 
+def wave(port: int, bodies: list[list[dict]]) -> tuple[list[list[dict]], float]:
+    """In the clients' process: a thread per client, each streaming its bodies one after the other; the answers
+    and the seconds they all took."""
+    answers = [[] for _ in bodies]
+    threads = [threading.Thread(target=lambda k=k: answers[k].extend(stream(port, b) for b in bodies[k]))
+               for k in range(len(bodies))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers, time.perf_counter() - t0
+
+
+def resend(port: int, bodies: list[dict], questions: list[str]) -> tuple[list[float], list[float], list[dict]]:
+    """In the clients' process: each conversation's first round, then the whole conversation sent again with one
+    more turn (as a stateless API is used); the times to the first text of each, and the second rounds' bodies."""
+    first, second, again = [], [], []
+    for body, question in zip(bodies, questions):
+        one = stream(port, body)
+        again.append(body | {"messages": body["messages"] + [{"role": "assistant", "content": one["text"]},
+                                                             {"role": "user", "content": question}]})
+        two = stream(port, again[-1])
+        first.append(one["times"][0] - one["sent"])
+        second.append(two["times"][0] - two["sent"])
+    return first, second, again
+
+
 def bench_serving(run: str, device, concurrencies: list[int], results: dict, new_tokens: int = 64):
-    """The demo model (a train.py run) served to 1, 4, 16, 32 streaming clients at once, each asking about the
-    demo's pictures (answers run to new_tokens: the server's engine ignores EOS here); chat.py's way (one Chat,
-    the same questions one after the other); a conversation's second round re-sent whole against its first."""
+    """The demo model (a train.py run) served as serve.py serves it to 1, 4, 16, 32 streaming clients at once
+    (clients in a process of their own, as they would be), each asking about the demo's pictures (answers run to
+    new_tokens: </s> is banned, as the demo's own answers are a word or two); chat.py's way (one Chat, the same
+    questions one after the other); a conversation's second round re-sent whole against its first (answers as the
+    demo gives them, ended by </s>)."""
+    import multiprocessing
+
     import chat
     import demo
     import serve
@@ -365,17 +397,17 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         raise SystemExit(f"{run}/samples/: no pictures (a train.py demo run writes them)")
     questions = [q for qs in demo.QUESTIONS.values() for q in qs]
     data_urls = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in pictures]
+    no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
 
-    def body(i: int, history=()) -> dict:
+    def body(i: int) -> dict:
         content = [{"type": "image_url", "image_url": {"url": data_urls[i % len(data_urls)]}},
                    {"type": "text", "text": questions[i % len(questions)]}]
-        return {"messages": [{"role": "user", "content": content}, *history], "max_tokens": new_tokens,
-                "temperature": 0}
+        return {"messages": [{"role": "user", "content": content}], "max_tokens": new_tokens, "temperature": 0}
 
-    # chat.py's way: its Chat, a fresh conversation per question, asked one after the other
+    # chat.py's way, as chat.py runs (every core): its Chat, a fresh conversation per question, one after the other
     answers, t0 = [], time.perf_counter()
     for i in range(8):
-        c = chat.Chat(Engine(model, tokenizer, eos_id=-1), transform, new_tokens, Sampling(greedy=True))
+        c = chat.Chat(Engine(model, tokenizer, **no_end), transform, new_tokens, Sampling(greedy=True))
         c.add_picture(pictures[i % len(pictures)])
         a = {"sent": time.perf_counter(), "times": []}
         a["tokens"] = len(c.ask(questions[i % len(questions)], lambda text: text and a["times"].append(
@@ -383,39 +415,44 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         answers.append(a)
     results["serve"].append(latency_row("chat.py", answers, time.perf_counter() - t0))
     print(f"serve {results['serve'][-1]}", flush=True)
-    server = serve.start(Engine(model, tokenizer, slots=max(concurrencies), eos_id=-1), transform, quiet=True)
-    port = server.server_address[1]
-    try:
-        for c in concurrencies:
-            per_client = max(2, 8 // c)
-            answers = [[] for _ in range(c)]
-            threads = [threading.Thread(target=lambda k=k: answers[k].extend(
-                stream(port, body(k * per_client + j)) for j in range(per_client))) for k in range(c)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            results["serve"].append(latency_row(str(c), [a for x in answers for a in x], time.perf_counter() - t0))
-            print(f"serve {results['serve'][-1]}", flush=True)
-        first, second = [], []      # the first round, then the whole conversation sent again with one more turn
-        for i in range(4):
-            one = stream(port, body(100 + i))
-            history = ({"role": "assistant", "content": one["text"]},
-                       {"role": "user", "content": questions[(i + 1) % len(questions)]})
-            two = stream(port, body(100 + i, history))
-            first.append(one["times"][0] - one["sent"])
-            second.append(two["times"][0] - two["sent"])
-        results["resend_ttft_ratio"] = percentiles(second)[0] / percentiles(first)[0]
-    finally:
-        serve.stop(server, grace=0)
+    if device.type == "cpu":
+        torch.set_num_threads(serve.cpu_threads())      # as serve.py runs
+    with multiprocessing.get_context("spawn").Pool(1) as clients:
+        server = serve.start(Engine(model, tokenizer, slots=max(concurrencies), **no_end), transform, quiet=True)
+        try:
+            for c in concurrencies:
+                per_client = max(2, 8 // c)
+                answers, seconds = clients.apply(wave, (server.server_address[1], [
+                    [body(k * per_client + j) for j in range(per_client)] for k in range(c)]))
+                results["serve"].append(latency_row(str(c), [a for x in answers for a in x], seconds))
+                print(f"serve {results['serve'][-1]}", flush=True)
+        finally:
+            serve.stop(server, grace=0)
+        server = serve.start(Engine(model, tokenizer, slots=4), transform, quiet=True)
+        try:
+            first, second, again = clients.apply(resend, (server.server_address[1], [
+                body(100 + i) for i in range(8)], [questions[(101 + i) % len(questions)] for i in range(8)]))
+        finally:
+            serve.stop(server, grace=0)
+        cold = []      # each second round sent to a server that has cached nothing
+        for b in again:
+            server = serve.start(Engine(model, tokenizer, slots=1), transform, quiet=True)
+            try:
+                (([a],), _) = clients.apply(wave, (server.server_address[1], [[b]]))
+                cold.append(a["times"][0] - a["sent"])
+            finally:
+                serve.stop(server, grace=0)
+    results["resend_ttft_ms"] = {name: percentiles(t)[0] * 1e3 for name, t in
+                                 (("first round", first), ("sent again", second), ("sent again, cold", cold))}
     print(f"\n{'clients':<9}{'tok/s':>9}{'per client':>12}{'TTFT p50':>10}{'p99 ms':>8}{'ITL p50':>9}{'p99 ms':>8}")
     for r in results["serve"]:
         n = 1 if r["clients"] == "chat.py" else int(r["clients"])
         print(f"{r['clients']:<9}{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / n:>12.1f}{r['ttft_ms'][0]:>10.1f}"
               f"{r['ttft_ms'][1]:>8.1f}{r['itl_ms'][0]:>9.1f}{r['itl_ms'][1]:>8.1f}")
-    print(f"a conversation sent again with one more turn: time to first token {results['resend_ttft_ratio']:.2f}x "
-          f"its first round's (p50)")
+    t = results["resend_ttft_ms"]
+    print(f"a conversation sent again with one more turn: time to first token {t['sent again']:.1f} ms (p50), "
+          f"{t['sent again'] / t['first round']:.2f}x its first round's, {t['sent again'] / t['sent again, cold']:.2f}x "
+          f"the same messages' on a server that has cached nothing")
 
 
 def bench_model(tiny: bool, device) -> mmgpt.MMGPT:

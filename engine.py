@@ -391,18 +391,21 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Output]:
         """Cancel what was cancelled, admit waiting requests into free slots, prefill (within the token budget),
-        then decode one token for every request whose prompt is in. Returns what each request produced."""
+        then decode one token for every request that had its prompt in already. Returns what each request produced."""
         self.clock += 1
         outputs = [self._finish(r, "cancelled") for r in self._requests() if r.cancelled]
         while self.waiting and self.running < len(self.slots):
             self._admit(self.waiting.popleft())
+        # Those with a token to feed decode; one whose prompt is finished in this step has its first token out now
+        # and decodes from the next step on (its first token does not wait for a decode step).
+        ready = [s.request for s in self.slots[:self.running] if s.request._next is not None]
         budget = self.prefill_tokens
         for slot in self.slots[:self.running]:
             request = slot.request
             if request._next is None and budget > 0:
                 budget -= self._prefill(slot, request, budget, outputs)
-        if any(s.request._next is not None for s in self.slots[:self.running]):
-            self._decode(outputs)
+        if ready:
+            self._decode(ready, outputs)
         return outputs
 
     def _requests(self) -> list[Request]:
@@ -482,13 +485,11 @@ class Engine:
             self._choose(logits, [request], outputs)
         return len(chunk)
 
-    def _decode(self, outputs: list):
-        """One token for every running request whose prompt is in."""
+    def _decode(self, ready: list[Request], outputs: list):
+        """One token for each of the ready requests (running, their prompts in)."""
         rows = [None] * self.running
-        for s in self.slots[:self.running]:
-            r = s.request
-            if r._next is not None:
-                rows[s.index] = (r._next, len(s.ids), len(r.pictures))
+        for r in ready:
+            rows[r._slot.index] = (r._next, len(r._slot.ids), len(r.pictures))
         logits = self.runner.decode(rows)
         requests = [None if row is None else self.slots[i].request for i, row in enumerate(rows)]
         for r in requests:     # their tokens are in the cache now

@@ -131,7 +131,7 @@ def test_a_request_joining_or_cancelled_mid_answer_changes_no_other(tokenizer):
     a, b = e.submit(requests[0]), e.submit(requests[1])
     for _ in range(4):
         e.step()
-    assert len(a.tokens) == 5     # a step prefills (the first token) and decodes (the second)
+    assert len(a.tokens) == 4     # the first step prefills (the first token), each later one decodes one more
     c = e.submit(requests[3])           # joins while a and b are mid-answer
     for _ in range(3):
         e.step()
