@@ -451,9 +451,7 @@ class MMGPT(nn.Module):
     def activation_dtype(self) -> torch.dtype:
         """The dtype keys and values come out in: autocast's when it is on (a fp32 model trained in bf16)."""
         device = self.rope_cos.device.type
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
-        return self.embed_tokens.weight.dtype
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.embed_tokens.weight.dtype
 
 
 class KVCache(nn.Module):
@@ -466,12 +464,9 @@ class KVCache(nn.Module):
     def __init__(self, cfg: Config, slots: int, max_len: int, pictures: int, dtype, device):
         super().__init__()
         self.xattn = {layer: j for j, layer in enumerate(cfg.xattn_layers)}   # layer -> its row in picture_k/v
-        for name, shape in (("k", (cfg.n_layers, slots, cfg.n_heads, max_len + 1, cfg.head_dim)),
-                            ("v", (cfg.n_layers, slots, cfg.n_heads, max_len + 1, cfg.head_dim)),
-                            ("picture_k", (len(self.xattn), slots, cfg.xattn_heads, pictures * cfg.perceiver_latents,
-                                           cfg.xattn_dim_head)),
-                            ("picture_v", (len(self.xattn), slots, cfg.xattn_heads, pictures * cfg.perceiver_latents,
-                                           cfg.xattn_dim_head))):
+        tokens = (cfg.n_layers, slots, cfg.n_heads, max_len + 1, cfg.head_dim)
+        latents = (len(self.xattn), slots, cfg.xattn_heads, pictures * cfg.perceiver_latents, cfg.xattn_dim_head)
+        for name, shape in (("k", tokens), ("v", tokens), ("picture_k", latents), ("picture_v", latents)):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
