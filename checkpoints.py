@@ -23,7 +23,8 @@ import torch.nn as nn
 
 import lora as lora_lib
 import quantize
-from mmgpt import MMGPT, Config, Tokenizer, build
+from mmgpt import MMGPT, Config, build
+from tokenizer import Tokenizer
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the keys."""
@@ -172,7 +173,8 @@ def _hf_name(name: str) -> str:
 
 
 def is_llama_param(name: str) -> bool:
-    return not name.startswith(("vision.", "perceiver.")) and ".xattn." not in name and ".lora_" not in name
+    return not name.startswith(("vision.", "perceiver.", "prefix_proj.")) and ".xattn." not in name \
+        and ".lora_" not in name
 
 
 def is_flamingo_param(name: str) -> bool:
@@ -405,14 +407,16 @@ def read_tokenizer(path: str) -> Tokenizer:
 
 
 def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
-         dtype=torch.float32, attend_previous: bool = False):
+         dtype=torch.float32, attend_previous: bool = False, fusion: str = "xattn"):
     """Build MultiModal-GPT from the files users have. Returns (model, tokenizer, image_transform).
 
     llama: HF LLaMA directory (config.json, weights, tokenizer.model). openflamingo: its checkpoint.pt, or None
     for fresh cross-attention blocks (gates at zero: the plain LLaMA). lora: the MultiModal-GPT release .pt or
     this project's lora.pt. vision: open_clip model name or model-config JSON; vision_weights: open_clip
     pretrained tag, a local CLIP weights file, or None (random). Frozen weights are held in `dtype`.
-    attend_previous: the media-masking rule the weights were trained with (the release: False).
+    attend_previous: the media-masking rule the weights were trained with (the release: False). fusion: "xattn"
+    (the releases) or "prefix" (mmgpt.Config.fusion: OpenFlamingo's perceiver and embeddings are used, its
+    cross-attention blocks are not).
     """
     if llama is None:
         raise ValueError("load() needs llama=DIR, an HF LLaMA directory")
@@ -423,7 +427,11 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     flamingo = read_openflamingo(openflamingo) if openflamingo else None
     vcfg = vision_model_config(vision, vision_weights)
     cfg = Config(**llama_config(llama), vocab_size=tokenizer.vocab_size, image_id=tokenizer.image_id, vision=vcfg,
-                 attend_previous=attend_previous, **(flamingo_layout(flamingo, openflamingo) if flamingo else {}))
+                 attend_previous=attend_previous, fusion=fusion,
+                 **(flamingo_layout(flamingo, openflamingo) if flamingo else {}))
+    tokenizer.picture_tokens = cfg.picture_tokens
+    if flamingo and fusion == "prefix":
+        flamingo = {k: t for k, t in flamingo.items() if ".xattn." not in k}
     model = build(cfg, device, dtype)
     # Rows of the 3 added tokens that no checkpoint holds (lm_head always; embeddings without OpenFlamingo) are 0.
     with torch.no_grad():
@@ -554,7 +562,7 @@ def read_train_state(path: str) -> dict:
 
 def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
     """This project's lora.pt: the LoRA tensors, any parameters trained in full (names in `unfrozen`), and the
-    settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets, attend_previous; llama,
+    settings that rebuild the model (lora_r, lora_alpha, lora_dropout, lora_targets, attend_previous, fusion; llama,
     openflamingo, vision, vision_weights: paths relative to the file's folder or absolute)."""
     weights = {n: t.detach().cpu().clone() for p, views in lora_lib.file_layout(model).items()
                for n, t in views.items() if n.endswith((".lora_A", ".lora_B")) or p in set(unfrozen)}
@@ -582,7 +590,8 @@ def load_run(path: str, device="cpu", dtype=torch.float32):
         return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
 
     model, tokenizer, transform = load(**{k: where(settings.get(k)) for k in BASE_FILES}, device=device,
-                                       dtype=dtype, attend_previous=settings.get("attend_previous", False))
+                                       dtype=dtype, attend_previous=settings.get("attend_previous", False),
+                                       fusion=settings.get("fusion", "xattn"))
     apply_lora(model, weights, file)
     return model.requires_grad_(False), tokenizer, transform
 

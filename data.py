@@ -696,7 +696,7 @@ def _release_tokenizer() -> str:
 
 
 def _tokenizer(path: str | None, mix: Mix):
-    from mmgpt import Tokenizer
+    from tokenizer import Tokenizer
     if path is None and "demo" in mix.counts and len(mix.counts) <= 2:
         import demo
         print("(a demo tokenizer, trained on demo.corpus() for this run)")

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 import checkpoints
 import mmgpt
 from conversation import HEADER, Conversation, Turn, prompt
+from tokenizer import Tokenizer
 
 # train.py's defaults for the demo where they differ from the paper's. Nothing is pretrained, so it trains in full
 # (the ViT too, at its own lr) and faster, and its pictures reach the answer directly (attend_previous: each token
@@ -232,7 +233,7 @@ def make_base(out: str, seed: int) -> dict:
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(paths["llama"], exist_ok=True)
-    tok = mmgpt.Tokenizer(tokenizer(os.path.join(base, "tokenizer")))
+    tok = Tokenizer(tokenizer(os.path.join(base, "tokenizer")))
     cfg = mmgpt.config("demo", vocab_size=tok.vocab_size, image_id=tok.image_id)
     torch.manual_seed(seed)
     model = mmgpt.build(cfg)

@@ -36,7 +36,8 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 import lora
-from mmgpt import MMGPT, KVCache, Step, Tokenizer
+from mmgpt import MMGPT, KVCache, Step
+from tokenizer import Tokenizer
 from perceiver import media_index
 
 
@@ -114,9 +115,9 @@ class Slot:
     request: Request | None = None
     used: int = -1      # the step at which it was last freed: free slots are reused least recently used first
 
-    def truncate(self, n: int, image_id: int):
+    def truncate(self, n: int, image_id: int, per_picture: int):
         del self.ids[n:]
-        del self.pictures[self.ids.count(image_id):]
+        del self.pictures[-(-self.ids.count(image_id) // per_picture):]     # a picture begun counts
 
 
 def picture_key(pixels: torch.Tensor) -> str:
@@ -184,9 +185,9 @@ def _decode_step(model, step: Step, ids, rows, index):
     return model.decode(ids, step, rows, index)[:, 0]
 
 
-def _prefill_step(model, step: Step, ids, rows, index, last):
+def _prefill_step(model, step: Step, ids, rows, index, last, inputs=None):
     """What a prefill chunk runs (compiled on the fast path): one slot, padded."""
-    return model.decode(ids, step, rows, index, last)[:, 0]
+    return model.decode(ids, step, rows, index, last, inputs)[:, 0]
 
 
 class Runner:
@@ -257,10 +258,17 @@ class Runner:
             self.cache.picture_k[j, slot, :, first * n:(first + len(pictures)) * n] = k[0]
             self.cache.picture_v[j, slot, :, first * n:(first + len(pictures)) * n] = v[0]
 
-    def prefill(self, slot: int, ids: list[int], start: int, index: list[int], pictures: int) -> torch.Tensor:
-        """Feed ids into the slot at columns start.. (index: their pictures among the slot's `pictures`); logits
-        (1, vocab) after the last. On the fast path the chunk is padded up to a length bucket: the padding goes to
-        the scratch column, after the real tokens, which never see it."""
+    def picture_inputs(self, pictures: list[torch.Tensor]) -> torch.Tensor:
+        """Prefix fusion: the pictures' inputs to the decoder, (pictures * latents, dim) in order."""
+        ids = torch.full((1, len(pictures) * self.cfg.picture_tokens), self.cfg.image_id, device=self.device)
+        return self.model.picture_inputs(torch.stack(pictures)[None].to(self.device), ids)
+
+    def prefill(self, slot: int, ids: list[int], start: int, index: list[int], pictures: int,
+                inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ids into the slot at columns start.. (index: their pictures among the slot's `pictures`; prefix
+        fusion: inputs at their <image> positions instead); logits (1, vocab) after the last. On the fast path the
+        chunk is padded up to a length bucket: the padding goes to the scratch column, after the real tokens, which
+        never see it."""
         T = len(ids)
         pad = (next((n for n in self.lengths if n >= T), T) if self.fast else T) - T
         x = self.tensor(ids + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad + index + [0] * pad
@@ -268,6 +276,8 @@ class Runner:
         ids, columns, index_ = x[:-3].view(3, 1, T + pad)
         step = Step(self.cache, x[-3:-2], x[-3:-2, None], columns, self.width(start + T), gather=True,
                     picture_keys=self.picture_keys(pictures))
+        if inputs is not None:
+            return self.prefill_step(self.model, step, ids, None, None, x[-2:-1], inputs)
         rows = x[-1:].bool() if pictures else None
         return self.prefill_step(self.model, step, ids, rows, index_ if pictures else None, x[-2:-1])
 
@@ -341,13 +351,16 @@ class Engine:
         if n + request.max_tokens > self.max_len:
             raise ValueError(f"the prompt ({n} tokens) and max_tokens ({request.max_tokens}) pass the context of "
                              f"{self.max_len} tokens")
-        if request.ids.count(self.cfg.image_id) != pictures:
-            raise ValueError(f"{request.ids.count(self.cfg.image_id)} <image> tokens but {pictures} pictures")
+        per = self.cfg.picture_tokens
+        if request.ids.count(self.cfg.image_id) != pictures * per:
+            raise ValueError(f"{request.ids.count(self.cfg.image_id)} <image> tokens but {pictures} pictures"
+                             + (f" ({per} tokens each)" if per > 1 else ""))
         if pictures > self.max_pictures:
             raise ValueError(f"{pictures} pictures: a slot holds at most {self.max_pictures}")
         s = request.sampling
         request._keys = [picture_key(p) for p in request.pictures]
         request._index = media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0]
+        request._inputs, request._first = None, 0       # prefix fusion: the inputs of pictures first, ...
         request._seed = random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & MASK32
         request._greedy = s.greedy or s.temperature <= 0
         request._detok, request._slot, request._next = Detokenizer(self.tokenizer), None, None
@@ -420,14 +433,17 @@ class Engine:
         - default rule (a token sees the picture that FOLLOWS it): the tokens after the last common picture stay
           only if the next picture is the same in both (or neither has one);
         - attend_previous (the picture before it): the prefix stays if both have pictures or neither does.
+        - prefix fusion: nothing (no token sees a picture but through the positions it fills, which come before it).
         At least one prompt token is always fed (its logits give the first answer token)."""
-        image_id = self.cfg.image_id
+        image_id, per = self.cfg.image_id, self.cfg.picture_tokens
         n = common_prefix(slot.ids, request.ids[:-1])
-        shared = slot.ids[:n].count(image_id)
+        shared = -(-slot.ids[:n].count(image_id) // per)            # pictures begun within the common prefix
         same = common_prefix(slot.pictures[:shared], request._keys)
         if same < shared:                     # a different picture: keep what comes before it
-            n = [i for i, t in enumerate(slot.ids) if t == image_id][same]
+            n = [i for i, t in enumerate(slot.ids) if t == image_id][same * per]
             shared = same
+        if per > 1:
+            return n
         if self.cfg.attend_previous:
             return n if bool(slot.pictures) == bool(request._keys) else 0
         nxt = [keys[shared] if len(keys) > shared else None for keys in (slot.pictures, request._keys)]
@@ -452,8 +468,14 @@ class Engine:
         keep = self.reusable(slot, request)
         self._swap(slot.index, self.running)
         self.running += 1
-        slot.truncate(keep, self.cfg.image_id)
+        per = self.cfg.picture_tokens
+        slot.truncate(keep, self.cfg.image_id, per)
         slot.request, request._slot, request.cached = request, slot, keep
+        if per > 1:     # prefix fusion: the inputs of the pictures not wholly in the slot, for the prefill
+            request._first = slot.ids.count(self.cfg.image_id) // per
+            if request.pictures[request._first:]:
+                request._inputs = self.runner.picture_inputs(request.pictures[request._first:])
+            return
         first = len(slot.pictures)      # the others go into the buffers past the slot's; its prefill counts them in
         if request.pictures[first:]:
             self.runner.add_pictures(slot.index, first, request.pictures[first:])
@@ -475,12 +497,16 @@ class Engine:
     def _prefill(self, slot: Slot, request: Request, budget: int, outputs: list) -> int:
         """Feed the next chunk (at most `budget` tokens) of the request's prompt; after the last, choose its first
         token. Returns the tokens fed."""
-        start = len(slot.ids)
+        start, image_id, per = len(slot.ids), self.cfg.image_id, self.cfg.picture_tokens
         chunk = request.ids[start:start + budget]
+        inputs = None
+        if request._inputs is not None and image_id in chunk:     # prefix fusion: the inputs at its <image>s
+            done = slot.ids.count(image_id) - request._first * per
+            inputs = request._inputs[done:done + chunk.count(image_id)]
         logits = self.runner.prefill(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
-                                     len(request.pictures))
+                                     len(request.pictures), inputs)
         slot.ids += chunk      # first: a slot that lacks the hash of one of its pictures reuses nothing past it
-        slot.pictures = request._keys[:slot.ids.count(self.cfg.image_id)]
+        slot.pictures = request._keys[:-(-slot.ids.count(image_id) // per)]
         if len(slot.ids) == len(request.ids):
             self._choose(logits, [request], outputs)
         return len(chunk)
@@ -489,7 +515,7 @@ class Engine:
         """One token for each of the ready requests (running, their prompts in)."""
         rows = [None] * self.running
         for r in ready:
-            rows[r._slot.index] = (r._next, len(r._slot.ids), len(r.pictures))
+            rows[r._slot.index] = (r._next, len(r._slot.ids), len(r.pictures) if self.cfg.xattn_layers else 0)
         logits = self.runner.decode(rows)
         requests = [None if row is None else self.slots[i].request for i, row in enumerate(rows)]
         for r in requests:     # their tokens are in the cache now

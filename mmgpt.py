@@ -1,7 +1,8 @@
-"""MultiModal-GPT = OpenFlamingo (CLIP ViT -> perceiver resampler -> LLaMA with gated cross-attention) + LoRA.
+"""MultiModal-GPT = OpenFlamingo (CLIP ViT -> perceiver resampler -> LLaMA with gated cross-attention) + LoRA; or,
+with Config.fusion = "prefix", Lynx's prefix-finetuning (the perceiver's latents as input positions instead).
 
 Read top-down:
-  Config, PRESETS, Tokenizer         what the model is, named sizes, how text becomes ids (MultiModal-GPT's ids)
+  Config, PRESETS                    what the model is, named sizes
   RMSNorm, RoPE, Attention, MLP      the LLaMA decoder, written out (HF layout: rotate-half RoPE; q/k/v and gate/up
                                      each one fused matmul, files still name the parts)
   VisionEncoder                      open_clip's ViT, returning patch tokens WITHOUT ln_post (see its docstring)
@@ -10,16 +11,14 @@ Read top-down:
   lm_loss, build                     the masked next-token loss; a random model made on its device and dtype
 
 The weight files (HF LLaMA dirs, OpenFlamingo checkpoint.pt, MultiModal-GPT LoRA .pt, load()) are in
-checkpoints.py; decoding (batching, sampling, stopping, the fast path) is engine.py's.
+checkpoints.py; text to ids in tokenizer.py; decoding (batching, sampling, stopping, the fast path) is engine.py's.
 """
 import contextlib
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,11 +57,24 @@ class Config:
     perceiver_dim_head: int = 64
     # open_clip model config ({"embed_dim", "vision_cfg", optional "quick_gelu"}); only the vision tower is built.
     vision: dict = field(default_factory=lambda: dict(VIT_L_14, quick_gelu=True))
+    # How pictures reach the decoder. "xattn": Flamingo's gated cross-attention blocks (the releases). "prefix":
+    # Lynx's prefix-finetuning, no cross-attention blocks: each <image> stands for the picture's perceiver latents,
+    # projected to the decoder's width (prefix_proj), as `perceiver_latents` positions of the sequence.
+    fusion: str = "xattn"
 
     def __post_init__(self):
-        if self.xattn_layers is None:
-            self.xattn_layers = tuple(i for i in range(self.n_layers) if (i + 1) % 4 == 0)
+        if self.fusion not in ("xattn", "prefix"):
+            raise ValueError(f"fusion {self.fusion!r}: 'xattn' or 'prefix'")
+        if self.fusion == "prefix":
+            self.xattn_layers = ()
+        elif self.xattn_layers is None:
+            self.xattn_layers = (i for i in range(self.n_layers) if (i + 1) % 4 == 0)
         self.xattn_layers = tuple(self.xattn_layers)
+
+    @property
+    def picture_tokens(self) -> int:
+        """Positions a picture takes in the sequence (its <image> token written that many times)."""
+        return self.perceiver_latents if self.fusion == "prefix" else 1
 
     @property
     def vision_dim(self) -> int:
@@ -98,92 +110,6 @@ def config(preset: str, **overrides) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     return Config(**copy.deepcopy({**PRESETS[preset], **overrides}))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-class Tokenizer:
-    """sentencepiece + the 3 tokens MultiModal-GPT adds, giving the ids of its LlamaTokenizer (transformers 4.28).
-
-    The text is cut at special strings; whitespace next to the 3 added tokens is stripped on both sides (they
-    were added as plain strings, which HF strips) but not next to <s>, </s>, <unk> (AddedTokens without strip);
-    every remaining piece is encoded by sentencepiece on its own, so each gets its own dummy-prefix space.
-    """
-    ADDED = ("<|endofchunk|>", "<image>", "<PAD>")
-
-    def __init__(self, model_file: str):
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        n = self.sp.vocab_size()
-        self.eoc_id, self.image_id, self.pad_id = n, n + 1, n + 2
-        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        self.vocab_size = n + 3
-        self.special = {"<|endofchunk|>": n, "<image>": n + 1, "<PAD>": n + 2,
-                        "<s>": self.bos_id, "</s>": self.eos_id, "<unk>": self.unk_id}
-        self.special_str = {i: s for s, i in self.special.items()}
-        self._splitter = re.compile("(" + "|".join(re.escape(s) for s in self.special) + ")")
-
-    def _pieces(self, text: str) -> list[str]:
-        pieces = [p for p in self._splitter.split(text) if p]
-        for i, p in enumerate(pieces):
-            if p in self.ADDED:
-                if i + 1 < len(pieces):
-                    pieces[i + 1] = pieces[i + 1].lstrip()
-                if i > 0:
-                    pieces[i - 1] = pieces[i - 1].rstrip()
-        return [p for p in pieces if p]
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = [self.bos_id] if bos else []
-        for p in self._pieces(text):
-            ids += [self.special[p]] if p in self.special else self.sp.encode(p)
-        return ids + ([self.eos_id] if eos else [])
-
-    def encode_spans(self, text: str, bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
-        """encode() plus the character span (start, end) of text that each id came from (BOS: (0, 0))."""
-        ids, spans = ([self.bos_id], [(0, 0)]) if bos else ([], [])
-        pos = 0
-        for p in self._pieces(text):
-            start = text.index(p, pos)
-            pos = start + len(p)
-            if p in self.special:
-                ids.append(self.special[p])
-                spans.append((start, pos))
-                continue
-            # Rebuild each piece's bytes (▁ = space, <0xNN> = a byte) to find where in p it came from. With
-            # LLaMA's identity normalisation the pieces spell out the dummy-prefix space followed by p exactly.
-            pieces = self.sp.encode(p, out_type=str)
-            raw = [bytes([int(x[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", x) else x.replace("▁", " ").encode()
-                   for x in pieces]
-            text_bytes = p.encode("utf-8")
-            skip = len(b"".join(raw)) - len(text_bytes)  # the dummy prefix
-            if skip not in (0, 1) or b"".join(raw)[skip:] != text_bytes:
-                raise ValueError("encode_spans needs a sentencepiece model with identity normalisation (as LLaMA's)")
-            # char_of[b]: the character that byte b belongs to (a piece may end inside a character: byte fallback)
-            char_of = [i for i, ch in enumerate(p) for _ in ch.encode("utf-8")] + [len(p)]
-            end = -skip
-            for x, r in zip(pieces, raw):
-                begin, end = max(end, 0), end + len(r)
-                ids.append(self.sp.piece_to_id(x))
-                spans.append((start + char_of[begin], start + char_of[max(end, 0)]))
-        return ids, spans
-
-    def decode(self, ids) -> str:
-        out, run = [], []
-        for i in list(ids):
-            if i in self.special_str and i != self.unk_id:
-                out.append(self.sp.decode(run))
-                out.append(self.special_str[i])
-                run = []
-            else:
-                run.append(i)
-        out.append(self.sp.decode(run))
-        return "".join(out)
-
-    @property
-    def never_generate(self) -> list[int]:
-        """Ids that generation must never emit."""
-        return [self.image_id, self.eoc_id, self.pad_id, self.bos_id, self.unk_id]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,6 +271,7 @@ class MMGPT(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i in cfg.xattn_layers) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.prefix_proj = nn.Linear(cfg.vision_dim, cfg.dim) if cfg.fusion == "prefix" else None
         cos, sin = rope_tables(cfg, self.embed_tokens.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -364,6 +291,13 @@ class MMGPT(nn.Module):
     def picture_kv(self, latents: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Each cross-attention layer's keys/values of the pictures' latents (computed once per picture)."""
         return {i: self.layers[i].xattn.attn.picture_kv(latents) for i in self.cfg.xattn_layers}
+
+    def picture_inputs(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prefix fusion: the decoder's inputs at the <image> positions of input_ids (B, T), in order: row b's
+        pictures' projected latents, as many as it has <image> positions (n, dim)."""
+        x = self.prefix_proj(self.encode_images(images)).flatten(1, 2)                    # (B, N * latents, dim)
+        counts = (input_ids == self.cfg.image_id).sum(1, keepdim=True)
+        return x[torch.arange(x.shape[1], device=x.device) < counts]
 
     # -- training / full forward ------------------------------------------------------------------------------
     def forward(self, images, input_ids, attention_mask=None, attend_previous: bool | None = None):
@@ -388,23 +322,28 @@ class MMGPT(nn.Module):
 
     def hidden(self, images, input_ids, attention_mask=None, attend_previous: bool | None = None):
         """The last decoder layer's output (B, T, dim), before the final norm (forward's arguments)."""
-        kv = None if images is None else self.picture_kv(self.encode_images(images))
-        rule = self.cfg.attend_previous if attend_previous is None else attend_previous
-        index = media_index(input_ids, self.cfg.image_id, rule)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             T = input_ids.shape[1]
             causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
             mask = causal & attention_mask.bool()[:, None, None, :]
-        return self._layers(input_ids, kv, index, mask)
+        if self.prefix_proj is not None:
+            inputs = None if images is None else self.picture_inputs(images, input_ids)
+            return self._layers(input_ids, None, None, mask, inputs=inputs)
+        kv = None if images is None else self.picture_kv(self.encode_images(images))
+        rule = self.cfg.attend_previous if attend_previous is None else attend_previous
+        return self._layers(input_ids, kv, media_index(input_ids, self.cfg.image_id, rule), mask)
 
-    def _layers(self, input_ids, kv, index, mask, positions=None, rows=None, step=None):
+    def _layers(self, input_ids, kv, index, mask, positions=None, rows=None, step=None, inputs=None):
         """The decoder layers over input_ids (B, T) -> (B, T, dim). kv: each cross-attention layer's keys/values of
         the pictures (None: language-only, the blocks are skipped); positions (B, T): each token's RoPE position
-        (None: 0..T-1); step: where cached decoding reads and writes, and then rows and index as decode's."""
+        (None: 0..T-1); step: where cached decoding reads and writes, and then rows and index as decode's; inputs:
+        prefix fusion's inputs at the <image> positions (picture_inputs)."""
         B, T = input_ids.shape
         # The layers work on (B * T, dim): every linear layer is then one plain matmul.
         x = self.embed_tokens(input_ids).view(B * T, -1)
+        if inputs is not None:
+            x = x.masked_scatter((input_ids == self.cfg.image_id).view(-1, 1), inputs.to(x.dtype))
         cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
                     else (self.rope_cos[positions], self.rope_sin[positions]))
         dtype = self.activation_dtype()     # cast once here, not in every layer, to the dtype q/k/v will have
@@ -432,18 +371,18 @@ class MMGPT(nn.Module):
         return x.view(B, T, -1)
 
     # -- cached decoding (engine.py runs it) --------------------------------------------------------------------
-    def decode(self, input_ids, step: "Step", rows=None, index=None, last=None):
+    def decode(self, input_ids, step: "Step", rows=None, index=None, last=None, inputs=None):
         """One cached forward: logits (B, T, vocab) of input_ids (B, T) -- (B, 1, vocab) at column `last` (1,)
         when given -- written into the cache where `step` says, each token seeing its slot's columns up to its own.
         rows (B,): which rows have pictures (the others skip the cross-attention blocks, as a language-only forward
         does); None: no row has one. index (B, T): each token's picture among its slot's (perceiver.media_index),
         the first step.picture_keys of their keys/values read from the cache; None: no token sees a picture (the
-        default masking rule's new tokens), so the blocks run their FFW only."""
+        default masking rule's new tokens), so the blocks run their FFW only. inputs: as _layers'."""
         seen = torch.arange(step.width, device=input_ids.device) <= step.columns[:, None, :, None]   # (B, 1, T, W)
         # As an additive mask, made once: a boolean one would be turned into this in every layer.
         mask = torch.zeros(seen.shape, dtype=self.activation_dtype(), device=seen.device).masked_fill_(~seen, -math.inf)
         positions = step.columns.clamp(max=self.cfg.max_seq_len - 1)   # the scratch column may lie past the tables
-        x = self._layers(input_ids, None, index, mask, positions, rows, step)
+        x = self._layers(input_ids, None, index, mask, positions, rows, step, inputs)
         if last is not None:
             x = x.index_select(1, last)
         return self.lm_head(self.norm(x))

@@ -40,6 +40,7 @@ import lora as lora_lib
 import checkpoints
 import mmgpt
 from engine import Engine, Request, Sampling
+from tokenizer import Tokenizer
 
 PAPER = dict(out="runs/mmgpt", lr=1e-5, warmup=100, grad_accum=16, batch_size=1, max_len=512, epochs=1,
              eval_every=0, save_every=500, unfreeze=[], attend_previous=False)
@@ -79,6 +80,11 @@ def parse_args(argv=None):
     ap.add_argument("--attend-previous", action=argparse.BooleanOptionalAction,
                     help="the media-masking rule: each token sees the picture before it, not the one after "
                          "(saved with the run; default: on for the demo, off for the release weights)")
+    ap.add_argument("--fusion", choices=("xattn", "prefix"), default="xattn",
+                    help="how pictures reach the decoder: xattn, Flamingo's gated cross-attention (the paper's); "
+                         "prefix, Lynx's prefix-finetuning: each picture's perceiver latents, projected, as input "
+                         "positions in place of <image>, no cross-attention blocks, the perceiver trained too "
+                         "(saved with the run)")
     ap.add_argument("--media-augmentation", action="store_true",
                     help="OpenFlamingo's media-placement augmentation: half the VL batches use the other rule")
     ap.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps")
@@ -332,6 +338,10 @@ def log(ranks: Ranks, message: str, every_rank: bool = False):
 
 
 def fail(message: str):
+    # A rank that stops tears its process group down first: left to the interpreter's exit, gloo's threads may
+    # abort the process (SIGABRT) when the other ranks have gone already.
+    if dist.is_initialized():
+        dist.destroy_process_group()
     sys.exit(tagged(message))
 
 
@@ -393,20 +403,24 @@ def make_model(args, ranks: Ranks):
     frozen_dtype = torch.bfloat16 if cuda else torch.float32   # never an fp32 copy of the frozen 8B on a GPU
     model, tokenizer, transform = checkpoints.load(base["llama"], base["openflamingo"], args.lora, base["vision"],
                                                   base["vision_weights"], ranks.device, frozen_dtype,
-                                                  args.attend_previous)
+                                                  args.attend_previous, args.fusion)
     lora_r, lora_alpha, targets = args.lora_r, args.lora_alpha, list(args.lora_targets)
     if args.lora:  # started from LoRA weights: train those (their rank, alpha and targets)
         first = lora_lib.lora_layers(model)[0]
         lora_r, lora_alpha, targets = first.r, first.alpha, lora_lib.targets_of(model)
     else:
-        torch.manual_seed(args.seed)  # LoRA A's initial values: the same for every rank and every run
+        torch.manual_seed(args.seed)  # LoRA A's (and prefix_proj's) initial values: the same for every rank and run
+        if model.prefix_proj is not None:
+            model.prefix_proj.reset_parameters()
         lora_lib.inject(model, lora_r, lora_alpha, args.lora_dropout, targets, within="layers.")
     # --vision-lr: the ViT's parameters that the encoder uses. It stops before open_clip's ln_post and proj
     # (mmgpt.VisionEncoder): those would get no gradient, which DDP takes for an error.
     unfrozen = [n for n, _ in model.named_parameters() if n.startswith("vision.")
                 and not n.startswith(("vision.visual.ln_post.", "vision.visual.proj"))] if args.vision_lr else []
+    # Prefix fusion trains the projection and, as Lynx trains its resampler, the perceiver.
+    also = ["perceiver.", "prefix_proj."] if args.fusion == "prefix" else []
     unfrozen += [n for n, _ in model.named_parameters()
-                 if ".lora_" not in n and not n.startswith("vision.") and any(s in n for s in args.unfreeze)]
+                 if ".lora_" not in n and not n.startswith("vision.") and any(s in n for s in args.unfreeze + also)]
     # Slow path: trained weights in fp32 under autocast. Fast path: everything in the frozen weights' dtype (the
     # optimizer keeps fp32 masters), so nothing is cast per call.
     lora_lib.mark_trainable(model, unfrozen)
@@ -416,7 +430,8 @@ def make_model(args, ranks: Ranks):
     if args.fast and cuda:  # compiling on the CPU takes longer than it saves (tests compile on the CPU directly)
         compile_layers(model, args.cuda_graphs)
     settings = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": args.lora_dropout,
-                "lora_targets": targets, "unfreeze": args.unfreeze, "attend_previous": args.attend_previous, **base}
+                "lora_targets": targets, "unfreeze": args.unfreeze, "attend_previous": args.attend_previous,
+                "fusion": args.fusion, **base}
     return model, tokenizer, transform, settings, unfrozen
 
 
@@ -455,7 +470,7 @@ class Run:
     args: argparse.Namespace
     ranks: Ranks
     model: mmgpt.MMGPT
-    tokenizer: mmgpt.Tokenizer
+    tokenizer: Tokenizer
     transform: object
     settings: dict          # saved with the run: they rebuild its model
     unfrozen: list          # parameters trained in full besides the LoRA

@@ -21,6 +21,7 @@ import lora  # noqa: E402
 import mmgpt  # noqa: E402
 import train  # noqa: E402
 from engine import Engine, Request, Sampling  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,8 +50,8 @@ def sp_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(sp_model) -> mmgpt.Tokenizer:
-    return mmgpt.Tokenizer(sp_model)
+def tokenizer(sp_model) -> Tokenizer:
+    return Tokenizer(sp_model)
 
 
 TINY_VISION = mmgpt.PRESETS["tiny"]["vision"]

@@ -6,6 +6,7 @@ import numpy as np
 import conversation
 import data
 import demo
+from tokenizer import Tokenizer
 
 
 def test_demo_set_is_deterministic():
@@ -85,10 +86,9 @@ def test_demo_eval_split_scoring_and_chance():
 
 
 def test_demo_corpus_and_tokenizer(tmp_path):
-    import mmgpt
     lines = demo.corpus()
     assert conversation.HEADER in lines and not any("<image>" in l or "</s>" in l or "\n" in l for l in lines)
-    tok = mmgpt.Tokenizer(demo.tokenizer(str(tmp_path / "demo")))
+    tok = Tokenizer(demo.tokenizer(str(tmp_path / "demo")))
     conv = demo.train_set(20, 0)[0][0]
     ids, labels = data.render(conv, tok)
     assert tok.decode(ids[1:]) == conversation.prompt(conv).replace("\n<image>\n\n", "<image>")   # stripped around it

@@ -15,10 +15,10 @@ import checkpoints
 import data
 import demo
 import eval
-import mmgpt
 import train
 from conftest import tiny_model
 from engine import Engine
+from tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_main_names_the_answer_processor(base, tmp_path, capsys, monkeypatch):
                                                     vqa_annotation(1, 1, ["yes"] * 9 + ["no"], "yes/no", "is it")]})
     for i in range(2):
         picture(str(tmp_path / "val2014" / f"COCO_val2014_{i:012d}.jpg"))
-    monkeypatch.setattr(mmgpt.Tokenizer, "decode", lambda self, ids: "Yes.")
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids: "Yes.")
     args = ["--task", "vqav2", "--questions", q, "--annotations", a, "--images", str(tmp_path / "val2014"),
             "--max-new-tokens", "2", *flags]
     for processor, accuracy in (("openflamingo", 50.0), ("evalai", 100.0)):
