@@ -117,7 +117,13 @@ class Slot:
 
     def truncate(self, n: int, image_id: int, per_picture: int):
         del self.ids[n:]
-        del self.pictures[-(-self.ids.count(image_id) // per_picture):]     # a picture begun counts
+        del self.pictures[pictures_begun(self.ids, image_id, per_picture):]
+
+
+def pictures_begun(ids: list[int], image_id: int, per_picture: int) -> int:
+    """The pictures whose <image> positions begin within ids (a prefix-fusion picture fills per_picture of them,
+    and a slot may hold part of one)."""
+    return -(-ids.count(image_id) // per_picture)
 
 
 def picture_key(pixels: torch.Tensor) -> str:
@@ -437,7 +443,7 @@ class Engine:
         At least one prompt token is always fed (its logits give the first answer token)."""
         image_id, per = self.cfg.image_id, self.cfg.picture_tokens
         n = common_prefix(slot.ids, request.ids[:-1])
-        shared = -(-slot.ids[:n].count(image_id) // per)            # pictures begun within the common prefix
+        shared = pictures_begun(slot.ids[:n], image_id, per)
         same = common_prefix(slot.pictures[:shared], request._keys)
         if same < shared:                     # a different picture: keep what comes before it
             n = [i for i, t in enumerate(slot.ids) if t == image_id][same * per]
@@ -506,7 +512,7 @@ class Engine:
         logits = self.runner.prefill(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
                                      len(request.pictures), inputs)
         slot.ids += chunk      # first: a slot that lacks the hash of one of its pictures reuses nothing past it
-        slot.pictures = request._keys[:-(-slot.ids.count(image_id) // per)]
+        slot.pictures = request._keys[:pictures_begun(slot.ids, image_id, per)]
         if len(slot.ids) == len(request.ids):
             self._choose(logits, [request], outputs)
         return len(chunk)

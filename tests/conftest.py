@@ -152,14 +152,17 @@ def write_release(model, path, r, alpha):
             del sys.modules[name]
 
 
-def tiny_release(tmp, sp_model, tokenizer) -> dict:
+def tiny_release(tmp, sp_model, tokenizer, never_ends: bool = False, **overrides) -> dict:
     """A tiny model with LoRA and nonzero gates, written as an HF LLaMA dir, an OpenFlamingo checkpoint.pt, the
-    MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back."""
-    model = tiny_model(tokenizer, seed=8)  # a random model whose greedy answers depend on the picture
+    MultiModal-GPT release .pt and a train.py run folder; two pictures and a broken one; the model read back.
+    never_ends: the </s> row of lm_head is zero, so no greedy answer ends before max_tokens. overrides: config."""
+    model = tiny_model(tokenizer, seed=8, **overrides)  # a random model whose greedy answers depend on the picture
     lora.inject(model, r=4, alpha=8, within="layers.")
     with torch.no_grad():
         for m in lora.lora_layers(model):
             m.lora_B.normal_(0, 0.3)
+        if never_ends:
+            model.lm_head.weight[tokenizer.eos_id] = 0
     f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "release": str(tmp / "release.pt"),
          "run": str(tmp / "run")}
     checkpoints.save_llama(model, f["llama"], sp_model)

@@ -22,12 +22,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 from PIL import Image
 
-import checkpoints
-import lora
-from conftest import tiny_model, write_vision
+from conftest import tiny_release
 from conversation import Conversation, Turn, layout
 
 try:
@@ -62,30 +59,7 @@ def run(tmp_path_factory, sp_model, tokenizer):
     """A tiny random model with LoRA saved as a train.py run folder (HF LLaMA dir, OpenFlamingo checkpoint.pt, the
     ViT, lora.pt), two pictures and a file that is not one. Its </s> row of lm_head is zero, so no greedy answer
     ends before max new tokens: every answer here is as long as asked."""
-    tmp = tmp_path_factory.mktemp("page")
-    model = tiny_model(tokenizer, seed=8, max_seq_len=CONTEXT)
-    lora.inject(model, r=4, alpha=8, within="layers.")
-    with torch.no_grad():
-        for m in lora.lora_layers(model):
-            m.lora_B.normal_(0, 0.3)
-        model.lm_head.weight[tokenizer.eos_id] = 0
-    f = {"llama": str(tmp / "llama"), "openflamingo": str(tmp / "checkpoint.pt"), "run": str(tmp / "run")}
-    checkpoints.save_llama(model, f["llama"], sp_model)
-    checkpoints.save_openflamingo(model, f["openflamingo"])
-    vision, vision_weights = write_vision(model, tmp)
-    os.makedirs(f["run"])
-    checkpoints.save_lora(model, os.path.join(f["run"], "lora.pt"),
-                          {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": list(lora.DEFAULT_TARGETS),
-                           "llama": f["llama"], "openflamingo": f["openflamingo"], "vision": vision,
-                           "vision_weights": vision_weights})
-    g = torch.Generator().manual_seed(0)
-    for name in ("pic1", "pic2"):
-        f[name] = str(tmp / f"{name}.png")
-        Image.fromarray(torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()).save(f[name])
-    f["broken"] = str(tmp / "broken.png")
-    with open(f["broken"], "wb") as fh:
-        fh.write(b"not a picture")
-    return f
+    return tiny_release(tmp_path_factory.mktemp("page"), sp_model, tokenizer, never_ends=True, max_seq_len=CONTEXT)
 
 
 @pytest.fixture(scope="module")
