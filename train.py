@@ -57,8 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--lora", help="start from these LoRA weights (release .pt or a lora.pt of this project)")
     ap.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
     ap.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or local weights file")
-    ap.add_argument("--out", help="output folder (demo: runs/demo, else runs/mmgpt)")
-    ap.add_argument("--lr", type=float, help="peak learning rate (paper 1e-5; demo 2e-3)")
+    ap.add_argument("--out", help="output folder (demo: runs/demo, with --fusion prefix runs/demo-prefix; else "
+                                  "runs/mmgpt)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (paper 1e-5; demo 2e-3, 5e-4 with --fusion prefix)")
     ap.add_argument("--warmup", type=int, help="linear warmup steps before the cosine decay")
     ap.add_argument("--grad-accum", type=int, help="iterations per optimizer step (paper 16)")
     ap.add_argument("--batch-size", type=int, help="samples of each kind per iteration and rank (paper 1)")
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--unfreeze", nargs="*", help="parameter-name substrings trained in full besides the LoRA")
     ap.add_argument("--vision-lr", type=float,
                     help="also train the CLIP ViT in full, at this learning rate (default: frozen, as in the paper; "
-                         "the demo trains its random ViT at 3e-4)")
+                         "the demo trains its random ViT at 3e-4, at 1e-4 with --fusion prefix)")
     ap.add_argument("--epochs", type=float, help="passes over the vision-language data (sets the LR schedule)")
     ap.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule is kept)")
     ap.add_argument("--seed", type=int, default=0)
@@ -110,7 +111,8 @@ def parse_args(argv=None):
     args.demo = args.config is None and not (args.llama or args.openflamingo or args.lora)
     if args.fast is None:  # compiling on the CPU costs more than it saves
         args.fast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    for k, v in (demo.SETTINGS if args.demo else PAPER).items():
+    demo_settings = demo.SETTINGS | (demo.PREFIX if args.fusion == "prefix" else {})
+    for k, v in (demo_settings if args.demo else PAPER).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if not args.demo:

@@ -120,6 +120,18 @@ def test_the_pictures_positions_carry_no_loss(prefix):
     assert tok.decode([t for t, y in zip(ids, labels) if y != -100]) == "a cat</s>"
 
 
+def test_the_demo_with_prefix_fusion_has_its_own_rates_and_folder():
+    """`python train.py --fusion prefix` is the demo with the learning rates measured for prefix fusion, in a folder
+    of its own (it never overwrites runs/demo); flags still win, and cross-attention's demo is unchanged."""
+    import train
+    xattn, prefix = train.parse_args([]), train.parse_args(["--fusion", "prefix"])
+    assert (xattn.lr, xattn.vision_lr, xattn.out) == (2e-3, 3e-4, "runs/demo")
+    assert (prefix.lr, prefix.vision_lr, prefix.out) == (5e-4, 1e-4, "runs/demo-prefix")
+    assert (prefix.epochs, prefix.unfreeze, prefix.attend_previous) == (xattn.epochs, xattn.unfreeze, True)
+    mine = train.parse_args(["--fusion", "prefix", "--lr", "1e-3", "--out", "runs/x"])
+    assert (mine.lr, mine.vision_lr, mine.out) == (1e-3, 1e-4, "runs/x")
+
+
 def test_prefix_training_lowers_the_loss_saves_and_loads(tmp_path):
     """train.py --fusion prefix on the demo's base: the loss goes down; lora.pt says prefix and holds the
     projection and the perceiver; load_run rebuilds the model, whose cached decoding is its full forward; chat.py,
