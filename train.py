@@ -111,8 +111,8 @@ def parse_args(argv=None):
     args.demo = args.config is None and not (args.llama or args.openflamingo or args.lora)
     if args.fast is None:  # compiling on the CPU costs more than it saves
         args.fast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    demo_settings = demo.SETTINGS | (demo.PREFIX if args.fusion == "prefix" else {})
-    for k, v in (demo_settings if args.demo else PAPER).items():
+    defaults = demo.SETTINGS | (demo.PREFIX if args.fusion == "prefix" else {}) if args.demo else PAPER
+    for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if not args.demo:
