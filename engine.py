@@ -6,10 +6,11 @@
 
 How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cache and compiled step):
 - The cache (mmgpt.KVCache) has `slots` rows, each the keys/values of one sequence from column 0. A request runs in
-  one slot: its prompt is prefilled, at most `prefill_tokens` tokens per step so that a long prompt does not stall
-  the others, then every step decodes one token for all running requests at once. Requests join and leave
-  between steps; nothing in a row depends on the other rows, so a request gets the same tokens whatever runs
-  beside it.
+  one slot: its prompt is prefilled, then every step decodes one token for all running requests at once.
+  Requests join and leave between steps; nothing in a row depends on the other rows, so a request gets the same
+  tokens whatever runs beside it. Requests that arrive together are prefilled together: their pictures in one
+  pass of the ViT, their prompts in one forward, at most `prefill_tokens` tokens (padding included) per step so
+  that a long prompt does not stall the others.
 - The running requests hold slots 0..n-1 (one that finishes swaps places with the last), so a decode step reads
   a view of the first rows, n rounded up to a batch bucket (1, 2, 4, 8, ...), and of their first columns, the
   longest sequence rounded up to a width bucket (64, 128, ...): attention costs what the sequences hold, not the
@@ -255,37 +256,51 @@ class Runner:
         for t, width in ((c.k, columns), (c.v, columns), (c.picture_k, n), (c.picture_v, n)):
             t[:, [i, j], :, :width] = t[:, [j, i], :, :width]
 
-    def add_pictures(self, slot: int, first: int, pictures: list[torch.Tensor]):
-        """Encode pictures (3, H, W) and keep their cross-attention keys/values as the slot's pictures first, ..."""
-        kv = self.model.picture_kv(self.model.encode_images(torch.stack(pictures)[None].to(self.device)))
-        n = self.cfg.perceiver_latents
-        for i, (k, v) in kv.items():
-            j = self.cache.xattn[i]
-            self.cache.picture_k[j, slot, :, first * n:(first + len(pictures)) * n] = k[0]
-            self.cache.picture_v[j, slot, :, first * n:(first + len(pictures)) * n] = v[0]
+    def add_pictures(self, todo: list[tuple[int, int, list[torch.Tensor]]]):
+        """Encode the pictures (3, H, W) of several slots in one pass of the ViT and perceiver (each picture is
+        encoded on its own, whatever is beside it) and keep their cross-attention keys/values: todo[i] = (slot,
+        first, pictures), the slot's pictures first, first + 1, ..."""
+        flat = torch.stack([p for _, _, pictures in todo for p in pictures])[None].to(self.device)
+        kv, n, done = self.model.picture_kv(self.model.encode_images(flat)), self.cfg.perceiver_latents, 0
+        for slot, first, pictures in todo:
+            source, target = (slice(i * n, (i + len(pictures)) * n) for i in (done, first))
+            for i, (k, v) in kv.items():
+                j = self.cache.xattn[i]
+                self.cache.picture_k[j, slot, :, target] = k[0, :, source]
+                self.cache.picture_v[j, slot, :, target] = v[0, :, source]
+            done += len(pictures)
 
-    def picture_inputs(self, pictures: list[torch.Tensor]) -> torch.Tensor:
-        """Prefix fusion: the pictures' inputs to the decoder, (pictures * latents, dim) in order."""
-        ids = torch.full((1, len(pictures) * self.cfg.picture_tokens), self.cfg.image_id, device=self.device)
-        return self.model.picture_inputs(torch.stack(pictures)[None].to(self.device), ids)
+    def picture_inputs(self, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Prefix fusion: the decoder's inputs of each group of pictures, (pictures * latents, dim) in order, all
+        encoded in one pass."""
+        flat = [p for pictures in groups for p in pictures]
+        ids = torch.full((1, len(flat) * self.cfg.picture_tokens), self.cfg.image_id, device=self.device)
+        inputs = self.model.picture_inputs(torch.stack(flat)[None].to(self.device), ids)
+        return list(inputs.split([len(pictures) * self.cfg.picture_tokens for pictures in groups]))
 
-    def prefill(self, slot: int, ids: list[int], start: int, index: list[int], pictures: int,
-                inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed ids into the slot at columns start.. (index: their pictures among the slot's `pictures`; prefix
-        fusion: inputs at their <image> positions instead); logits (1, vocab) after the last. On the fast path the
-        chunk is padded up to a length bucket: the padding goes to the scratch column, after the real tokens, which
-        never see it."""
-        T = len(ids)
-        pad = (next((n for n in self.lengths if n >= T), T) if self.fast else T) - T
-        x = self.tensor(ids + [0] * pad + list(range(start, start + T)) + [self.max_len] * pad + index + [0] * pad
-                        + [slot, T - 1, 1])
-        ids, columns, index_ = x[:-3].view(3, 1, T + pad)
-        step = Step(self.cache, x[-3:-2], x[-3:-2, None], columns, self.width(start + T), gather=True,
-                    picture_keys=self.picture_keys(pictures))
-        if inputs is not None:
-            return self.prefill_step(self.model, step, ids, None, None, x[-2:-1], inputs)
-        rows = x[-1:].bool() if pictures else None
-        return self.prefill_step(self.model, step, ids, rows, index_ if pictures else None, x[-2:-1])
+    def prefill(self, chunks: list[tuple[int, list[int], int, list[int], int, torch.Tensor | None]]) -> torch.Tensor:
+        """Feed a chunk of prompt into each of several slots, in one forward: chunks[i] = (slot, ids, start, index,
+        pictures, inputs), ids going into the slot's columns start.., index their pictures among the slot's
+        `pictures` (prefix fusion: inputs at their <image> positions instead, or None). Logits (len(chunks),
+        vocab) after each chunk's last token. The chunks are padded to the longest (on the fast path, up to a
+        length bucket): the padding goes to each slot's scratch column, after its real tokens, which never see it."""
+        n, longest = len(chunks), max(len(c[1]) for c in chunks)
+        T = next((t for t in self.lengths if t >= longest), longest) if self.fast else longest
+        table = []
+        for _, ids, start, index, _, _ in chunks:
+            pad = [0] * (T - len(ids))
+            table += ids + pad + list(range(start, start + len(ids))) + [self.max_len] * len(pad) + index + pad
+        x = self.tensor(table + [c[0] for c in chunks] + [len(c[1]) - 1 for c in chunks] + [c[4] for c in chunks])
+        ids, columns, index = x[:3 * n * T].view(n, 3, T).unbind(1)
+        slots, last, pictures = x[3 * n * T:].view(3, n)
+        most = max(c[4] for c in chunks)
+        step = Step(self.cache, slots, slots[:, None], columns, self.width(max(c[2] + len(c[1]) for c in chunks)),
+                    gather=True, picture_keys=self.picture_keys(most))
+        inputs = [c[5] for c in chunks if c[5] is not None]
+        if inputs:      # prefix fusion (rows without <image> in their chunk have none: masked_scatter skips them)
+            return self.prefill_step(self.model, step, ids, None, None, last, torch.cat(inputs))
+        return self.prefill_step(self.model, step, ids, pictures.bool() if most else None, index if most else None,
+                                 last)
 
     def decode(self, rows: list) -> torch.Tensor:
         """One token for each decoding slot, in one forward over slots 0..B-1 (B: the batch bucket of len(rows)):
@@ -366,7 +381,7 @@ class Engine:
         s = request.sampling
         request._keys = [picture_key(p) for p in request.pictures]
         request._index = media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0]
-        request._inputs, request._first = None, 0       # prefix fusion: the inputs of pictures first, ...
+        request._first, request._inputs = 0, None       # the first picture its slot lacks; prefix fusion: their inputs
         request._seed = random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & MASK32
         request._greedy = s.greedy or s.temperature <= 0
         request._detok, request._slot, request._next = Detokenizer(self.tokenizer), None, None
@@ -413,16 +428,14 @@ class Engine:
         then decode one token for every request that had its prompt in already. Returns what each request produced."""
         self.clock += 1
         outputs = [self._finish(r, "cancelled") for r in self._requests() if r.cancelled]
+        admitted = []
         while self.waiting and self.running < len(self.slots):
-            self._admit(self.waiting.popleft())
+            admitted.append(self._admit(self.waiting.popleft()))
+        self._encode(admitted)
         # Those with a token to feed decode; one whose prompt is finished in this step has its first token out now
         # and decodes from the next step on (its first token does not wait for a decode step).
         ready = [s.request for s in self.slots[:self.running] if s.request._next is not None]
-        budget = self.prefill_tokens
-        for slot in self.slots[:self.running]:
-            request = slot.request
-            if request._next is None and budget > 0:
-                budget -= self._prefill(slot, request, budget, outputs)
+        self._prefill(outputs)
         if ready:
             self._decode(ready, outputs)
         return outputs
@@ -467,24 +480,30 @@ class Engine:
         self.runner.swap(i, j, max(len(a.ids), len(b.ids)), max(pictures))
         self.slots[i], self.slots[j], a.index, b.index = b, a, j, i
 
-    def _admit(self, request: Request):
+    def _admit(self, request: Request) -> Request:
         """Into the free slot with the longest usable prefix (then the least recently used), moved to the end of
-        the running ones; its pictures not already cached are encoded there."""
+        the running ones; the pictures it does not hold are encoded by _encode."""
         slot = max(self.slots[self.running:], key=lambda s: (self.reusable(s, request), -s.used))
         keep = self.reusable(slot, request)
         self._swap(slot.index, self.running)
         self.running += 1
-        per = self.cfg.picture_tokens
-        slot.truncate(keep, self.cfg.image_id, per)
+        slot.truncate(keep, self.cfg.image_id, self.cfg.picture_tokens)
         slot.request, request._slot, request.cached = request, slot, keep
-        if per > 1:     # prefix fusion: the inputs of the pictures not wholly in the slot, for the prefill
-            request._first = slot.ids.count(self.cfg.image_id) // per
-            if request.pictures[request._first:]:
-                request._inputs = self.runner.picture_inputs(request.pictures[request._first:])
+        request._first = slot.ids.count(self.cfg.image_id) // self.cfg.picture_tokens   # the pictures wholly held
+        return request
+
+    def _encode(self, admitted: list[Request]):
+        """The pictures that the admitted requests' slots do not hold, all encoded in one pass: into the slots'
+        picture buffers past what they hold (their prefills count them in), or for prefix fusion into the inputs
+        their prefills place."""
+        todo = [r for r in admitted if r.pictures[r._first:]]
+        if not todo:
             return
-        first = len(slot.pictures)      # the others go into the buffers past the slot's; its prefill counts them in
-        if request.pictures[first:]:
-            self.runner.add_pictures(slot.index, first, request.pictures[first:])
+        if self.cfg.picture_tokens > 1:
+            for r, inputs in zip(todo, self.runner.picture_inputs([r.pictures[r._first:] for r in todo])):
+                r._inputs = inputs
+        else:
+            self.runner.add_pictures([(r._slot.index, r._first, r.pictures[r._first:]) for r in todo])
 
     def _finish(self, request: Request, reason: str) -> Output:
         request.finish_reason = reason
@@ -500,22 +519,41 @@ class Engine:
         return Output(request, text, True)
 
     # -- feeding the runner ----------------------------------------------------------------------------------------
-    def _prefill(self, slot: Slot, request: Request, budget: int, outputs: list) -> int:
-        """Feed the next chunk (at most `budget` tokens) of the request's prompt; after the last, choose its first
-        token. Returns the tokens fed."""
-        start, image_id, per = len(slot.ids), self.cfg.image_id, self.cfg.picture_tokens
-        chunk = request.ids[start:start + budget]
-        inputs = None
-        if request._inputs is not None and image_id in chunk:     # prefix fusion: the inputs at its <image>s
-            done = slot.ids.count(image_id) - request._first * per
-            inputs = request._inputs[done:done + chunk.count(image_id)]
-        logits = self.runner.prefill(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
-                                     len(request.pictures), inputs)
-        slot.ids += chunk      # first: a slot that lacks the hash of one of its pictures reuses nothing past it
-        slot.pictures = request._keys[:pictures_begun(slot.ids, image_id, per)]
-        if len(slot.ids) == len(request.ids):
-            self._choose(logits, [request], outputs)
-        return len(chunk)
+    def _prefill(self, outputs: list):
+        """Feed the next chunk of prompt of the requests that do not have theirs in yet, in one forward for as many
+        of them (in slot order) as the token budget holds: each chunk at most prefill_tokens, and the chunks padded
+        to the longest, so that rows x longest stays within it. After a request's last chunk, choose its first
+        token."""
+        image_id, per = self.cfg.image_id, self.cfg.picture_tokens
+        todo, longest = [], 0
+        for slot in self.slots[:self.running]:
+            request = slot.request
+            if request._next is not None:
+                continue
+            size = min(len(request.ids) - len(slot.ids), self.prefill_tokens)
+            if todo and (len(todo) + 1) * max(longest, size) > self.prefill_tokens:
+                break
+            todo.append(slot)
+            longest = max(longest, size)
+        chunks = []
+        for slot in todo:
+            request, start = slot.request, len(slot.ids)
+            chunk = request.ids[start:start + longest]
+            inputs = None
+            if request._inputs is not None and image_id in chunk:     # prefix fusion: the inputs at its <image>s
+                done = slot.ids.count(image_id) - request._first * per
+                inputs = request._inputs[done:done + chunk.count(image_id)]
+            chunks.append((slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
+                           len(request.pictures), inputs))
+        if not chunks:
+            return
+        logits = self.runner.prefill(chunks)
+        for slot, (_, chunk, *_) in zip(todo, chunks):
+            slot.ids += chunk  # first: a slot that lacks the hash of one of its pictures reuses nothing past it
+            slot.pictures = slot.request._keys[:pictures_begun(slot.ids, image_id, per)]
+        done = [i for i, slot in enumerate(todo) if len(slot.ids) == len(slot.request.ids)]
+        if done:
+            self._choose(logits[done], [todo[i].request for i in done], outputs)
 
     def _decode(self, ready: list[Request], outputs: list):
         """One token for each of the ready requests (running, their prompts in)."""

@@ -372,19 +372,20 @@ class MMGPT(nn.Module):
 
     # -- cached decoding (engine.py runs it) --------------------------------------------------------------------
     def decode(self, input_ids, step: "Step", rows=None, index=None, last=None, inputs=None):
-        """One cached forward: logits (B, T, vocab) of input_ids (B, T) -- (B, 1, vocab) at column `last` (1,)
-        when given -- written into the cache where `step` says, each token seeing its slot's columns up to its own.
-        rows (B,): which rows have pictures (the others skip the cross-attention blocks, as a language-only forward
-        does); None: no row has one. index (B, T): each token's picture among its slot's (perceiver.media_index),
-        the first step.picture_keys of their keys/values read from the cache; None: no token sees a picture (the
-        default masking rule's new tokens), so the blocks run their FFW only. inputs: as _layers'."""
+        """One cached forward: logits (B, T, vocab) of input_ids (B, T) -- (B, 1, vocab) at column last[b] of each
+        row when `last` (B,) is given -- written into the cache where `step` says, each token seeing its slot's
+        columns up to its own. rows (B,): which rows have pictures (the others skip the cross-attention blocks, as a
+        language-only forward does); None: no row has one. index (B, T): each token's picture among its slot's
+        (perceiver.media_index), the first step.picture_keys of their keys/values read from the cache; None: no token
+        sees a picture (the default masking rule's new tokens), so the blocks run their FFW only. inputs: as
+        _layers'."""
         seen = torch.arange(step.width, device=input_ids.device) <= step.columns[:, None, :, None]   # (B, 1, T, W)
         # As an additive mask, made once: a boolean one would be turned into this in every layer.
         mask = torch.zeros(seen.shape, dtype=self.activation_dtype(), device=seen.device).masked_fill_(~seen, -math.inf)
         positions = step.columns.clamp(max=self.cfg.max_seq_len - 1)   # the scratch column may lie past the tables
         x = self._layers(input_ids, None, index, mask, positions, rows, step, inputs)
         if last is not None:
-            x = x.index_select(1, last)
+            x = x.take_along_dim(last.view(-1, 1, 1), dim=1)
         return self.lm_head(self.norm(x))
 
     def activation_dtype(self) -> torch.dtype:

@@ -65,6 +65,35 @@ def test_batched_equals_full_forward_and_alone(tokenizer, attend_previous):
     assert alone(model, tokenizer, [greedy(p, im, n) for p, im, n in zip(prompts, images, limits)], eos_id=eos) == want
 
 
+def test_requests_that_arrive_together_are_prefilled_together_within_the_budget(tokenizer):
+    """Requests admitted in one step have their pictures encoded in one pass and their prompts fed in one forward
+    (padded to the longest), as many as rows x longest <= prefill_tokens allows; each answer is still its own."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    want = [reference(model, tokenizer, p, im, 5) for p, im in zip(prompts, images)]
+    sizes = [len(p) for p in prompts]
+    for budget in (512, 2 * max(sizes)):
+        e = Engine(model, tokenizer, slots=4, eos_id=-1, prefill_tokens=budget)
+        shapes, encoded = [], []
+        prefill, encode = e.runner.prefill_step, model.encode_images
+        e.runner.prefill_step = lambda m, step, ids, *a: shapes.append(tuple(ids.shape)) or prefill(m, step, ids, *a)
+        model.encode_images = lambda images: encoded.append(images.shape[1]) or encode(images)
+        try:
+            done = e.generate([greedy(p, im, 5) for p, im in zip(prompts, images)])
+        finally:
+            del model.encode_images
+        assert [r.tokens for r in done] == want
+        assert encoded == [sum(len(im) for im in images if im is not None)]     # every picture in one pass
+        assert len(shapes) == (1 if budget == 512 else 2)
+        first = 0
+        for n, T in shapes:         # rows in slot order, as many as fit; padded to the longest
+            assert T == max(sizes[first:first + n]) and n * T <= budget
+            if first + n < len(sizes):
+                assert (n + 1) * max(T, sizes[first + n]) > budget
+            first += n
+        assert first == len(sizes)
+
+
 def test_eos_and_the_limit_are_not_fed(tokenizer):
     """A slot caches the prompt and every answer token that was fed back: all of them after EOS (EOS itself is
     not cached), all but the last at the token limit (no forward is run for a token nobody reads)."""
