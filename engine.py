@@ -535,6 +535,8 @@ class Engine:
                 break
             todo.append(slot)
             longest = max(longest, size)
+        if not todo:
+            return
         chunks = []
         for slot in todo:
             request, start = slot.request, len(slot.ids)
@@ -545,8 +547,6 @@ class Engine:
                 inputs = request._inputs[done:done + chunk.count(image_id)]
             chunks.append((slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
                            len(request.pictures), inputs))
-        if not chunks:
-            return
         logits = self.runner.prefill(chunks)
         for slot, (_, chunk, *_) in zip(todo, chunks):
             slot.ids += chunk  # first: a slot that lacks the hash of one of its pictures reuses nothing past it
