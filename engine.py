@@ -12,10 +12,10 @@ How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cach
   pass of the ViT, their prompts in one forward, at most `prefill_tokens` tokens (padding included) per step so
   that a long prompt does not stall the others.
 - The running requests hold slots 0..n-1 (one that finishes swaps places with the last), so a decode step reads
-  a view of the first rows, n rounded up to a batch bucket (1, 2, 4, 8, ...), and of their first columns, the
-  longest sequence rounded up to a width bucket (64, 128, ...): attention costs what the sequences hold, not the
-  cache's length. On the fast path each (batch, width) bucket is compiled once (a CUDA graph on a GPU), as
-  nano-vllm captures one graph per batch size.
+  a view of the first n rows and of as many of their first columns as the longest sequence holds: attention
+  costs what the sequences hold, not the cache's length. On the fast path n and the columns are rounded up to
+  buckets (1, 2, 4, 8, ... rows; 64, 96, 128, ... columns) and each bucket is compiled once (a CUDA graph on a
+  GPU), as nano-vllm captures one graph per batch size.
 - A free slot keeps what it cached. A new request takes the free slot that shares the longest usable prefix with
   it and feeds only the rest, so a conversation sent again with one more turn costs only its new tokens. Pictures
   are compared by a hash of their pixels (every <image> token has the same id: ids alone would hand one user's
@@ -209,9 +209,10 @@ class Runner:
         self.cache = KVCache(model.cfg, slots, max_len, max_pictures, dtype, self.device)
         self.banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.banned[banned] = True
-        # Batch buckets 1, 2, 4, ... (and the slot count); widths read 64, 96, 128, 192, 256, ... (x 1.5, x 4/3:
-        # attention reads at most half again what the sequences hold) and the whole row; prefill lengths 16, 32, ...
-        # up to prefill_tokens.
+        # The fast path's shapes come in buckets, so that its compiled code sees few (see bucket): batch 1, 2, 4, ...
+        # (and the slot count); widths read 64, 96, 128, 192, 256, ... (x 1.5, x 4/3: attention reads at most half
+        # again what the sequences hold) and the whole row; prefill lengths 16, 32, ... up to prefill_tokens;
+        # pictures 1, 2, 4, ...
         self.buckets = sorted({min(2 ** i, slots) for i in range(slots.bit_length() + 1)})
         self.widths = sorted({min(w, max_len + 1) for i in range(6, (max_len + 1).bit_length() + 1)
                               for w in (2 ** i, 3 * 2 ** (i - 1))})
@@ -241,13 +242,18 @@ class Runner:
         """Small per-step inputs go to the device in one copy."""
         return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
 
+    def bucket(self, sizes, n: int) -> int:
+        """The size a step runs at for n (rows, columns, prompt tokens, pictures): on the fast path the smallest of
+        `sizes` that holds n; eagerly n itself (no compiled code to spare, so no padding to pay for)."""
+        return next(s for s in sizes if s >= n) if self.fast else n
+
     def width(self, n: int) -> int:
-        """The columns a step reads: a bucket that holds the first n."""
-        return next(w for w in self.widths if w >= n)
+        """The columns a step reads: at least the first n."""
+        return self.bucket(self.widths, n)
 
     def picture_keys(self, n: int) -> int:
-        """The pictures' keys a step reads: those of a bucket of pictures that holds the first n."""
-        return next(p for p in self.pictures if p >= n) * self.cfg.perceiver_latents
+        """The pictures' keys a step reads: those of at least the first n pictures."""
+        return self.bucket(self.pictures, n) * self.cfg.perceiver_latents
 
     def swap(self, i: int, j: int, columns: int, pictures: int):
         """Exchange the keys/values of slots i and j: their first `columns` columns and `pictures` pictures (what
@@ -285,7 +291,7 @@ class Runner:
         vocab) after each chunk's last token. The chunks are padded to the longest (on the fast path, up to a
         length bucket): the padding goes to each slot's scratch column, after its real tokens, which never see it."""
         n, longest = len(chunks), max(len(c[1]) for c in chunks)
-        T = next((t for t in self.lengths if t >= longest), longest) if self.fast else longest
+        T = self.bucket(self.lengths, longest)
         table = []
         for _, ids, start, index, _, _ in chunks:
             pad = [0] * (T - len(ids))
@@ -303,11 +309,11 @@ class Runner:
                                  last)
 
     def decode(self, rows: list) -> torch.Tensor:
-        """One token for each decoding slot, in one forward over slots 0..B-1 (B: the batch bucket of len(rows)):
-        rows[i] = (token, column, pictures in the slot) for slot i, or None for a slot that decodes nothing (its
-        row writes to the scratch column). A new token sees no picture by the default masking rule (only the
+        """One token for each decoding slot, in one forward over slots 0..B-1 (B: len(rows); on the fast path its
+        bucket): rows[i] = (token, column, pictures in the slot) for slot i, or None for a slot that decodes nothing
+        (its row writes to the scratch column). A new token sees no picture by the default masking rule (only the
         cross-attention blocks' FFW runs), the slot's last one under attend_previous. Logits (B, vocab)."""
-        B = next(b for b in self.buckets if b >= len(rows))
+        B = self.bucket(self.buckets, len(rows))
         rows = rows + [None] * (B - len(rows))
         live = [r for r in rows if r is not None]
         table = [r or (0, self.max_len, 0) for r in rows]

@@ -94,6 +94,23 @@ def test_requests_that_arrive_together_are_prefilled_together_within_the_budget(
         assert first == len(sizes)
 
 
+def test_eager_steps_run_on_the_rows_and_columns_they_need(tokenizer):
+    """Only compiled code needs few shapes: eagerly, 3 requests in 8 slots are prefilled as 3 rows of the longest
+    prompt's length and decoded as 3 rows reading as many columns as the longest sequence holds."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    e = Engine(model, tokenizer, slots=8, eos_id=-1)
+    prefills, decodes = [], []
+    prefill, decode = e.runner.prefill_step, e.runner.decode_step
+    e.runner.prefill_step = lambda m, step, ids, *a: prefills.append(tuple(ids.shape)) or prefill(m, step, ids, *a)
+    e.runner.decode_step = lambda m, step, ids, *a: decodes.append(
+        (ids.shape[0], step.width, max(len(s.ids) for s in e.slots[:e.running]))) or decode(m, step, ids, *a)
+    done = e.generate([greedy(p, im, 4) for p, im in zip(prompts[:3], images[:3])])
+    assert [r.tokens for r in done] == [reference(model, tokenizer, p, im, 4) for p, im in zip(prompts, images[:3])]
+    assert prefills == [(3, max(len(p) for p in prompts[:3]))]
+    assert len(decodes) == 3 and all(rows == 3 and width == longest + 1 for rows, width, longest in decodes)
+
+
 def test_eos_and_the_limit_are_not_fed(tokenizer):
     """A slot caches the prompt and every answer token that was fed back: all of them after EOS (EOS itself is
     not cached), all but the last at the token limit (no forward is run for a token nobody reads)."""
