@@ -25,8 +25,8 @@ How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cach
 - Text comes out incrementally (Detokenizer): a few tokens are decoded per step, never the whole answer again.
 
 Read top-down: Sampling, Request, Output (the interface); Detokenizer; Slot and the prefix helpers; sampling on
-the device; Runner (the model side: the cache, the compiled steps); Engine (the scheduler: slots, prefix reuse,
-chunked prefill, stopping).
+the device; Chunk and Runner (the model side: the cache, the compiled steps); Engine (the scheduler: slots, prefix
+reuse, batched and chunked prefill, stopping).
 """
 import hashlib
 import random
@@ -197,6 +197,18 @@ def _prefill_step(model, step: Step, ids, rows, index, last, inputs=None):
     return model.decode(ids, step, rows, index, last, inputs)[:, 0]
 
 
+class Chunk(NamedTuple):
+    """A piece of one slot's prompt for Runner.prefill: ids going into the slot's columns start.., index their
+    pictures among the slot's `pictures` (perceiver.media_index); prefix fusion: inputs at their <image> positions
+    instead (None: none in this piece)."""
+    slot: int
+    ids: list[int]
+    start: int
+    index: list[int]
+    pictures: int
+    inputs: torch.Tensor | None = None
+
+
 class Runner:
     """The model side of the engine (nano-vllm's model runner): the cache, the steps that run the model over it
     (compiled on the fast path), picture encoding and sampling. It knows slots by their index; which request is in
@@ -262,12 +274,16 @@ class Runner:
         for t, width in ((c.k, columns), (c.v, columns), (c.picture_k, n), (c.picture_v, n)):
             t[:, [i, j], :, :width] = t[:, [j, i], :, :width]
 
+    def pixels(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Several requests' pictures (3, H, W), in order, as one batch (1, N, 3, H, W) on the device: one pass of
+        the ViT and perceiver encodes each picture on its own, whatever is beside it."""
+        return torch.stack([p for pictures in groups for p in pictures])[None].to(self.device)
+
     def add_pictures(self, todo: list[tuple[int, int, list[torch.Tensor]]]):
-        """Encode the pictures (3, H, W) of several slots in one pass of the ViT and perceiver (each picture is
-        encoded on its own, whatever is beside it) and keep their cross-attention keys/values: todo[i] = (slot,
-        first, pictures), the slot's pictures first, first + 1, ..."""
-        flat = torch.stack([p for _, _, pictures in todo for p in pictures])[None].to(self.device)
-        kv, n, done = self.model.picture_kv(self.model.encode_images(flat)), self.cfg.perceiver_latents, 0
+        """Encode the pictures of several slots in one pass and keep their cross-attention keys/values: todo[i] =
+        (slot, first, pictures), the slot's pictures first, first + 1, ..."""
+        kv = self.model.picture_kv(self.model.encode_images(self.pixels([pictures for _, _, pictures in todo])))
+        n, done = self.cfg.perceiver_latents, 0
         for slot, first, pictures in todo:
             source, target = (slice(i * n, (i + len(pictures)) * n) for i in (done, first))
             for i, (k, v) in kv.items():
@@ -279,30 +295,30 @@ class Runner:
     def picture_inputs(self, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Prefix fusion: the decoder's inputs of each group of pictures, (pictures * latents, dim) in order, all
         encoded in one pass."""
-        flat = [p for pictures in groups for p in pictures]
-        ids = torch.full((1, len(flat) * self.cfg.picture_tokens), self.cfg.image_id, device=self.device)
-        inputs = self.model.picture_inputs(torch.stack(flat)[None].to(self.device), ids)
+        pixels = self.pixels(groups)
+        ids = torch.full((1, pixels.shape[1] * self.cfg.picture_tokens), self.cfg.image_id, device=self.device)
+        inputs = self.model.picture_inputs(pixels, ids)
         return list(inputs.split([len(pictures) * self.cfg.picture_tokens for pictures in groups]))
 
-    def prefill(self, chunks: list[tuple[int, list[int], int, list[int], int, torch.Tensor | None]]) -> torch.Tensor:
-        """Feed a chunk of prompt into each of several slots, in one forward: chunks[i] = (slot, ids, start, index,
-        pictures, inputs), ids going into the slot's columns start.., index their pictures among the slot's
-        `pictures` (prefix fusion: inputs at their <image> positions instead, or None). Logits (len(chunks),
-        vocab) after each chunk's last token. The chunks are padded to the longest (on the fast path, up to a
-        length bucket): the padding goes to each slot's scratch column, after its real tokens, which never see it."""
-        n, longest = len(chunks), max(len(c[1]) for c in chunks)
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Feed a chunk of prompt into each of several slots, in one forward; logits (len(chunks), vocab) after each
+        chunk's last token. The chunks are padded to the longest (on the fast path, up to a length bucket): the
+        padding goes to each slot's scratch column, after its real tokens, which never see it."""
+        n, longest = len(chunks), max(len(c.ids) for c in chunks)
         T = self.bucket(self.lengths, longest)
         table = []
-        for _, ids, start, index, _, _ in chunks:
-            pad = [0] * (T - len(ids))
-            table += ids + pad + list(range(start, start + len(ids))) + [self.max_len] * len(pad) + index + pad
-        x = self.tensor(table + [c[0] for c in chunks] + [len(c[1]) - 1 for c in chunks] + [c[4] for c in chunks])
+        for c in chunks:
+            pad = [0] * (T - len(c.ids))
+            at = list(range(c.start, c.start + len(c.ids))) + [self.max_len] * len(pad)     # columns
+            table += c.ids + pad + at + c.index + pad
+        x = self.tensor(table + [c.slot for c in chunks] + [len(c.ids) - 1 for c in chunks]
+                        + [c.pictures for c in chunks])
         ids, columns, index = x[:3 * n * T].view(n, 3, T).unbind(1)
         slots, last, pictures = x[3 * n * T:].view(3, n)
-        most = max(c[4] for c in chunks)
-        step = Step(self.cache, slots, slots[:, None], columns, self.width(max(c[2] + len(c[1]) for c in chunks)),
+        most = max(c.pictures for c in chunks)
+        step = Step(self.cache, slots, slots[:, None], columns, self.width(max(c.start + len(c.ids) for c in chunks)),
                     gather=True, picture_keys=self.picture_keys(most))
-        inputs = [c[5] for c in chunks if c[5] is not None]
+        inputs = [c.inputs for c in chunks if c.inputs is not None]
         if inputs:      # prefix fusion (rows without <image> in their chunk have none: masked_scatter skips them)
             return self.prefill_step(self.model, step, ids, None, None, last, torch.cat(inputs))
         return self.prefill_step(self.model, step, ids, pictures.bool() if most else None, index if most else None,
@@ -551,11 +567,11 @@ class Engine:
             if request._inputs is not None and image_id in chunk:     # prefix fusion: the inputs at its <image>s
                 done = slot.ids.count(image_id) - request._first * per
                 inputs = request._inputs[done:done + chunk.count(image_id)]
-            chunks.append((slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
-                           len(request.pictures), inputs))
+            chunks.append(Chunk(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
+                                len(request.pictures), inputs))
         logits = self.runner.prefill(chunks)
-        for slot, (_, chunk, *_) in zip(todo, chunks):
-            slot.ids += chunk  # first: a slot that lacks the hash of one of its pictures reuses nothing past it
+        for slot, c in zip(todo, chunks):
+            slot.ids += c.ids  # first: a slot that lacks the hash of one of its pictures reuses nothing past it
             slot.pictures = slot.request._keys[:pictures_begun(slot.ids, image_id, per)]
         done = [i for i, slot in enumerate(todo) if len(slot.ids) == len(slot.request.ids)]
         if done:
