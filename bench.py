@@ -391,7 +391,9 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     import chat
     import demo
     import serve
-    model, tokenizer, transform = checkpoints.load_run(run, device=str(device))
+    flags = argparse.ArgumentParser()
+    checkpoints.add_weight_args(flags)
+    model, tokenizer, transform = checkpoints.load_model(flags.parse_args(["--ckpt", run]), str(device))  # as serve.py
     pictures = sorted(glob.glob(os.path.join(run, "samples", "*.png")))
     if not pictures:
         raise SystemExit(f"{run}/samples/: no pictures (a train.py demo run writes them)")
@@ -554,15 +556,15 @@ def bench_training(model, device, args, seq, repeat, peak_tflops, results):
 
 
 def bench_chatting(model, device, args, results):
-    """The aten ops of a decode step at batch 1 (eager, LoRA unmerged and merged); chat.py's path eager and (on a
-    GPU) fast; the engine at the concurrencies of --concurrency (fast on a GPU); last, as quantization replaces the
+    """The aten ops of a decode step at batch 1 (eager, LoRA unmerged and merged); then, the LoRA merged as the
+    programs load it, chat.py's path eager and (on a GPU) fast; the engine at the concurrencies of --concurrency (fast on a GPU); last, as quantization replaces the
     weights, --int8 (fast on a GPU, eager elsewhere)."""
     cuda = device.type == "cuda"
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9
 
     def chat_row(fast: bool, int8: bool):
-        row = bench_chat(model, device, fast)   # the fast path merges LoRA: count what it read
+        row = bench_chat(model, device, fast)
         weights = decode_bytes(model)
         row |= {"int8": int8, "weights_gb_per_token": weights / 1e9}
         row["bandwidth_fraction"] = weights * row["decode_tokens_per_s"] / bandwidth if bandwidth else None
@@ -571,10 +573,10 @@ def bench_chatting(model, device, args, results):
 
     model.eval()
     results["ops_per_token"] = {"unmerged": ops_per_token(model, device)}
-    chat_row(False, int8=False)
-    lora.merge(model)
+    lora.merge(model)      # as checkpoints.load_model gives chat.py, eval.py and serve.py their model
     results["ops_per_token"]["merged"] = ops_per_token(model, device)
     print(f"ops per token {results['ops_per_token']}", flush=True)
+    chat_row(False, int8=False)
     for c in [int(c) for c in args.concurrency.split(",") if c]:
         results["engine"].append(bench_engine(model, device, c, fast=cuda))
         print(f"engine {results['engine'][-1]}", flush=True)

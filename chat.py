@@ -234,7 +234,7 @@ def main(argv=None):
     d.add_argument("--seed", type=int, help="seed of the sampling: each answer is drawn with it (default: fresh)")
     d.add_argument("--device", help="default: cuda when there is one, else cpu")
     d.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRA merged, decoding compiled with CUDA graphs (default: on with a GPU; --no-fast: eager)")
+                   help="decoding compiled, with CUDA graphs (default: on with a GPU; --no-fast: eager)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")

@@ -709,7 +709,7 @@ def main(argv=None):
     s.add_argument("--model-name", default="mmgpt", help="the model's name in the API (default: mmgpt)")
     s.add_argument("--device", help="default: cuda when there is one, else cpu")
     s.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRA merged, decoding compiled with CUDA graphs (default: on with a GPU)")
+                   help="decoding compiled, with CUDA graphs (default: on with a GPU)")
     s.add_argument("--grace", type=float, default=10.0, help="seconds running answers get to finish at shutdown")
     s.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     args = ap.parse_args(argv)

@@ -67,8 +67,8 @@ def test_bench_tiny_chat(tmp_path):
     for r in rows:
         assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["second_round_first_token_ms"] > 0
         assert r["bandwidth_fraction"] is None and r["peak_gib"] is None and "warmup_s" not in r
-    # fp32 weights + the unmerged LoRA factors, then int8 ones with LoRA merged (a byte per weight, a scale per
-    # row, the norms in fp32): about a quarter
+    # fp32 weights (LoRA merged, as the programs load a model), then int8 ones (a byte per weight, a scale per row,
+    # the norms in fp32): about a quarter
     assert 0.2 < rows[1]["weights_gb_per_token"] / rows[0]["weights_gb_per_token"] < 0.3
     assert [(r["concurrency"], r["fast"]) for r in result["engine"]] == [(1, False), (2, False)]
     for r in result["engine"]:

@@ -80,6 +80,25 @@ def test_two_greedy_rounds_equal_a_full_forward_over_the_conversation(files):
         no_special(files, rec)
 
 
+def test_the_programs_load_a_model_with_its_lora_merged(files):
+    """checkpoints.load_model (chat.py, eval.py, serve.py): every LoRA layer merged into its weight, the logits
+    those of the run's model with the factors apart (load_run, as training has it)."""
+    args = argparse.Namespace(ckpt=files["run"], llama=None, openflamingo=None, lora=None, vision="ViT-L-14",
+                              vision_weights="openai", int8=False, dtype=None)
+    merged, tok, transform = checkpoints.load_model(args, "cpu")
+    apart = checkpoints.load_run(files["run"])[0]
+    assert lora.lora_layers(merged) and all(m.merged for m in lora.lora_layers(merged))
+    assert not any(m.merged for m in lora.lora_layers(apart))
+    ids = tok.encode(conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, "")))))
+    images = transform(conversation.load_image(files["pic1"]))[None, None]
+    with torch.no_grad():
+        expected = apart(images, torch.tensor([ids]))
+        torch.testing.assert_close(merged(images, torch.tensor([ids])), expected, rtol=1e-5, atol=1e-5)
+        for m in lora.lora_layers(apart):     # the factors are not zero: without them the logits move
+            m.lora_B.zero_()
+        assert (apart(images, torch.tensor([ids])) - expected).abs().max() > 1e-2
+
+
 def test_int8_chat_answers_as_the_quantized_model_does(files):
     """chat.py --int8: LoRA merged, the decoder in int8 (quantize.py); its greedy answer is that model's own full
     forward decode (here the same as the fp32 model's), and the model chat loads with --int8 is quantized."""
