@@ -294,9 +294,13 @@ def test_local_pictures_only_under_the_allowed_folder(files, tmp_path):
             assert_error(status, body, 400, "messages[0].content[0].image_url", "invalid_image_url", "no such picture")
 
 
-def stream_raw(server, body: dict) -> socket.socket:
-    """A streamed request on a bare socket (a client that can be killed at any byte)."""
-    s = socket.create_connection(("127.0.0.1", port(server)), timeout=30)
+def stream_raw(server, body: dict, receive_buffer: int | None = None) -> socket.socket:
+    """A streamed request on a bare socket (a client that can be killed at any byte, or never read)."""
+    s = socket.socket()
+    if receive_buffer:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", port(server)))
     data = json.dumps(body | {"stream": True}).encode()
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
@@ -329,6 +333,45 @@ def test_a_client_killed_mid_stream_frees_its_slot_and_changes_no_other(files):
         assert server.loop.engine.running == 0 and server.loop.accepted == 0
         # the killed request was cancelled, not run to its 150 tokens
         assert server.loop.counts["generation_tokens"] < sum(b["max_tokens"] for b in bodies) + 75
+
+
+def test_a_client_that_stops_reading_holds_up_no_other_and_is_let_go(files, monkeypatch):
+    """One thread writes every stream, without blocking: a client that reads nothing while its answer fills the
+    socket's buffers (small here: the server's a few KB) holds up no other stream; once it has taken nothing for
+    Streams.stall seconds its connection is closed before the answer's end and its slot is free again."""
+    bodies = requests_of_all_kinds(files)[:3]
+    with running(files, slots=1, eos_id=-1) as server:
+        alone = [stream_text(server, b) for b in bodies]
+    setup = serve.Handler.setup
+
+    def small_send_buffer(handler):
+        setup(handler)
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    monkeypatch.setattr(serve.Handler, "setup", small_send_buffer)
+    with running(files, slots=4, eos_id=-1) as server:
+        threads_before = threading.active_count()
+        stuck = stream_raw(server, {"messages": [user(Q2, files["pic2"])], "max_tokens": 180, "temperature": 0},
+                           receive_buffer=4096)
+        deadline = time.time() + 30
+        while not (unsent := list(server.loop.streams.unsent)) and time.time() < deadline:   # its answer no
+            time.sleep(0.05)                                                                  # longer fits
+        (job,) = unsent
+        assert job.blocked is not None and not job.done.is_set()
+        got = [stream_text(server, b) for b in bodies]      # one after the other, while it is stuck
+        assert got == alone and not job.done.is_set()
+        monkeypatch.setattr(serve.Streams, "stall", 0.5)
+        assert job.done.wait(10)
+        received = b""
+        while more := stuck.recv(65536):
+            received += more
+        stuck.close()
+        assert received.startswith(b"HTTP/1.0 200") and b"data: {" in received and b"[DONE]" not in received
+        deadline = time.time() + 10
+        while (server.loop.accepted or threading.active_count() > threads_before) and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.loop.engine.running == 0 and server.loop.accepted == 0
+        assert threading.active_count() == threads_before      # its connection's thread has ended
 
 
 def test_busy_server_says_429_with_retry_after(files):
