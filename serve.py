@@ -13,9 +13,9 @@ every streamed answer's new text to the one thread that writes all the streams (
 not one per client), a plain answer's end to the HTTP thread that waits for it. An HTTP thread (one per
 connection) reads and checks a request, renders the conversation on the paper's template exactly as chat.py does,
 decodes its pictures and queues it; then it sends the answer, or a stream's headers, and waits for the answer to
-be sent, watching for the client going away. A conversation sent again with one more turn finds its prefix in a slot and feeds
-only the new tokens. A client that goes away has its request cancelled at the next step. When every slot is busy,
-requests wait in a bounded queue; past it the answer is 429 with Retry-After.
+be sent, watching for the client going away. A conversation sent again with one more turn finds its prefix in a
+slot and feeds only the new tokens. A client that goes away has its request cancelled at the next step. When every
+slot is busy, requests wait in a bounded queue; past it the answer is 429 with Retry-After.
 
 Nothing a client sends can stop the server: bad input is a 4xx with OpenAI's error shape naming the field, remote
 picture URLs are refused (the server never reaches another host), local files only under
@@ -432,9 +432,9 @@ class Loop(threading.Thread):
 class Streams(threading.Thread):
     """The one thread that writes every streamed answer, so that an engine step wakes one thread and not one per
     client: on 2 CPU cores, 16 threads woken for every token slowed the engine's 16-row step from ~9 ms to 11-12.5
-    (what they do is little; being woken is not). It writes without blocking: a client that reads slowly keeps its bytes here
-    until it takes them, and one that has taken nothing for `stall` seconds is let go (its handler then cancels
-    the request)."""
+    (what they do is little; being woken is not). It writes without blocking: a client that reads slowly keeps its
+    bytes here until it takes them, and one that has taken nothing for `stall` seconds is let go (its handler then
+    cancels the request)."""
     stall = 30.0
 
     def __init__(self):
