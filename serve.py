@@ -314,6 +314,7 @@ class Histogram:
 
 class Loop(threading.Thread):
     """The one thread that runs the model: queued jobs in, engine steps, each job's Outputs out."""
+    gather = 0.02     # seconds an idle loop waits, when a request comes, for those still being read (see run)
 
     def __init__(self, engine: Engine, max_waiting: int, streams: "Streams"):
         super().__init__(name="engine", daemon=True)
@@ -322,6 +323,7 @@ class Loop(threading.Thread):
         self.jobs: dict[Request, Job] = {}
         self.lock = threading.Lock()
         self.accepted = 0                 # jobs queued and not finished (read by HTTP threads for the 429)
+        self.arriving = 0                 # requests being read and checked by HTTP threads (their first line is in)
         self.stopping = threading.Event()
         self.counts = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -338,14 +340,24 @@ class Loop(threading.Thread):
             self.accepted += 1
         self.incoming.put(job)
 
+    def arrive(self, n: int):
+        with self.lock:
+            self.arriving += n
+
     def run(self):
         while True:
             idle = not self.engine.busy
             try:   # wait for work when there is none; else take what has come and go on
-                job = self.incoming.get(timeout=0.1) if idle else self.incoming.get_nowait()
-                jobs = [job] + [self.incoming.get_nowait() for _ in range(self.incoming.qsize())]
+                jobs = [self.incoming.get(timeout=0.1) if idle else self.incoming.get_nowait()]
             except queue.Empty:
                 jobs = []
+            # Requests that come together (a client's batch, users at once) are prefilled together: an idle loop
+            # does not start the first alone while others are still being read (their prefill would wait for its
+            # step), but waits for them a little. A request that comes alone does not wait.
+            deadline = time.monotonic() + self.gather
+            while jobs and idle and self.arriving and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            jobs += [self.incoming.get_nowait() for _ in range(self.incoming.qsize())]
             for job in jobs:
                 self.submit(job)
             if self.stopping.is_set() and not self.engine.busy and self.incoming.empty():
@@ -532,11 +544,22 @@ class Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             self.deadline.cancel()
+            self.read()
+
+    reading = False
 
     def parse_request(self) -> bool:
+        self.server.loop.arrive(1)        # its request line is in: an idle loop waits a little for it (Loop.run)
+        self.reading = True
         ok = super().parse_request()      # reads the headers
         self.deadline.cancel()
         return ok
+
+    def read(self):
+        """The request has been read and checked (queued, refused, or not one for the loop)."""
+        if self.reading:
+            self.reading = False
+            self.server.loop.arrive(-1)
 
     def too_slow(self):
         try:
@@ -632,6 +655,8 @@ class Handler(BaseHTTPRequestHandler):
             self.server.loop.offer(job)
         except APIError as e:
             return self.reply(e)
+        finally:
+            self.read()
         try:
             self.answer(job)
         finally:   # whatever ended the answer (the client went away, a write failed): its slot is freed

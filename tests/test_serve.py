@@ -307,6 +307,41 @@ def stream_raw(server, body: dict, receive_buffer: int | None = None) -> socket.
     return s
 
 
+def test_requests_that_come_together_to_an_idle_server_start_in_one_step(files, monkeypatch):
+    """Four requests whose bodies are all being read when the first is complete: the idle loop does not start the
+    first alone but waits for the others, and all four are admitted (prefilled together) in its first step; each
+    answer is what it is alone."""
+    monkeypatch.setattr(serve.Loop, "gather", 5.0)     # the wait ends when the last is read, long before this
+    bodies = requests_of_all_kinds(files)[:4]
+    with running(files, slots=1) as server:
+        alone = [post(server, b)[2]["choices"][0]["message"]["content"] for b in bodies]
+    with running(files, slots=4) as server:
+        engine, admitted = server.loop.engine, []
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda: (admitted.append(len(engine.waiting)), step())[1])
+        sockets, rest = [], []
+        for b in bodies:
+            data = json.dumps(b).encode()
+            s = socket.create_connection(("127.0.0.1", port(server)), timeout=30)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data[:-1])
+            sockets.append(s)
+            rest.append(data[-1:])
+        deadline = time.time() + 10
+        while server.loop.arriving < 4 and time.time() < deadline:   # all four are being read
+            time.sleep(0.01)
+        assert server.loop.arriving == 4 and not admitted
+        for s, last in zip(sockets, rest):
+            s.sendall(last)
+        got = []
+        for s in sockets:
+            r = http.client.HTTPResponse(s)
+            r.begin()
+            got.append(json.loads(r.read())["choices"][0]["message"]["content"])
+            s.close()
+        assert admitted[0] == 4 and got == alone
+
+
 def test_a_client_killed_mid_stream_frees_its_slot_and_changes_no_other(files):
     bodies = requests_of_all_kinds(files)[:3]
     with running(files, slots=1, eos_id=-1) as server:
