@@ -701,6 +701,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             ready, _, _ = select.select([self.connection], [], [], 0)
             return bool(ready) and self.connection.recv(1, 0x2) == b""      # MSG_PEEK
+        except BlockingIOError:     # (a stream's socket is non-blocking) nothing to read after all
+            return False
         except OSError:
             return True
 
