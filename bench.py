@@ -557,8 +557,8 @@ def bench_training(model, device, args, seq, repeat, peak_tflops, results):
 
 def bench_chatting(model, device, args, results):
     """The aten ops of a decode step at batch 1 (eager, LoRA unmerged and merged); then, the LoRA merged as the
-    programs load it, chat.py's path eager and (on a GPU) fast; the engine at the concurrencies of --concurrency (fast on a GPU); last, as quantization replaces the
-    weights, --int8 (fast on a GPU, eager elsewhere)."""
+    programs load it, chat.py's path eager and (on a GPU) fast; the engine at the concurrencies of --concurrency
+    (fast on a GPU); last, as quantization replaces the weights, --int8 (fast on a GPU, eager elsewhere)."""
     cuda = device.type == "cuda"
     bandwidth = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bandwidth and bandwidth / 1e9

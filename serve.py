@@ -544,7 +544,7 @@ class Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             self.deadline.cancel()
-            self.read()
+            self.done_reading()
 
     reading = False
 
@@ -555,7 +555,7 @@ class Handler(BaseHTTPRequestHandler):
         self.deadline.cancel()
         return ok
 
-    def read(self):
+    def done_reading(self):
         """The request has been read and checked (queued, refused, or not one for the loop)."""
         if self.reading:
             self.reading = False
@@ -656,7 +656,7 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             return self.reply(e)
         finally:
-            self.read()
+            self.done_reading()
         try:
             self.answer(job)
         finally:   # whatever ended the answer (the client went away, a write failed): its slot is freed
