@@ -366,18 +366,16 @@ def wave(port: int, bodies: list[list[dict]]) -> tuple[list[list[dict]], float]:
     return answers, time.perf_counter() - t0
 
 
-def resend(port: int, bodies: list[dict], questions: list[str]) -> tuple[list[float], list[float], list[dict]]:
+def resend(port: int, bodies: list[dict], questions: list[str]) -> list[tuple[dict, dict, dict]]:
     """In the clients' process: each conversation's first round, then the whole conversation sent again with one
-    more turn (as a stateless API is used); the times to the first text of each, and the second rounds' bodies."""
-    first, second, again = [], [], []
+    more turn (as a stateless API is used); for each, the two answers and the second round's body."""
+    rounds = []
     for body, question in zip(bodies, questions):
         one = stream(port, body)
-        again.append(body | {"messages": body["messages"] + [{"role": "assistant", "content": one["text"]},
-                                                             {"role": "user", "content": question}]})
-        two = stream(port, again[-1])
-        first.append(one["times"][0] - one["sent"])
-        second.append(two["times"][0] - two["sent"])
-    return first, second, again
+        again = body | {"messages": body["messages"] + [{"role": "assistant", "content": one["text"]},
+                                                        {"role": "user", "content": question}]}
+        rounds.append((one, stream(port, again), again))
+    return rounds
 
 
 def bench_serving(run: str, device, concurrencies: list[int], results: dict, new_tokens: int = 64):
@@ -385,7 +383,8 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     (clients in a process of their own, as they would be), each asking about the demo's pictures (answers run to
     new_tokens: </s> is banned, as the demo's own answers are a word or two); chat.py's way (one Chat, the same
     questions one after the other); a conversation's second round re-sent whole against its first (answers as the
-    demo gives them, ended by </s>)."""
+    demo gives them, ended by </s>). Every answer is checked: a streamed one against chat.py's for the same picture and
+    question, a re-sent round against a server's that has cached nothing (SystemExit at the first that differs)."""
     import multiprocessing
 
     import chat
@@ -401,20 +400,36 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     data_urls = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in pictures]
     no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
 
+    def case(i: int) -> tuple[int, int]:
+        """The i-th question asked: (its picture, its question)."""
+        return i % len(pictures), i % len(questions)
+
     def body(i: int) -> dict:
-        content = [{"type": "image_url", "image_url": {"url": data_urls[i % len(data_urls)]}},
-                   {"type": "text", "text": questions[i % len(questions)]}]
+        picture, question = case(i)
+        content = [{"type": "image_url", "image_url": {"url": data_urls[picture]}},
+                   {"type": "text", "text": questions[question]}]
         return {"messages": [{"role": "user", "content": content}], "max_tokens": new_tokens, "temperature": 0}
 
+    def check(name: str, got: str, want: str):
+        """Greedy answers are the same whatever runs beside them: a benchmark of wrong answers measures nothing."""
+        if got != want:
+            raise SystemExit(f"{name}: the server answered {got!r} where {want!r} was expected")
+
     # chat.py's way, as chat.py runs (every core): its Chat, a fresh conversation per question, one after the other
-    answers, t0 = [], time.perf_counter()
+    answers, said, t0 = [], {}, time.perf_counter()
     for i in range(8):
+        picture, question = case(i)
         c = chat.Chat(Engine(model, tokenizer, **no_end), transform, new_tokens, Sampling(greedy=True))
-        c.add_picture(pictures[i % len(pictures)])
-        a = {"sent": time.perf_counter(), "times": []}
-        a["tokens"] = len(c.ask(questions[i % len(questions)], lambda text: text and a["times"].append(
-            time.perf_counter())))
+        c.add_picture(pictures[picture])
+        a = {"sent": time.perf_counter(), "times": [], "text": ""}
+
+        def on_text(text, a=a):
+            if text:
+                a["times"].append(time.perf_counter())
+                a["text"] += text
+        a["tokens"] = len(c.ask(questions[question], on_text))
         answers.append(a)
+        said[case(i)] = a["text"]
     results["serve"].append(latency_row("chat.py", answers, time.perf_counter() - t0))
     print(f"serve {results['serve'][-1]}", flush=True)
     if device.type == "cpu":
@@ -426,24 +441,30 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
                 per_client = max(2, 8 // c)
                 answers, seconds = clients.apply(wave, (server.server_address[1], [
                     [body(k * per_client + j) for j in range(per_client)] for k in range(c)]))
+                for k, client in enumerate(answers):
+                    for j, a in enumerate(client):
+                        check(f"question {k * per_client + j} ({c} streaming at once)", a["text"],
+                              said.setdefault(case(k * per_client + j), a["text"]))
                 results["serve"].append(latency_row(str(c), [a for x in answers for a in x], seconds))
                 print(f"serve {results['serve'][-1]}", flush=True)
         finally:
             serve.stop(server, grace=0)
         server = serve.start(Engine(model, tokenizer, slots=4), transform, quiet=True)
         try:
-            first, second, again = clients.apply(resend, (server.server_address[1], [
+            rounds = clients.apply(resend, (server.server_address[1], [
                 body(100 + i) for i in range(8)], [questions[(101 + i) % len(questions)] for i in range(8)]))
         finally:
             serve.stop(server, grace=0)
-        cold = []      # each second round sent to a server that has cached nothing
-        for b in again:
+        first, second, cold = [], [], []
+        for i, (one, two, again) in enumerate(rounds):   # each second round sent to a server that has cached nothing
             server = serve.start(Engine(model, tokenizer, slots=1), transform, quiet=True)
             try:
-                (([a],), _) = clients.apply(wave, (server.server_address[1], [[b]]))
-                cold.append(a["times"][0] - a["sent"])
+                (([a],), _) = clients.apply(wave, (server.server_address[1], [[again]]))
             finally:
                 serve.stop(server, grace=0)
+            check(f"conversation {i} sent again", two["text"], a["text"])
+            for times, x in ((first, one), (second, two), (cold, a)):
+                times.append(x["times"][0] - x["sent"])
     results["resend_ttft_ms"] = {name: percentiles(t)[0] * 1e3 for name, t in
                                  (("first round", first), ("sent again", second), ("sent again, cold", cold))}
     print(f"\n{'clients':<9}{'tok/s':>9}{'per client':>12}{'TTFT p50':>10}{'p99 ms':>8}{'ITL p50':>9}{'p99 ms':>8}")
@@ -455,6 +476,9 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     print(f"a conversation sent again with one more turn: time to first token {t['sent again']:.1f} ms (p50), "
           f"{t['sent again'] / t['first round']:.2f}x its first round's, {t['sent again'] / t['sent again, cold']:.2f}x "
           f"the same messages' on a server that has cached nothing")
+    streamed = sum(r["answers"] for r in results["serve"][1:])
+    print(f"answers: each of the {streamed} streamed equals chat.py's for its picture and question (greedy); each "
+          f"of the {len(rounds)} conversations sent again got the answer a server that had cached nothing gave")
 
 
 def bench_model(tiny: bool, device) -> mmgpt.MMGPT:

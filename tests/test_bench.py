@@ -1,6 +1,8 @@
-"""bench.py --tiny: the training and chat rows on a CPU, their figures consistent, and its op count the real one."""
+"""bench.py --tiny: the training and chat rows on a CPU, their figures consistent, and its op count the real one;
+bench.py --serve: serve.py's server under streaming clients, every answer checked."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,10 +10,12 @@ import pytest
 import torch
 
 import bench
+import chat
 import lora
 import mmgpt
 import quantize
 import train
+from conftest import tiny_release
 from engine import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,3 +116,46 @@ def test_decode_bytes_count_the_weights_a_token_reads():
     quantize.quantize_int8(model)
     int8 = bench.decode_bytes(model)
     assert decoder < int8 < 1.1 * decoder
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory, sp_model, tokenizer):
+    """A train.py run of a tiny model (its answers never end before max_tokens) with two pictures in samples/."""
+    files = tiny_release(tmp_path_factory.mktemp("bench-serve"), sp_model, tokenizer, never_ends=True)
+    os.makedirs(os.path.join(files["run"], "samples"))
+    for i, name in enumerate(("pic1", "pic2")):
+        shutil.copy(files[name], os.path.join(files["run"], "samples", f"{i}.png"))
+    return files["run"]
+
+
+def serve_bench(run, concurrencies):
+    threads, results = torch.get_num_threads(), {"serve": []}
+    try:
+        bench.bench_serving(run, torch.device("cpu"), concurrencies, results, new_tokens=6)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def test_bench_serve_rows_and_answers(served_run, capsys):
+    """The rows of `bench.py --serve` (chat.py's way, then the server at each concurrency) count every answer and
+    token, and the run checked each streamed answer against chat.py's and each re-sent round against a cold server."""
+    results = serve_bench(served_run, [1, 3])
+    rows = results["serve"]
+    assert [(r["clients"], r["answers"]) for r in rows] == [("chat.py", 8), ("1", 8), ("3", 6)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 0 < r["ttft_ms"][0] <= r["ttft_ms"][1] and 0 < r["itl_ms"][0] <= r["itl_ms"][1]
+    assert set(results["resend_ttft_ms"]) == {"first round", "sent again", "sent again, cold"}
+    out = capsys.readouterr().out
+    assert "answers: each of the 14 streamed equals chat.py's for its picture and question (greedy); each of the 8 " \
+           "conversations sent again got the answer a server that had cached nothing gave" in out
+
+
+def test_bench_serve_stops_at_an_answer_that_differs(served_run, monkeypatch):
+    """A served answer that is not chat.py's for the same picture and question ends the benchmark, naming it."""
+    ask = chat.Chat.ask
+    monkeypatch.setattr(chat.Chat, "ask", lambda self, question, on_text: ask(
+        self, question, lambda text: on_text(text and text + "!")))
+    wrong = r"question 0 \(1 streaming at once\): the server answered '.+' where '.+!.*' was expected"
+    with pytest.raises(SystemExit, match=wrong):
+        serve_bench(served_run, [1])
