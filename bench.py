@@ -33,9 +33,10 @@ import math
 import os
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
@@ -378,13 +379,15 @@ def resend(port: int, bodies: list[dict], questions: list[str]) -> list[tuple[di
     return rounds
 
 
-def bench_serving(run: str, device, concurrencies: list[int], results: dict, new_tokens: int = 64):
+def bench_serving(run: str, device, concurrencies: list[int], results: dict, new_tokens: int = 64,
+                  fast: bool | None = None):
     """The demo model (a train.py run) served as serve.py serves it to 1, 4, 16, 32 streaming clients at once
-    (clients in a process of their own, as they would be), each asking about the demo's pictures (answers run to
+    (clients in a process of their own, as they would be; each run on a server that has cached nothing), each asking about the demo's pictures (answers run to
     new_tokens: </s> is banned, as the demo's own answers are a word or two); chat.py's way (one Chat, the same
     questions one after the other); a conversation's second round re-sent whole against its first (answers as the
     demo gives them, ended by </s>). Every answer is checked: a streamed one against chat.py's for the same picture and
-    question, a re-sent round against a server's that has cached nothing (SystemExit at the first that differs)."""
+    question, a re-sent round against a server's that has cached nothing (SystemExit at the first that differs).
+    fast: the engines' fast path (default: on a GPU, as chat.py and serve.py decide), compiled before the timing."""
     import multiprocessing
 
     import chat
@@ -401,8 +404,8 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
 
     def case(i: int) -> tuple[int, int]:
-        """The i-th question asked: (its picture, its question)."""
-        return i % len(pictures), i % len(questions)
+        """The i-th question asked: (its picture, its question), every pair once before any comes again."""
+        return i % len(pictures), i // len(pictures) % len(questions)
 
     def body(i: int) -> dict:
         picture, question = case(i)
@@ -415,53 +418,71 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         if got != want:
             raise SystemExit(f"{name}: the server answered {got!r} where {want!r} was expected")
 
-    # chat.py's way, as chat.py runs (every core): its Chat, a fresh conversation per question, one after the other
-    answers, said, t0 = [], {}, time.perf_counter()
-    for i in range(8):
+    fast = device.type == "cuda" if fast is None else fast
+
+    def ask(i: int) -> dict:
+        """chat.py's way: its Chat on a fresh conversation, the question's answer as a client sees it."""
         picture, question = case(i)
-        c = chat.Chat(Engine(model, tokenizer, **no_end), transform, new_tokens, Sampling(greedy=True))
+        c = chat.Chat(Engine(model, tokenizer, fast=fast, **no_end), transform, new_tokens, Sampling(greedy=True))
         c.add_picture(pictures[picture])
         a = {"sent": time.perf_counter(), "times": [], "text": ""}
 
-        def on_text(text, a=a):
+        def on_text(text):
             if text:
                 a["times"].append(time.perf_counter())
                 a["text"] += text
         a["tokens"] = len(c.ask(questions[question], on_text))
-        answers.append(a)
-        said[case(i)] = a["text"]
+        return a
+
+    @contextmanager
+    def serving(slots: int, **options):
+        server = serve.start(Engine(model, tokenizer, slots=slots, fast=fast, **options), transform, quiet=True)
+        try:
+            yield server.server_address[1]
+        finally:
+            serve.stop(server, grace=0)
+
+    # chat.py's way, as chat.py runs (every core): the questions one after the other (compiled first, untimed, on
+    # the fast path: compiled code is shared by every engine, what a slot caches is not)
+    if fast:
+        ask(0)
+    t0 = time.perf_counter()
+    answers = [ask(i) for i in range(8)]
+    said = {case(i): a["text"] for i, a in enumerate(answers)}
     results["serve"].append(latency_row("chat.py", answers, time.perf_counter() - t0))
     print(f"serve {results['serve'][-1]}", flush=True)
     if device.type == "cpu":
         torch.set_num_threads(serve.cpu_threads())      # as serve.py runs
     with multiprocessing.get_context("spawn").Pool(1) as clients:
-        server = serve.start(Engine(model, tokenizer, slots=max(concurrencies), **no_end), transform, quiet=True)
-        try:
-            for c in concurrencies:
-                per_client = max(2, 8 // c)
-                answers, seconds = clients.apply(wave, (server.server_address[1], [
-                    [body(k * per_client + j) for j in range(per_client)] for k in range(c)]))
-                for k, client in enumerate(answers):
-                    for j, a in enumerate(client):
-                        check(f"question {k * per_client + j} ({c} streaming at once)", a["text"],
-                              said.setdefault(case(k * per_client + j), a["text"]))
-                results["serve"].append(latency_row(str(c), [a for x in answers for a in x], seconds))
-                print(f"serve {results['serve'][-1]}", flush=True)
-        finally:
-            serve.stop(server, grace=0)
-        server = serve.start(Engine(model, tokenizer, slots=4), transform, quiet=True)
-        try:
-            rounds = clients.apply(resend, (server.server_address[1], [
-                body(100 + i) for i in range(8)], [questions[(101 + i) % len(questions)] for i in range(8)]))
-        finally:
-            serve.stop(server, grace=0)
+        def on_a_fresh_server(slots: int, options: dict, job, *args):
+            """A job of the clients' process against a server that has cached nothing. On the fast path it runs
+            first, untimed, against other servers until a run compiles nothing new (at most 5 times): which shapes
+            a run takes depends on how its requests happen to be batched, and a compile is seconds. Compiled code is
+            shared by every engine, what a slot caches is not."""
+            for _ in range(5 if fast else 0):
+                graphs = counters["stats"]["unique_graphs"]
+                with serving(slots, **options) as port:
+                    clients.apply(job, (port, *args))
+                if counters["stats"]["unique_graphs"] == graphs:
+                    break
+            with serving(slots, **options) as port:
+                return clients.apply(job, (port, *args))
+
+        for c in concurrencies:
+            per_client = max(2, 8 // c)
+            answers, seconds = on_a_fresh_server(max(concurrencies), no_end, wave, [
+                [body(k * per_client + j) for j in range(per_client)] for k in range(c)])
+            for k, client in enumerate(answers):
+                for j, a in enumerate(client):
+                    check(f"question {k * per_client + j} ({c} streaming at once)", a["text"],
+                          said.setdefault(case(k * per_client + j), a["text"]))
+            results["serve"].append(latency_row(str(c), [a for x in answers for a in x], seconds))
+            print(f"serve {results['serve'][-1]}", flush=True)
+        rounds = on_a_fresh_server(4, {}, resend, [body(100 + i) for i in range(8)],
+                                   [questions[(101 + i) % len(questions)] for i in range(8)])
         first, second, cold = [], [], []
         for i, (one, two, again) in enumerate(rounds):   # each second round sent to a server that has cached nothing
-            server = serve.start(Engine(model, tokenizer, slots=1), transform, quiet=True)
-            try:
-                (([a],), _) = clients.apply(wave, (server.server_address[1], [[again]]))
-            finally:
-                serve.stop(server, grace=0)
+            (([a],), _) = on_a_fresh_server(1, {}, wave, [[again]])
             check(f"conversation {i} sent again", two["text"], a["text"])
             for times, x in ((first, one), (second, two), (cold, a)):
                 times.append(x["times"][0] - x["sent"])

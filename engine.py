@@ -240,8 +240,7 @@ class Runner:
         # Shapes come in buckets; the second size a dimension takes makes it symbolic (torch.compile's automatic
         # dynamic shapes), so each step compiles a few times, not once per (batch, width) bucket: with the pictures'
         # variants that would be dozens of compiles of the whole decoder. CUDA graphs are still recorded per bucket
-        # (cheap). Dynamo's default of 8 graphs per function is too few all the same.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # (cheap). Dynamo's default of 8 graphs per function is too few all the same (see allow_recompiles).
         options = dict(backend=backend, fullgraph=True)
         cuda_graphs = "reduce-overhead" if self.device.type == "cuda" else None
         self.decode_step = torch.compile(_decode_step, mode=cuda_graphs, **options)
@@ -249,6 +248,13 @@ class Runner:
         self.greedy, self.sample = torch.compile(greedy, **options), torch.compile(sample, **options)
         # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
         self.model.vision.compile(**options)
+
+    def allow_recompiles(self):
+        """On the fast path, before a step, in the thread that runs it: up to 64 graphs per compiled function, not
+        Dynamo's 8 (past which a step fails). Dynamo's settings are per thread (torch 2.14: a thread starts from the
+        defaults), and the thread that steps an engine need not be the one that made it (serve.py's loop)."""
+        if self.fast and torch._dynamo.config.recompile_limit < 64:
+            torch._dynamo.config.recompile_limit = 64
 
     def tensor(self, rows) -> torch.Tensor:
         """Small per-step inputs go to the device in one copy."""
@@ -449,6 +455,7 @@ class Engine:
         """Cancel what was cancelled, admit waiting requests into free slots, prefill (within the token budget),
         then decode one token for every request that had its prompt in already. Returns what each request produced."""
         self.clock += 1
+        self.runner.allow_recompiles()
         outputs = [self._finish(r, "cancelled") for r in self._requests() if r.cancelled]
         admitted = []
         while self.waiting and self.running < len(self.slots):

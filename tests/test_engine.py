@@ -1,6 +1,8 @@
 """engine.py: decoding with slots. Answers are held against a full forward over the whole sequence (no cache) at
 every step, and against the same request decoded alone: batched, joined mid-answer, cancelled, sampled with a
 seed, reusing a slot's prefix, compiled."""
+import threading
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -355,3 +357,31 @@ def test_the_fast_path_compiles_a_few_graphs_not_one_per_bucket(tokenizer):
     got = [r.tokens for r in fast.generate(requests())]
     assert got == [r.tokens for r in Engine(tiny_model(tokenizer), tokenizer, slots=8, eos_id=-1).generate(requests())]
     assert counters["stats"]["unique_graphs"] <= 16
+
+
+
+def test_the_fast_path_runs_in_a_thread_of_its_own(tokenizer):
+    """serve.py steps its engine in a thread that did not make it, and Dynamo's settings are per thread (torch
+    2.14): the steps may compile as many graphs there as the engine allows where it was made, not Dynamo's default 8
+    a function, past which a step fails. Engines of 1 to 10 slots (a cache of another shape: every step compiles
+    again) stepped in a new thread give the eager ids."""
+    prompt, picture = batch_input(tokenizer)[0][0], batch_input(tokenizer)[1][0]
+    model = tiny_model(tokenizer)
+
+    def request():
+        return greedy(prompt, picture, 3)
+
+    want = Engine(model, tokenizer, eos_id=-1).generate([request()])[0].tokens
+    torch._dynamo.reset()
+    engines = [Engine(model, tokenizer, slots=slots, eos_id=-1, fast=True, backend="eager") for slots in range(1, 11)]
+    got, failed = [], []
+
+    def run():
+        try:
+            got.extend(engine.generate([request()])[0].tokens for engine in engines)
+        except Exception as e:
+            failed.append(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not failed and got == [want] * 10
