@@ -382,12 +382,13 @@ def resend(port: int, bodies: list[dict], questions: list[str]) -> list[tuple[di
 def bench_serving(run: str, device, concurrencies: list[int], results: dict, new_tokens: int = 64,
                   fast: bool | None = None):
     """The demo model (a train.py run) served as serve.py serves it to 1, 4, 16, 32 streaming clients at once
-    (clients in a process of their own, as they would be; each run on a server that has cached nothing), each asking about the demo's pictures (answers run to
-    new_tokens: </s> is banned, as the demo's own answers are a word or two); chat.py's way (one Chat, the same
-    questions one after the other); a conversation's second round re-sent whole against its first (answers as the
-    demo gives them, ended by </s>). Every answer is checked: a streamed one against chat.py's for the same picture and
-    question, a re-sent round against a server's that has cached nothing (SystemExit at the first that differs).
-    fast: the engines' fast path (default: on a GPU, as chat.py and serve.py decide), compiled before the timing."""
+    (clients in a process of their own, as they would be; each run on a server that has cached nothing), each asking
+    about the demo's pictures (answers run to new_tokens: </s> is banned, as the demo's own answers are a word or
+    two); chat.py's way (one Chat, the same questions one after the other); a conversation's second round re-sent
+    whole against its first (answers as the demo gives them, ended by </s>). Every answer is checked: a streamed one
+    against chat.py's for the same picture and question, a re-sent round against a server's that has cached nothing
+    (SystemExit at the first that differs). fast: the engines' fast path (default: on a GPU, as chat.py and serve.py
+    decide); then each run counts once it compiles nothing."""
     import multiprocessing
 
     import chat
@@ -434,6 +435,17 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         a["tokens"] = len(c.ask(questions[question], on_text))
         return a
 
+    def without_compiling(run):
+        """run(); on the fast path again until a run compiles nothing (at most 5 times), and that run is the one
+        that counts: which shapes a run takes depends on how its requests happen to be batched, and a compile takes
+        seconds. Compiled code is shared by every engine, what a slot caches is not."""
+        for _ in range(5 if fast else 1):
+            graphs = counters["stats"]["unique_graphs"]
+            result = run()
+            if counters["stats"]["unique_graphs"] == graphs:
+                break
+        return result
+
     @contextmanager
     def serving(slots: int, **options):
         server = serve.start(Engine(model, tokenizer, slots=slots, fast=fast, **options), transform, quiet=True)
@@ -442,31 +454,24 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         finally:
             serve.stop(server, grace=0)
 
-    # chat.py's way, as chat.py runs (every core): the questions one after the other (compiled first, untimed, on
-    # the fast path: compiled code is shared by every engine, what a slot caches is not)
-    if fast:
-        ask(0)
-    t0 = time.perf_counter()
-    answers = [ask(i) for i in range(8)]
+    def chat_py() -> tuple[list[dict], float]:
+        t0 = time.perf_counter()
+        return [ask(i) for i in range(8)], time.perf_counter() - t0
+
+    # chat.py's way, as chat.py runs (every core): the questions one after the other
+    answers, seconds = without_compiling(chat_py)
     said = {case(i): a["text"] for i, a in enumerate(answers)}
-    results["serve"].append(latency_row("chat.py", answers, time.perf_counter() - t0))
+    results["serve"].append(latency_row("chat.py", answers, seconds))
     print(f"serve {results['serve'][-1]}", flush=True)
     if device.type == "cpu":
         torch.set_num_threads(serve.cpu_threads())      # as serve.py runs
     with multiprocessing.get_context("spawn").Pool(1) as clients:
         def on_a_fresh_server(slots: int, options: dict, job, *args):
-            """A job of the clients' process against a server that has cached nothing. On the fast path it runs
-            first, untimed, against other servers until a run compiles nothing new (at most 5 times): which shapes
-            a run takes depends on how its requests happen to be batched, and a compile is seconds. Compiled code is
-            shared by every engine, what a slot caches is not."""
-            for _ in range(5 if fast else 0):
-                graphs = counters["stats"]["unique_graphs"]
+            """A job of the clients' process against a server that has cached nothing."""
+            def run():
                 with serving(slots, **options) as port:
-                    clients.apply(job, (port, *args))
-                if counters["stats"]["unique_graphs"] == graphs:
-                    break
-            with serving(slots, **options) as port:
-                return clients.apply(job, (port, *args))
+                    return clients.apply(job, (port, *args))
+            return without_compiling(run)
 
         for c in concurrencies:
             per_client = max(2, 8 // c)

@@ -359,13 +359,13 @@ def test_the_fast_path_compiles_a_few_graphs_not_one_per_bucket(tokenizer):
     assert counters["stats"]["unique_graphs"] <= 16
 
 
-
 def test_the_fast_path_runs_in_a_thread_of_its_own(tokenizer):
     """serve.py steps its engine in a thread that did not make it, and Dynamo's settings are per thread (torch
     2.14): the steps may compile as many graphs there as the engine allows where it was made, not Dynamo's default 8
     a function, past which a step fails. Engines of 1 to 10 slots (a cache of another shape: every step compiles
     again) stepped in a new thread give the eager ids."""
-    prompt, picture = batch_input(tokenizer)[0][0], batch_input(tokenizer)[1][0]
+    prompts, images = batch_input(tokenizer)
+    prompt, picture = prompts[0], images[0]
     model = tiny_model(tokenizer)
 
     def request():
