@@ -33,7 +33,7 @@ import math
 import os
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch._dynamo.utils import counters
@@ -403,6 +403,7 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     questions = [q for qs in demo.QUESTIONS.values() for q in qs]
     data_urls = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in pictures]
     no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
+    fast = device.type == "cuda" if fast is None else fast
 
     def case(i: int) -> tuple[int, int]:
         """The i-th question asked: (its picture, its question), every pair once before any comes again."""
@@ -418,8 +419,6 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         """Greedy answers are the same whatever runs beside them: a benchmark of wrong answers measures nothing."""
         if got != want:
             raise SystemExit(f"{name}: the server answered {got!r} where {want!r} was expected")
-
-    fast = device.type == "cuda" if fast is None else fast
 
     def ask(i: int) -> dict:
         """chat.py's way: its Chat on a fresh conversation, the question's answer as a client sees it."""
@@ -446,14 +445,6 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
                 break
         return result
 
-    @contextmanager
-    def serving(slots: int, **options):
-        server = serve.start(Engine(model, tokenizer, slots=slots, fast=fast, **options), transform, quiet=True)
-        try:
-            yield server.server_address[1]
-        finally:
-            serve.stop(server, grace=0)
-
     def chat_py() -> tuple[list[dict], float]:
         t0 = time.perf_counter()
         return [ask(i) for i in range(8)], time.perf_counter() - t0
@@ -469,8 +460,11 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         def on_a_fresh_server(slots: int, options: dict, job, *args):
             """A job of the clients' process against a server that has cached nothing."""
             def run():
-                with serving(slots, **options) as port:
-                    return clients.apply(job, (port, *args))
+                server = serve.start(Engine(model, tokenizer, slots=slots, fast=fast, **options), transform, quiet=True)
+                try:
+                    return clients.apply(job, (server.server_address[1], *args))
+                finally:
+                    serve.stop(server, grace=0)
             return without_compiling(run)
 
         for c in concurrencies:
