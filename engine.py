@@ -370,8 +370,9 @@ class Engine:
     to max_pictures pictures: the scheduler (requests, slots, prefix reuse, stopping) over a Runner (the model).
     eos_id ends an answer (default the tokenizer's </s>); `banned` ids are never generated (default
     tokenizer.never_generate). fast: the fast path -- LoRA merged into the weights (the model is for decoding from
-    then on), the decode step compiled per batch bucket (CUDA graphs on a GPU), the prefill per length bucket (a
-    chunk is padded up to one), the ViT compiled. Without it everything runs eagerly, on exact shapes."""
+    then on), the decode step (CUDA graphs on a GPU), the prefill and the ViT compiled, their shapes in buckets (a
+    batch runs at 1, 2, 4, ... rows, a chunk padded up to a length bucket). Without it everything runs eagerly, on
+    exact shapes."""
 
     def __init__(self, model: MMGPT, tokenizer: Tokenizer, slots: int = 1, max_len: int | None = None, *,
                  max_pictures: int = 16, prefill_tokens: int = 512, fast: bool = False, eos_id: int | None = None,

@@ -385,7 +385,8 @@ class MMGPT(nn.Module):
         positions = step.columns.clamp(max=self.cfg.max_seq_len - 1)   # the scratch column may lie past the tables
         x = self._layers(input_ids, None, index, mask, positions, rows, step, inputs)
         if last is not None:
-            x = x.take_along_dim(last.view(-1, 1, 1), dim=1)
+            # (gather, not take_along_dim: that one fixes T in compiled code, one graph per prefill length)
+            x = x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         return self.lm_head(self.norm(x))
 
     def activation_dtype(self) -> torch.dtype:

@@ -359,6 +359,29 @@ def test_the_fast_path_compiles_a_few_graphs_not_one_per_bucket(tokenizer):
     assert counters["stats"]["unique_graphs"] <= 16
 
 
+def test_prompts_of_every_length_compile_the_prefill_step_three_times(tokenizer):
+    """One slot, prompts of 11 to 129 tokens each on an empty slot (prefill lengths 16 to 128, widths 64 to 192):
+    the prefill step compiles for the first prompt, again when the length and then the width take a second size
+    (symbolic from there on), and no more; the greedy sampler once. Were the length fixed in the compiled code,
+    every length bucket would compile again (6 graphs)."""
+    words = tokenizer.encode(" the cat sat on a mat and the dog ran to it" * 30, bos=False)
+
+    def requests():
+        return [Request([tokenizer.bos_id] + words[:n], [], 1, Sampling(greedy=True)) for n in (10, 20, 40, 70, 128)]
+
+    counters.clear()
+    torch._dynamo.reset()
+    fast = Engine(tiny_model(tokenizer), tokenizer, slots=1, eos_id=-1, fast=True, backend="aot_eager",
+                  prefill_tokens=128)
+    got = []
+    for request in requests():
+        fast.reset()        # nothing reused: the whole prompt is prefilled
+        got += fast.generate([request])
+    assert counters["stats"]["unique_graphs"] == 4
+    want = Engine(tiny_model(tokenizer), tokenizer, slots=1, eos_id=-1).generate(requests())
+    assert [r.tokens for r in got] == [r.tokens for r in want] and [r.cached for r in got] == [0] * 5
+
+
 def test_the_fast_path_runs_in_a_thread_of_its_own(tokenizer):
     """serve.py steps its engine in a thread that did not make it, and Dynamo's settings are per thread (torch
     2.14): the steps may compile as many graphs there as the engine allows where it was made, not Dynamo's default 8
