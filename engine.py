@@ -199,8 +199,8 @@ def _prefill_step(model, step: Step, ids, rows, index, last, inputs=None):
 
 class Chunk(NamedTuple):
     """A piece of one slot's prompt for Runner.prefill: ids going into the slot's columns start.., index their
-    pictures among the slot's `pictures` (perceiver.media_index); prefix fusion: inputs at their <image> positions
-    instead (None: none in this piece)."""
+    pictures among the slot's `pictures` (perceiver.media_index); prefix fusion (no cross-attention: `pictures` 0):
+    inputs at their <image> positions instead (None: none in this piece)."""
     slot: int
     ids: list[int]
     start: int
@@ -417,6 +417,40 @@ class Engine:
         self.waiting.append(request)
         return request
 
+    def warm_up(self):
+        """The fast path's compiling done now, not while requests wait (serve.py calls it before it serves): made-up
+        requests in waves of one, two and every slot, with pictures and without, prompts of two lengths, greedy and
+        sampled, each run to its max_tokens. The shapes traffic brings later reuse what they compiled: a dimension
+        that has taken two sizes is symbolic from then on. The slots hold nothing after. Eagerly: nothing to do."""
+        if not self.runner.fast:
+            return
+        if self.busy:
+            raise RuntimeError("warm_up runs before any request")
+        picture = torch.zeros(3, *self.runner.model.vision.visual.image_size)
+        word = self.tokenizer.encode(" a", bos=False)[-1:]
+
+        def wave(rows: int, pictures: bool, sampled: bool, long: bool) -> list[Request]:
+            """rows requests alike: short (prefill length 16, width 64) with a picture, or long (128; 96) with two"""
+            n = min(1 + long, self.max_pictures) if pictures else 0
+            ids = self.tokenizer.encode("<image>" * n)
+            ids += word * min(80 if long else 8, self.max_len - 4 - len(ids))
+            return [Request(ids, [picture] * n, 3, Sampling(seed=i) if sampled else Sampling(greedy=True))
+                    for i in range(rows)]
+
+        # Every kind of step (one row, several, every slot; with pictures or without; greedy or sampled) meets each
+        # dimension at two sizes: a kind compiled before a dimension went symbolic would compile again for it.
+        sizes = sorted({1, min(2, len(self.slots)), len(self.slots)})
+        kinds = [(rows, pictures, False) for rows in sizes for pictures in (False, True)] + \
+            [(rows, False, True) for rows in sizes[:2]]
+        eos, self.eos_id = self.eos_id, -1         # every made-up answer runs to its max_tokens
+        try:
+            for kind in kinds:
+                for long in (False, True):
+                    self.generate(wave(*kind, long))
+                    self.reset()    # each wave on empty slots: the next reuses nothing (its whole prompt is fed)
+        finally:
+            self.eos_id = eos
+
     def cancel(self, request: Request):
         """Stop a request at the next step (from any thread, also before it is submitted: it only sets a flag); its
         slot is freed there."""
@@ -576,7 +610,7 @@ class Engine:
                 done = slot.ids.count(image_id) - request._first * per
                 inputs = request._inputs[done:done + chunk.count(image_id)]
             chunks.append(Chunk(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
-                                len(request.pictures), inputs))
+                                len(request.pictures) if self.cfg.xattn_layers else 0, inputs))
         logits = self.runner.prefill(chunks)
         for slot, c in zip(todo, chunks):
             slot.ids += c.ids  # first: a slot that lacks the hash of one of its pictures reuses nothing past it

@@ -15,7 +15,9 @@ connection) reads and checks a request, renders the conversation on the paper's 
 decodes its pictures and queues it; then it sends the answer, or a stream's headers, and waits for the answer to
 be sent, watching for the client going away. A conversation sent again with one more turn finds its prefix in a
 slot and feeds only the new tokens. A client that goes away has its request cancelled at the next step. When every
-slot is busy, requests wait in a bounded queue; past it the answer is 429 with Retry-After.
+slot is busy, requests wait in a bounded queue; past it the answer is 429 with Retry-After. On the fast path (a
+GPU's default) the loop first compiles its steps for every kind of batch (Engine.warm_up), and only then does the
+server listen: no answer waits on a compile later.
 
 Nothing a client sends can stop the server: bad input is a 4xx with OpenAI's error shape naming the field, remote
 picture URLs are refused (the server never reaches another host), local files only under
@@ -325,6 +327,8 @@ class Loop(threading.Thread):
         self.accepted = 0                 # jobs queued and not finished (read by HTTP threads for the 429)
         self.arriving = 0                 # requests being read and checked by HTTP threads (their first line is in)
         self.stopping = threading.Event()
+        self.ready = threading.Event()    # set once the fast path has compiled its steps (see run)
+        self.failed: Exception | None = None
         self.counts = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
         self.ttft = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram((0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
@@ -345,6 +349,13 @@ class Loop(threading.Thread):
             self.arriving += n
 
     def run(self):
+        try:    # on the fast path, compile before serving, in this thread: CUDA graphs are recorded per thread
+            self.engine.warm_up()
+        except Exception as e:      # (out of memory, say) start() raises it
+            self.failed = e
+        self.ready.set()
+        if self.failed:
+            return
         while True:
             idle = not self.engine.busy
             try:   # wait for work when there is none; else take what has come and go on
@@ -775,11 +786,16 @@ class Server(ThreadingHTTPServer):
 
 def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, model_name: str = "mmgpt",
           max_waiting: int = 64, **options) -> Server:
-    """The server and its loop running in threads of this process (serve.py's main, bench.py and the tests)."""
+    """The server and its loop running in threads of this process (serve.py's main, bench.py and the tests); on the
+    fast path it listens, and returns, once the loop has compiled its steps."""
     streams = Streams()
     streams.start()
     loop = Loop(engine, max_waiting, streams)
     loop.start()
+    loop.ready.wait()       # no one is let in before the fast path has compiled its steps
+    if loop.failed:
+        streams.put(None)
+        raise loop.failed
     media = options.pop("media_dir", None)
     renderer = Renderer(engine.tokenizer, transform, media and os.path.realpath(media), engine.max_pictures)
     server = Server((host, port), loop, renderer, model_name, **options)
@@ -849,6 +865,9 @@ def main(argv=None):
     fast = args.fast if args.fast is not None else device.startswith("cuda")
     engine = Engine(model, tokenizer, slots=args.slots, fast=fast)
     name = args.model_name
+    if fast:
+        print("compiling the decoding steps before serving: once per start, quicker once torch has them cached "
+              "on disk (--no-fast: eager, nothing to compile)", file=sys.stderr, flush=True)
     server = start(engine, transform, args.host, args.port, model_name=name, max_waiting=args.max_waiting,
                    api_key=args.api_key, max_body=args.max_body, media_dir=args.allowed_local_media_path,
                    quiet=args.quiet, max_connections=args.max_connections)

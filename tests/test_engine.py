@@ -1,6 +1,7 @@
 """engine.py: decoding with slots. Answers are held against a full forward over the whole sequence (no cache) at
 every step, and against the same request decoded alone: batched, joined mid-answer, cancelled, sampled with a
 seed, reusing a slot's prefix, compiled."""
+import copy
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import engine as engine_lib
-from conftest import batch_input, full_forward_greedy, tiny_model
+from conftest import PROMPTS, batch_input, full_forward_greedy, tiny_model
 from engine import Detokenizer, Engine, Request, Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -380,6 +381,45 @@ def test_prompts_of_every_length_compile_the_prefill_step_three_times(tokenizer)
     assert counters["stats"]["unique_graphs"] == 4
     want = Engine(tiny_model(tokenizer), tokenizer, slots=1, eos_id=-1).generate(requests())
     assert [r.tokens for r in got] == [r.tokens for r in want] and [r.cached for r in got] == [0] * 5
+
+
+@pytest.mark.parametrize("overrides", [{"attend_previous": True}, {"fusion": "prefix"}],
+                         ids=["attend-previous", "prefix-fusion"])
+def test_after_warm_up_traffic_compiles_nothing(tokenizer, overrides):
+    """Engine.warm_up (serve.py runs it before it serves) compiles what traffic needs: afterwards one request, then
+    three, then every slot at once, with pictures and without, greedy and sampled, and a conversation's second
+    round (its prefix reused) compile no graph, and their answers are the eager engine's. It leaves the slots
+    empty. Without it the same traffic compiles about a dozen graphs, each a stall of seconds to minutes. (The
+    default masking rule: tests/test_serve.py, where serve.py runs it.)"""
+    tok = copy.copy(tokenizer)
+    tok.picture_tokens = tiny_model(tokenizer, **overrides).cfg.picture_tokens
+    prompts, images = [tok.encode(p) for p in PROMPTS], batch_input(tokenizer)[1]
+    words = tok.encode(" and what about the dog" * 12, bos=False)
+
+    def request(k, sampled=False, more=0):
+        pictures = [] if images[k % 4] is None else list(images[k % 4])
+        sampling = Sampling(temperature=0.8, seed=k) if sampled else Sampling(greedy=True)
+        return Request(prompts[k % 4] + words[:more], pictures, 6, sampling)
+
+    def traffic(engine) -> list[list[int]]:
+        waves = [[request(1)], [request(k) for k in range(3)], [request(k, more=9 * k) for k in range(4)],
+                 [request(k, sampled=True) for k in range(3)], [request(3, sampled=True)]]
+        answers = [r.tokens for wave in waves for r in engine.generate(wave)]
+        first = engine.generate([request(1, more=5)])[0]
+        again = Request(first.ids + first.tokens + words[:40], first.pictures, 6, Sampling(greedy=True))
+        answers.append(engine.generate([again])[0].tokens)
+        assert again.cached > 0 or overrides.get("fusion")     # (prefix fusion reuses nothing past a picture)
+        return answers
+
+    torch._dynamo.reset()
+    counters.clear()
+    fast = Engine(tiny_model(tokenizer, **overrides), tok, slots=4, eos_id=-1, fast=True, backend="aot_eager")
+    fast.warm_up()
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled >= 8 and not fast.busy and all(not s.ids and not s.pictures for s in fast.slots)
+    got = traffic(fast)
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert got == traffic(Engine(tiny_model(tokenizer, **overrides), tok, slots=4, eos_id=-1))
 
 
 def test_the_fast_path_runs_in_a_thread_of_its_own(tokenizer):

@@ -3,6 +3,7 @@ broken or hostile client does. The server runs in this process (serve.start: its
 model saved in the real formats; its greedy answers are held against chat.py's for the same conversation and
 against the same request answered alone."""
 import base64
+import copy
 import http.client
 import io
 import json
@@ -20,7 +21,9 @@ from contextlib import contextmanager
 
 import openai
 import pytest
+import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 import chat
 import serve
@@ -161,20 +164,54 @@ def stream_text(server, body) -> tuple[str, str]:
     return "".join(parts), finish
 
 
+def streamed_at_once(server, bodies) -> list:
+    """Each body streamed by a client of its own, all at once: (text, finish_reason) each."""
+    got = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_text(server, bodies[i])))
+               for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return got
+
+
 def test_sixteen_concurrent_streams_get_what_they_get_alone(files):
     bodies = requests_of_all_kinds(files)
     with running(files, slots=1) as server:
         alone = [stream_text(server, b) for b in bodies]
     with running(files, slots=16) as server:
-        got = [None] * 16
-        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_text(server, bodies[i])))
-                   for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = streamed_at_once(server, bodies)
         assert got == alone and len(set(alone)) > 8
         assert server.loop.engine.running == 0
+
+
+def test_on_the_fast_path_the_server_compiles_before_it_serves_and_not_after(files):
+    """On the fast path (a GPU's default) serve.start lets no one in before the loop has compiled its steps
+    (Engine.warm_up, in the loop's own thread: CUDA graphs are recorded per thread). Then requests of all kinds, 16
+    at once, and a conversation's second round compile nothing, and get the eager server's answers. Traced with
+    aot_eager here: inductor takes minutes on a CPU."""
+    bodies = requests_of_all_kinds(files)
+    second = {"model": "mmgpt", "max_tokens": 6, "temperature": 0, "messages": bodies[1]["messages"] + [
+        {"role": "assistant", "content": "a square"}, user(Q2)]}
+
+    def answers(server) -> list:
+        return streamed_at_once(server, bodies) + [stream_text(server, bodies[1]), stream_text(server, second)]
+
+    with running(files, slots=16) as server:
+        want = answers(server)
+    torch._dynamo.reset()
+    counters.clear()
+    model = copy.deepcopy(files["model"])       # (the fast path merges the LoRA into the weights)
+    server = serve.start(Engine(model, files["tokenizer"], slots=16, fast=True, backend="aot_eager"),
+                         files["transform"], quiet=True)
+    try:
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled >= 8
+        assert answers(server) == want and counters["stats"]["unique_graphs"] == compiled
+        assert server.loop.engine.running == 0
+    finally:
+        serve.stop(server, grace=0)
 
 
 def bomb() -> bytes:
