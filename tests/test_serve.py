@@ -214,6 +214,23 @@ def test_on_the_fast_path_the_server_compiles_before_it_serves_and_not_after(fil
         serve.stop(server, grace=0)
 
 
+def test_a_warm_up_that_fails_stops_the_start_and_leaves_no_thread(files, monkeypatch):
+    """The fast path's compiling fails before serving (out of memory, say): serve.start raises that error, nothing
+    listens, and the loop's and the stream writer's threads end."""
+    engine = Engine(files["model"], files["tokenizer"], slots=2)
+
+    def fail():
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(engine, "warm_up", fail)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        serve.start(engine, files["transform"], quiet=True)
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not set(threading.enumerate()) - before
+
+
 def bomb() -> bytes:
     """A PNG that declares 10,000 x 10,000 pixels in 70 bytes (the pixels themselves are not there)."""
     small = io.BytesIO()
