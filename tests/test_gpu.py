@@ -1,10 +1,12 @@
 """On CUDA (marker gpu: `pytest -m gpu tests`; skipped without a GPU): train.py's fast path in bf16 against the
 same computation in fp32 on the CPU, the demo end to end with its evaluation, the engine's fast path in bf16
-against its eager path (one slot and four; also with --int8), and the cache under autocast."""
+against its eager path (one slot and four; also with --int8; warmed up in a thread of its own, as serve.py
+does), and the cache under autocast."""
 import copy
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -54,8 +56,8 @@ def bf16_model(tokenizer):
     return model.to("cuda")
 
 
-def on_gpu(images):
-    return [None if im is None else im.to("cuda", torch.bfloat16) for im in images]
+def on_gpu(images, dtype=torch.bfloat16):
+    return [None if im is None else im.to("cuda", dtype) for im in images]
 
 
 def answers(engine: Engine, prompts, images, n: int = 12) -> list[list[int]]:
@@ -78,6 +80,35 @@ def test_gpu_fast_engine_equals_eager_bf16(tokenizer):
         want = answers(Engine(eager_model, tokenizer, slots, eos_id=-1), prompts, images)
         assert answers(Engine(fast_model, tokenizer, slots, eos_id=-1, fast=True), prompts, images) == want
     assert counters["inductor"]["cudagraph_skips"] == 0
+    torch._dynamo.reset()
+
+
+def test_gpu_warm_up_in_the_stepping_thread_then_traffic_compiles_nothing(tokenizer):
+    """serve.py on a GPU: Engine.warm_up runs in the loop's thread (CUDA graphs are recorded per thread), then
+    requests one, three and four at once in that thread compile nothing, skip no CUDA graph and give the eager
+    path's ids. The pictures in fp32, as serve.py's transform gives them (the warm-up's are)."""
+    eager_model, fast_model = bf16_model(tokenizer), bf16_model(tokenizer)
+    lora.merge(eager_model)
+    prompts, images = batch_input(tokenizer)
+    images = on_gpu(images, torch.float32)
+    want = [answers(Engine(eager_model, tokenizer, 4, eos_id=-1), prompts[:k], images[:k]) for k in (1, 3, 4)]
+    torch._dynamo.reset()
+    counters.clear()
+    fast = Engine(fast_model, tokenizer, 4, eos_id=-1, fast=True)
+    compiled, got, failed = [], [], []
+
+    def loop():
+        try:
+            fast.warm_up()
+            compiled.append(counters["stats"]["unique_graphs"])
+            got.extend(answers(fast, prompts[:k], images[:k]) for k in (1, 3, 4))
+        except Exception as e:
+            failed.append(e)
+    thread = threading.Thread(target=loop)
+    thread.start()
+    thread.join()
+    assert not failed and got == want
+    assert counters["stats"]["unique_graphs"] == compiled[0] and counters["inductor"]["cudagraph_skips"] == 0
     torch._dynamo.reset()
 
 
