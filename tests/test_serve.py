@@ -442,11 +442,11 @@ def test_a_client_that_stops_reading_holds_up_no_other_and_is_let_go(files, monk
         threads_before = threading.active_count()
         stuck = stream_raw(server, {"messages": [user(Q2, files["pic2"])], "max_tokens": 180, "temperature": 0},
                            receive_buffer=4096)
-        deadline = time.time() + 30
-        while not (unsent := list(server.loop.streams.unsent)) and time.time() < deadline:   # its answer no
-            time.sleep(0.05)                                                                  # longer fits
-        (job,) = unsent
-        assert job.blocked is not None and not job.done.is_set()
+        deadline = time.time() + 30     # until its answer no longer fits (a job is in `unsent` before it is written)
+        while not (blocked := [j for j in list(server.loop.streams.unsent) if j.blocked]) and time.time() < deadline:
+            time.sleep(0.05)
+        (job,) = blocked
+        assert not job.done.is_set()
         got = [stream_text(server, b) for b in bodies]      # one after the other, while it is stuck
         assert got == alone and not job.done.is_set()
         monkeypatch.setattr(serve.Streams, "stall", 0.5)
