@@ -434,14 +434,19 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         a["tokens"] = len(c.ask(questions[question], on_text))
         return a
 
+    def compiling(fn):
+        """fn()'s result, and whether it compiled anything."""
+        graphs = counters["stats"]["unique_graphs"]
+        result = fn()
+        return result, counters["stats"]["unique_graphs"] != graphs
+
     def without_compiling(run):
-        """run(); on the fast path again until a run compiles nothing (at most 5 times), and that run is the one
-        that counts: which shapes a run takes depends on how its requests happen to be batched, and a compile takes
-        seconds. Compiled code is shared by every engine, what a slot caches is not."""
+        """run() -> (result, compiled); on the fast path again while it compiled (at most 5 times), and the run that
+        did not is the one that counts: which shapes a run takes depends on how its requests happen to be batched,
+        and a compile takes seconds. Compiled code is shared by every engine, what a slot caches is not."""
         for _ in range(5 if fast else 1):
-            graphs = counters["stats"]["unique_graphs"]
-            result = run()
-            if counters["stats"]["unique_graphs"] == graphs:
+            result, compiled = run()
+            if not compiled:
                 break
         return result
 
@@ -450,7 +455,7 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         return [ask(i) for i in range(8)], time.perf_counter() - t0
 
     # chat.py's way, as chat.py runs (every core): the questions one after the other
-    answers, seconds = without_compiling(chat_py)
+    answers, seconds = without_compiling(lambda: compiling(chat_py))
     said = {case(i): a["text"] for i, a in enumerate(answers)}
     results["serve"].append(latency_row("chat.py", answers, seconds))
     print(f"serve {results['serve'][-1]}", flush=True)
@@ -458,11 +463,12 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         torch.set_num_threads(serve.cpu_threads())      # as serve.py runs
     with multiprocessing.get_context("spawn").Pool(1) as clients:
         def on_a_fresh_server(slots: int, options: dict, job, *args):
-            """A job of the clients' process against a server that has cached nothing."""
+            """A job of the clients' process against a server that has cached nothing (on the fast path it compiles
+            its steps before it listens: that is not the job's)."""
             def run():
                 server = serve.start(Engine(model, tokenizer, slots=slots, fast=fast, **options), transform, quiet=True)
                 try:
-                    return clients.apply(job, (server.server_address[1], *args))
+                    return compiling(lambda: clients.apply(job, (server.server_address[1], *args)))
                 finally:
                     serve.stop(server, grace=0)
             return without_compiling(run)

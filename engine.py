@@ -583,6 +583,10 @@ class Engine:
         return Output(request, text, True)
 
     # -- feeding the runner ----------------------------------------------------------------------------------------
+    def _cross_attended(self, request: Request) -> int:
+        """The pictures a step feeds cross-attention for the request: none for a model without it (prefix fusion)."""
+        return len(request.pictures) if self.cfg.xattn_layers else 0
+
     def _prefill(self, outputs: list):
         """Feed the next chunk of prompt of the requests that do not have theirs in yet, in one forward for as many
         of them (in slot order) as the token budget holds: each chunk at most prefill_tokens, and the chunks padded
@@ -610,7 +614,7 @@ class Engine:
                 done = slot.ids.count(image_id) - request._first * per
                 inputs = request._inputs[done:done + chunk.count(image_id)]
             chunks.append(Chunk(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
-                                len(request.pictures) if self.cfg.xattn_layers else 0, inputs))
+                                self._cross_attended(request), inputs))
         logits = self.runner.prefill(chunks)
         for slot, c in zip(todo, chunks):
             slot.ids += c.ids  # first: a slot that lacks the hash of one of its pictures reuses nothing past it
@@ -623,7 +627,7 @@ class Engine:
         """One token for each of the ready requests (running, their prompts in)."""
         rows = [None] * self.running
         for r in ready:
-            rows[r._slot.index] = (r._next, len(r._slot.ids), len(r.pictures) if self.cfg.xattn_layers else 0)
+            rows[r._slot.index] = (r._next, len(r._slot.ids), self._cross_attended(r))
         logits = self.runner.decode(rows)
         requests = [None if row is None else self.slots[i].request for i, row in enumerate(rows)]
         for r in requests:     # their tokens are in the cache now
