@@ -340,10 +340,6 @@ def log(ranks: Ranks, message: str, every_rank: bool = False):
 
 
 def fail(message: str):
-    # A rank that stops tears its process group down first: left to the interpreter's exit, gloo's threads may
-    # abort the process (SIGABRT) when the other ranks have gone already.
-    if dist.is_initialized():
-        dist.destroy_process_group()
     sys.exit(tagged(message))
 
 
@@ -628,7 +624,18 @@ def holding(model, tensors: dict[str, torch.Tensor]):
 
 def main(argv=None):
     args = parse_args(argv)
-    ranks = setup(args)
+    try:
+        fine_tune(args, setup(args))
+    finally:
+        # Every way out (done, stopped by a signal, failed) tears the process group down first: left to the
+        # interpreter's exit, gloo's threads may abort the process (SIGABRT, "terminate called without an active
+        # exception") when the other ranks have gone or are going.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fine_tune(args, ranks: Ranks):
+    """This rank's part of the run: the model and data, the loop, then the checkpoint, lora.pt and the evaluation."""
     os.makedirs(args.out, exist_ok=True)
     # -- the model, the data, the optimizer ----------------------------------------------------------------------
     model, tokenizer, transform, settings, unfrozen = make_model(args, ranks)
@@ -691,8 +698,6 @@ def main(argv=None):
             + (f"; {skipped} samples skipped (unreadable)" if skipped else "")
             + f"\noutputs in {args.out}/: lora.pt (chat: python chat.py --ckpt {args.out}"
             + (f" {args.out}/samples/0.png" if args.demo else "") + "), metrics.jsonl")
-    if ranks.distributed:
-        dist.destroy_process_group()
 
 
 def train(run: Run, step: int, bad_total: int, metrics):
