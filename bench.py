@@ -211,7 +211,7 @@ def copy_bandwidth(device) -> float | None:
 
 def decode_bytes(model) -> int:
     """The bytes of weights one decoded token reads: the decoder's (LLaMA's and the cross-attention blocks'; the
-    picture's keys/values are cached) and lm_head's, as they are held (int8 + scales after quantize_int8; a
+    picture's keys/values are cached) and lm_head's, as they are held (int8 + scales after quantize.quantize; a
     merged LoRA layer reads its weight, not its factors)."""
     merged = {f"{n}.{f}" for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) and m.merged
               for f in ("lora_A", "lora_B")}
@@ -632,7 +632,7 @@ def bench_chatting(model, device, args, results):
         print(f"engine {results['engine'][-1]}", flush=True)
     if cuda:
         chat_row(True, int8=False)
-    quantize.quantize_int8(model)
+    quantize.quantize(model)
     chat_row(cuda, int8=True)
     print(f"\n{'chat':<8}{'fast':>6}{'int8':>6}{'prefill ms':>12}{'decode tok/s':>14}{'2nd round ms':>14}"
           f"{'of limit':>10}{'peak GiB':>10}{'warm-up s':>11}   (copy bandwidth {fmt(results['copy_bandwidth_gb_s'], ',.0f')} GB/s)")

@@ -664,5 +664,5 @@ def load_model(args, device: str):
         raise SystemExit(f"error: {e}") from None
     lora_lib.merge(model)
     if args.int8:
-        model = quantize.quantize_int8(model).to(device)
+        model = quantize.quantize(model).to(device)
     return model, tokenizer, transform

@@ -102,7 +102,7 @@ def test_ops_per_token_is_what_a_decode_step_dispatches():
 
 def test_decode_bytes_count_the_weights_a_token_reads():
     """The decoder's weights and lm_head as held (not the embeddings, ViT, perceiver or KV cache): fp32 4 bytes
-    per weight; LoRA's factors while unmerged (merged, the weight holds them); after quantize_int8 1 byte per
+    per weight; LoRA's factors while unmerged (merged, the weight holds them); after quantize.quantize 1 byte per
     linear weight + a scale per row + the norms and gates."""
     torch.manual_seed(0)
     model = mmgpt.build(mmgpt.config("bench-tiny", n_layers=2))
@@ -113,7 +113,7 @@ def test_decode_bytes_count_the_weights_a_token_reads():
     assert factors > 0 and bench.decode_bytes(model) == 4 * (decoder + factors)
     lora.merge(model)
     assert bench.decode_bytes(model) == 4 * decoder
-    quantize.quantize_int8(model)
+    quantize.quantize(model)
     int8 = bench.decode_bytes(model)
     assert decoder < int8 < 1.1 * decoder
 

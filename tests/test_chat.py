@@ -105,7 +105,7 @@ def test_int8_chat_answers_as_the_quantized_model_does(files):
     r = run_chat(files["pic1"], "--ckpt", files["run"], "--int8", "--greedy", "--json", "--max-new-tokens", "12",
                  "--prompt", Q1)
     (a1,) = answers(r)
-    quantized = quantize.quantize_int8(checkpoints.load_run(files["run"])[0]).eval()
+    quantized = quantize.quantize(checkpoints.load_run(files["run"])[0]).eval()
     text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, ""))))
     assert a1["ids"] == reference(dict(files, model=quantized), text, [files["pic1"]], 12)
     args = argparse.Namespace(ckpt=files["run"], llama=None, openflamingo=None, lora=None, vision="ViT-L-14",

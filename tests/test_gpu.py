@@ -115,7 +115,7 @@ def test_gpu_warm_up_in_the_stepping_thread_then_traffic_compiles_nothing(tokeni
 def test_gpu_int8_fast_engine_equals_int8_eager(tokenizer):
     """chat.py --int8 on CUDA: the compiled path (CUDA graphs, the int8 -> bf16 conversion inside the compiled
     matmuls) gives the int8 eager path's greedy ids."""
-    eager, fast = (quantize.quantize_int8(bf16_model(tokenizer)) for _ in range(2))
+    eager, fast = (quantize.quantize(bf16_model(tokenizer)) for _ in range(2))
     prompts, images = batch_input(tokenizer)
     images = on_gpu(images)
     assert answers(Engine(fast, tokenizer, eos_id=-1, fast=True), prompts, images) == \

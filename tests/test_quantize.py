@@ -37,7 +37,7 @@ def test_the_decoder_is_quantized_and_its_logits_barely_move(tokenizer):
     ids, image = torch.tensor([prompts[3]]), images[3][None]
     with torch.no_grad():
         before = model(image, ids)
-        quantize.quantize_int8(model)
+        quantize.quantize(model)
         after = model(image, ids)
     assert sorted(n for n, m in model.named_modules() if isinstance(m, quantize.Int8Linear)) == sorted(decoder)
     assert len(decoder) == 4 * 4 + 2 * 5 + 1      # 4 layers x (qkv, o, gate_up, down); 2 x-attn blocks x 5; lm_head
@@ -49,7 +49,7 @@ def test_the_decoder_is_quantized_and_its_logits_barely_move(tokenizer):
 
 def test_quantized_cached_decoding_equals_its_full_forward(tokenizer):
     """The KV cache and the batched decoder run the int8 model as its full forward does."""
-    model = quantize.quantize_int8(lora_model(tokenizer).eval())
+    model = quantize.quantize(lora_model(tokenizer).eval())
     prompts, images = batch_input(tokenizer)
     cached = one_at_a_time(model, tokenizer, prompts, images, eos_id=-1, n=6)
     for p, im, got in zip(prompts, images, cached):
