@@ -4,6 +4,7 @@
     python bench.py --tiny               # the "bench-tiny" preset (32 layers, small widths) on the CPU, in seconds
     python bench.py --train-only --cuda-graphs --json out.json
     python bench.py --serve runs/demo    # serve.py's server on the demo model, 1/4/16/32 clients that stream
+    python bench.py --release /work/release   # the release on a CPU: files written by fake_release.py, bf16/int8/int4
 
 train: one iteration is what train.py runs for one optimizer step (train.train_iteration + train.optimizer_step,
 the same functions) with one micro-batch pair: V language-only then V vision-language samples of --seq tokens,
@@ -42,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import checkpoints
 import lora
 import mmgpt
+import options
 import quantize
 import train
 from engine import Engine, Request, Sampling
@@ -531,9 +533,24 @@ def main():
     ap.add_argument("--chat-only", action="store_true", help="skip training")
     ap.add_argument("--serve", metavar="RUN", help="only serving: serve.py's server with this train.py run (the "
                                                    "demo: runs/demo), streaming clients at --concurrency")
+    ap.add_argument("--release", metavar="DIR", help="only the release on this CPU: the files fake_release.py "
+                                                      "wrote in DIR, loaded in each of --forms")
+    ap.add_argument("--forms", default="bf16,int8,int4", help="with --release: bf16, int8, int4")
+    ap.add_argument("--group-size", type=int, default=128, help="with --release: int4's group size")
+    ap.add_argument("--release-child", metavar="FORM", help=argparse.SUPPRESS)   # one form, in its own process
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    if args.release:
+        results = {"device": "cpu", "threads": torch.get_num_threads()}
+        if args.release_child:
+            results = release_child(args.release, args.release_child, args.group_size)
+        else:
+            bench_release(args.release, args.forms.split(","), args.group_size, results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     if args.serve:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "serve": []}
@@ -648,6 +665,139 @@ def bench_chatting(model, device, args, results):
               f"{fmt(r['peak_gib'], '.1f'):>10}")
     print(f"\naten ops per decoded token at batch 1 (eager): {results['ops_per_token']['unmerged']:,.0f} with LoRA "
           f"unmerged, {results['ops_per_token']['merged']:,.0f} merged")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The release on a machine without a GPU (--release DIR): release-shaped files (fake_release.py) loaded as chat.py
+# loads them, in bf16, int8 and int4, each in a child process whose anonymous memory is sampled from outside
+
+RELEASE_PROMPT = 43         # prompt tokens of the first round (the template, a picture, a short question)
+
+
+def read_bandwidth() -> float:
+    """Bytes per second the CPU reads: the sum of 2 GiB of fp32, best of five."""
+    x = torch.ones(2**29)
+    seconds = min(timed(lambda: x.sum(), torch.device("cpu"), repeat=1, warmup=1) for _ in range(5))
+    return x.numel() * 4 / seconds
+
+
+def gemm_rate(dtype: torch.dtype, rows: int = 1024) -> float:
+    """FLOP/s of a (rows x 4,096) by (4,096 x 11,008) product: LLaMA-7B's MLP, the best rate a prefill can reach."""
+    x, w = torch.randn(rows, 4096, dtype=dtype), torch.randn(11008, 4096, dtype=dtype)
+    seconds = min(timed(lambda: torch.nn.functional.linear(x, w), torch.device("cpu"), repeat=2) for _ in range(3))
+    return 2 * rows * 4096 * 11008 / seconds
+
+
+def rss_anon(pid: int) -> int:
+    """Anonymous resident memory of a process: what the kernel cannot drop (mapped file pages can be)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def release_flags(directory: str, form: str, group_size: int) -> list[str]:
+    c = os.path.join(directory, "checkpoints")
+    form_flags = {"bf16": ["--dtype", "bf16"], "int8": ["--int8"], "int4": ["--int4", "--group-size", str(group_size)]}
+    return ["--llama", os.path.join(c, "llama-7b_hf"), "--openflamingo", os.path.join(c, "OpenFlamingo-9B",
+            "checkpoint.pt"), "--lora", os.path.join(c, "mmgpt-lora-v0-release.pt"), "--vision-weights",
+            os.path.join(directory, "ViT-L-14.pt")] + form_flags[form]
+
+
+def bench_release(directory: str, forms: list[str], group_size: int, results: dict):
+    """One child per form (bf16 / int8 / int4: the programs' loader), its RssAnon sampled every 20 ms; the
+    machine's read bandwidth and GEMM rates measured in the same run, before the children."""
+    import subprocess
+    import sys
+    bandwidth = read_bandwidth()
+    gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    results |= {"read_gb_s": bandwidth / 1e9, "gemm_gflop_s": {k: v / 1e9 for k, v in gemm.items()}, "release": []}
+    print(f"CPU: reads {bandwidth / 1e9:.1f} GB/s; GEMM {gemm['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{gemm['bf16'] / 1e9:.0f} bf16 (1,024 x 4,096 by 4,096 x 11,008)", flush=True)
+    for form in forms:
+        out = os.path.join(directory, f"bench-{form}.json")
+        child = subprocess.Popen([sys.executable, __file__, "--release", directory, "--release-child", form,
+                                  "--group-size", str(group_size), "--json", out])
+        peak = 0
+        while child.poll() is None:
+            try:
+                peak = max(peak, rss_anon(child.pid))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.02)
+        if child.returncode:
+            print(f"{form}: the child failed (exit {child.returncode})", flush=True)
+            continue
+        with open(out) as f:
+            row = json.load(f)
+        row |= {"peak_anon_gb": peak / 1e9, "peak_over_weights": peak / row["held_bytes"],
+                "ceiling_tokens_per_s": bandwidth / row["bytes_per_token"]}
+        row["of_ceiling"] = row["decode_tokens_per_s"] / row["ceiling_tokens_per_s"]
+        row["vit_of_gemm"] = row["vit_flop"] / row["vit_s"] / gemm["fp32"]
+        row["prefill_of_gemm"] = row["prefill_flop"] / row["prefill_s"] / gemm["fp32"]
+        results["release"].append(row)
+        print(f"release {row}", flush=True)
+    print(f"\n{'form':<6}{'load s':>8}{'peak GB':>9}{'x held':>8}{'decode tok/s':>14}{'ceiling':>9}{'of it':>7}"
+          f"{'ViT s':>7}{'prompt tok/s':>14}{'1st token s':>13}{'re-sent s':>11}{'x4 tok/s':>10}{'x8 tok/s':>10}")
+    for r in results["release"]:
+        print(f"{r['form']:<6}{r['load_s']:>8.1f}{r['peak_anon_gb']:>9.2f}{r['peak_over_weights']:>8.2f}"
+              f"{r['decode_tokens_per_s']:>14.2f}{r['ceiling_tokens_per_s']:>9.2f}{r['of_ceiling']:>7.0%}"
+              f"{r['vit_s']:>7.2f}{r['prompt_tokens_per_s']:>14.1f}{r['first_token_s']:>13.1f}"
+              f"{r['resent_first_token_s']:>11.2f}{fmt(r.get('engine_4'), '.2f'):>10}{fmt(r.get('engine_8'), '.2f'):>10}")
+
+
+def token_weights(model) -> int:
+    """Weights each text token is multiplied by: the decoder's linear layers and lm_head (the cross-attention
+    blocks' keys/values come from the picture's latents, once per picture)."""
+    return sum(m.in_features * m.out_features for n, m in model.named_modules()
+               if quantize.is_quantized(n) and hasattr(m, "in_features") and not n.endswith("to_kv"))
+
+
+def release_child(directory: str, form: str, group_size: int, concurrencies=(4, 8)) -> dict:
+    """In the child: load as chat.py does, then time chat.py's path (an engine of one slot): the picture alone,
+    the first round's first token, decoding at batch 1, a re-sent round's first token; then the engine decoding
+    4 and 8 requests at once."""
+    parser = argparse.ArgumentParser()
+    options.add_weight_args(parser)
+    args = parser.parse_args(release_flags(directory, form, group_size))
+    t0 = time.perf_counter()
+    model, tokenizer, transform, memory = options.load_model(args, "cpu")
+    row = {"form": form, "group_size": group_size if form == "int4" else None, "load_s": time.perf_counter() - t0,
+           "held_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+           "bytes_per_token": decode_bytes(model)}
+    cpu, cfg = torch.device("cpu"), model.cfg
+    size = cfg.vision["vision_cfg"]["image_size"]
+    picture = torch.randn(1, 1, 3, size, size)
+    with torch.no_grad():
+        row["vit_s"] = timed(lambda: model.encode_images(picture), cpu, repeat=2, warmup=1)
+    patches = (size // cfg.vision["vision_cfg"]["patch_size"]) ** 2 + 1
+    row["vit_flop"] = 2 * (patches * count(model.vision.parameters())
+                           + cfg.perceiver_latents * count(model.perceiver.parameters()))
+
+    engine = Engine(model, Tokenizer(), slots=max(concurrencies), max_len=256)
+    ask = lambda n: requests(cfg, cpu, 1, RELEASE_PROMPT, n, torch.float32)[0]
+    engine.generate([ask(2)])                                    # compiles the one-row kernels of every shape
+    engine.reset()
+    first = ask(17)
+    t0 = time.perf_counter()
+    engine.submit(first)
+    while not first.tokens:
+        engine.step()
+    row["first_token_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    while engine.busy:
+        engine.step()
+    row["decode_tokens_per_s"] = (len(first.tokens) - 1) / (time.perf_counter() - t0)
+    row["prefill_s"] = row["first_token_s"] - row["vit_s"]
+    row["prompt_tokens_per_s"] = RELEASE_PROMPT / row["prefill_s"]
+    row["prefill_flop"] = 2 * RELEASE_PROMPT * token_weights(model)
+    again = Request(first.ids + first.tokens + [300 + i for i in range(8)], first.pictures, 1, Sampling(greedy=True))
+    t0 = time.perf_counter()
+    engine.generate([again])
+    row["resent_first_token_s"] = time.perf_counter() - t0
+    row["resent_cached"] = again.cached
+    for c in concurrencies:
+        engine.reset()
+        row[f"engine_{c}"] = decode_rate(engine, requests(cfg, cpu, c, RELEASE_PROMPT, 9, torch.float32), cpu)
+    return row
 
 
 def fmt(x, spec):

@@ -1,94 +1,250 @@
-"""Weight-only int8 for decoding (chat.py / eval.py --int8): the decoder's frozen linear weights stored as int8 with
-one scale per output row, and turned back into the activations' dtype inside each matmul.
+"""How the decoder's linear weights are held for decoding (chat.py / eval.py / serve.py): bf16, int8 or 4-bit.
 
-Why: decoding one token reads every weight once, so its speed is the bytes read. int8 halves bf16's 15.5 GB for
-LLaMA-7B + the cross-attention blocks (with the ViT, perceiver and embeddings in bf16, about 9 GB in all: a 12 GB
-card). Compiled (chat.py's fast path), inductor can fuse the int8 -> bf16 conversion into the matmul's loads, so
-the weights cross the memory bus as int8; eager, the conversion is a separate kernel and reads them twice.
+Why: decoding one token reads every weight once, so its speed is the bytes read (LLaMA-7B + the cross-attention
+blocks + lm_head: 15.5 GB in bf16, 7.8 in int8, ~4.1 in 4-bit). What is held this way: every linear layer of the
+decoder (self-attention, MLP, the gated cross-attention blocks) and lm_head, after LoRA is merged into them (chat
+never trains). The ViT, the perceiver, the embeddings and norms stay as they are.
 
-What is quantized: every linear layer of the decoder (self-attention, MLP, the gated cross-attention blocks) and
-lm_head, after LoRA is merged into them (chat never trains). The ViT and the perceiver run once per picture and
-stay as they are; so do the embeddings and norms. Symmetric per-row scales: row i of W becomes
-round(W_i / s_i) with s_i = max|W_i| / 127, so every weight is off by at most s_i / 2.
+  int8   one scale per output row: row i of W is round(W_i / s_i), s_i = max|W_i| / 127 (off by at most s_i / 2)
+  int4   one scale per group of `group_size` inputs: W = (q - 8) * s, q in 0..15, s = max|W_group| / 7
+  bf16   (a CPU only) the weight as it is, for the two ways it is multiplied below
+
+How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed:
+  one row (a decode step)  a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
+                           32-bit words, split into bytes / nibbles, turned into fp32 and summed against the row in
+                           registers, so the weights cross the memory bus once, in their packed size. bf16 uses
+                           oneDNN's bf16 matrix-vector product, which reads at the memory's speed already.
+  several rows (prefill)   blocks of rows are unpacked into an fp32 buffer that stays in the cache, and each block
+                           is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no bf16 arithmetic, and its fp32 GEMM
+                           runs several times faster than a bf16 one.
+On a GPU the weights are unpacked in the matmul's dtype and multiplied by F.linear; compiled (chat.py's fast path),
+inductor fuses the unpacking into the matmul's loads.
+
+The packed layouts (both keep each output row's codes together, so a layer can be quantized row block by row block):
+  int8  (out, in/4) int32: byte b of word j holds input b * in/4 + j
+  int4  (out, in/block, block/8) int32 with block = max(group_size, 64): nibble b of word j of a block holds the
+        block's input b * block/8 + j, so each nibble plane is a contiguous run of inputs within one group
 """
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lora
 
-
-class Int8Linear(nn.Module):
-    """y = (x @ q.T) * scales (+ bias): q int8 (out, in), scales (out,) in the original weight's dtype."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127      # an all-zero row stays zero, not NaN
-        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(weight.dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-
-class Int4Linear(nn.Module):
-    """y = x @ W.T (+ bias), W stored as 4-bit codes per group of `group_size` inputs: W = (q - 8) * scale."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128):
-        super().__init__()
-        out_features, in_features = weight.shape
-        if in_features % group_size:
-            raise ValueError(f"int4: {in_features} inputs are not a multiple of the group size {group_size}")
-        w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
-        scales = w.abs().amax(dim=2).clamp(min=1e-12) / 7
-        q = (torch.round(w / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(out_features, -1)
-        self.register_buffer("weight", q[:, 0::2] | (q[:, 1::2] << 4))     # two codes a byte
-        self.register_buffer("scales", scales.to(weight.dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-
-    def dequantized(self, dtype) -> torch.Tensor:
-        q = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).reshape(self.out_features, -1, self.group_size)
-        return ((q.to(dtype) - 8) * self.scales.to(dtype)[..., None]).reshape(self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.dequantized(x.dtype))
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-
 MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+BLOCK_ROWS = 256            # rows unpacked at a time for a several-row product: 4 MB of fp32 at 4,096 inputs
+QUANTIZE_ROWS = 512         # rows quantized at a time (bounds the temporaries while loading)
+FUSED_MIN_WEIGHTS = 1 << 20  # smaller layers are unpacked eagerly: compiling kernels for them is not worth it
 
 
 def is_quantized(name: str) -> bool:
-    """Which linear layers are quantized, by module name: the decoder's and lm_head."""
+    """Which linear layers are held this way, by module name: the decoder's and lm_head."""
     return name.startswith(("layers.", "lm_head"))
 
 
 def linear_bytes(out_features: int, in_features: int, mode: str, group_size: int = 128, scale_bytes: int = 2) -> int:
     """Bytes a quantized linear layer's weight holds (codes + scales), for sizing memory before loading."""
+    if mode == "bf16":
+        return out_features * in_features * 2
     if mode == "int8":
-        return out_features * (in_features + scale_bytes)
-    return out_features * (in_features // 2 + in_features // group_size * scale_bytes)
+        return out_features * (_ceil(in_features, 4) + scale_bytes)
+    block = max(group_size, 64)
+    return out_features * (_ceil(in_features, block) // 2 + _ceil(in_features, block) // group_size * scale_bytes)
 
 
 def quantize_linear(linear: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
-    """The quantized replacement of one materialized linear layer (its weight in bf16/fp16/fp32, LoRA merged)."""
+    """The replacement of one materialized linear layer (its weight in bf16/fp16/fp32, LoRA merged)."""
     if mode == "int8":
         return Int8Linear(linear.weight, linear.bias)
     if mode == "int4":
         return Int4Linear(linear.weight, linear.bias, group_size)
+    if mode == "bf16":
+        return Bf16Linear(linear.weight, linear.bias)
     raise ValueError(f"quantization {mode!r}: one of {MODES}")
 
 
 def quantize(model: nn.Module, mode: str = "int8", group_size: int = 128) -> nn.Module:
-    """Replace the decoder's linear layers and lm_head by quantized ones, in place (LoRA merged first)."""
+    """Replace the decoder's linear layers and lm_head, in place (LoRA merged first). Returns model."""
     lora.merge(model)
     for name, m in [(n, m) for n, m in model.named_modules() if is_quantized(n)]:
         if isinstance(m, (nn.Linear, lora.LoRALinear)):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, quantize_linear(m, mode, group_size))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layers
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W held packed: subclasses say how to unpack rows and how to multiply one row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.fused = self.out_features * self.in_features >= FUSED_MIN_WEIGHTS
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type != "cpu":
+            y = F.linear(rows, self.unpacked(0, self.out_features, x.dtype))
+        elif rows.shape[0] == 1 and self.fused:
+            y = self.one_row(rows.float()).to(x.dtype)
+        else:
+            y = self.blocks(rows.float()).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) fp32 @ W.T, BLOCK_ROWS rows of W at a time unpacked to fp32, each block small enough to stay in
+        the cache between its unpacking and its GEMM."""
+        out = torch.empty(self.out_features, x.shape[0])
+        for start in range(0, self.out_features, BLOCK_ROWS):
+            end = min(start + BLOCK_ROWS, self.out_features)
+            torch.mm(self.fp32_rows(start, end), x.T, out=out[start:end])
+        return out.T
+
+    def fp32_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows start:end of W in fp32, on a CPU (the unpacking compiled: eager, it is a dozen passes)."""
+        unpack = _compiled(self.unpack, dynamic=True) if self.fused else self.unpack
+        return unpack(self.codes[start:end], self.scales[start:end], self.in_features, torch.float32)
+
+    def unpacked(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start:end of W, (end - start, in_features), in dtype."""
+        return self.unpack(self.codes[start:end], self.scales[start:end], self.in_features, dtype)
+
+
+class Bf16Linear(PackedLinear):
+    """The weight in bf16 as it is: one row by oneDNN's bf16 matrix-vector product, several in fp32 blocks."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+
+    def unpacked(self, start, end, dtype):
+        return self.weight[start:end].to(dtype)
+
+    def fp32_rows(self, start, end):
+        """Converted into one buffer kept between calls: allocating 4 MB per block would page-fault it in."""
+        buffer = _scratch(BLOCK_ROWS * self.in_features)[: (end - start) * self.in_features]
+        return buffer.view(end - start, self.in_features).copy_(self.weight[start:end])
+
+    def one_row(self, x):
+        return F.linear(x.to(torch.bfloat16), self.weight).float()
+
+
+class Int8Linear(PackedLinear):
+    """Symmetric int8 with one scale per output row (scales in the original weight's dtype)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
+        self.register_buffer("codes", torch.empty(self.out_features, _ceil(self.in_features, 4) // 4,
+                                                  dtype=torch.int32, device=weight.device))
+        self.register_buffer("scales", torch.empty(self.out_features, dtype=weight.dtype, device=weight.device))
+        for start in range(0, self.out_features, QUANTIZE_ROWS):     # a few MB of temporaries at a time
+            w = weight[start:start + QUANTIZE_ROWS].detach().float()
+            scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127      # an all-zero row stays zero, not NaN
+            q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int32) & 255
+            q = F.pad(q, (0, self.codes.shape[1] * 4 - self.in_features)).view(len(w), 4, -1)
+            self.codes[start:start + len(w)] = q[:, 0] | q[:, 1] << 8 | q[:, 2] << 16 | q[:, 3] << 24
+            self.scales[start:start + len(w)] = scales
+
+    @staticmethod
+    def unpack(codes, scales, in_features: int, dtype):
+        q = torch.stack([(codes << (24 - 8 * b)) >> 24 for b in range(4)], dim=1)
+        return q.flatten(1)[:, :in_features].to(dtype) * scales[:, None].to(dtype)
+
+    def one_row(self, x):
+        """x (1, in_features) fp32 -> (1, out_features) fp32, on a CPU."""
+        x = F.pad(x, (0, self.codes.shape[1] * 4 - self.in_features))
+        return _compiled(_int8_row)(x, self.codes.view(torch.float32), self.scales)
+
+
+class Int4Linear(PackedLinear):
+    """4-bit codes with one scale per group of `group_size` inputs (scales in the original weight's dtype)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128):
+        super().__init__(weight, bias)
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group size {group_size}: one of {GROUP_SIZES}")
+        self.group_size, block = group_size, max(group_size, 64)
+        padded = _ceil(self.in_features, block)        # zero inputs past the end: their codes are 8, i.e. 0
+        self.register_buffer("codes", torch.empty(self.out_features, padded // block, block // 8, dtype=torch.int32,
+                                                  device=weight.device))
+        self.register_buffer("scales", torch.empty(self.out_features, padded // group_size, dtype=weight.dtype,
+                                                   device=weight.device))
+        for start in range(0, self.out_features, QUANTIZE_ROWS):     # a few MB of temporaries at a time
+            w = F.pad(weight[start:start + QUANTIZE_ROWS].detach().float(), (0, padded - self.in_features))
+            w = w.view(len(w), -1, group_size)
+            scales = w.abs().amax(dim=2).clamp(min=1e-12) / 7
+            q = (torch.round(w / scales[..., None]).clamp(-8, 7) + 8).to(torch.int32)
+            q = q.view(len(w), padded // block, 8, block // 8)
+            self.codes[start:start + len(w)] = sum(q[:, :, b] << (4 * b) for b in range(8))
+            self.scales[start:start + len(w)] = scales
+
+    @staticmethod
+    def unpack(codes, scales, in_features: int, dtype):
+        q = torch.stack([(codes >> (4 * b)) & 15 for b in range(8)], dim=2).view(*scales.shape, -1)
+        return ((q.to(dtype) - 8) * scales[..., None].to(dtype)).flatten(1)[:, :in_features]
+
+    def one_row(self, x):
+        x = F.pad(x, (0, self.codes.shape[1] * self.codes.shape[2] * 8 - self.in_features))
+        groups = max(self.group_size, 64) // self.group_size
+        return _compiled(_int4_row)(x, self.codes.view(torch.float32), self.scales, groups)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one-row kernels, written so that inductor fuses each into one loop over the packed words. The codes come in
+# viewed as float32 and are bit-cast back inside: inductor's vector loads of int32 go through a stack copy, its
+# float loads do not.
+
+def _int8_row(x, codes, scales):
+    words = codes.view(torch.int32)                          # (out, in/4)
+    xs = x.view(4, -1)                                       # xs[b] meets byte b of every word
+    acc = sum(((words << (24 - 8 * b)) >> 24).float() * xs[b] for b in range(4))
+    return (acc.sum(-1) * scales.float())[None]
+
+
+def _int4_row(x, codes, scales, groups: int):
+    words = codes.view(torch.int32)                          # (out, blocks, block/8)
+    xs = x.view(words.shape[1], 8, words.shape[2])           # xs[:, b] meets nibble b of every word
+    planes = 8 // groups                                     # nibble planes per group
+    sums = []
+    for g in range(groups):
+        b = range(g * planes, (g + 1) * planes)
+        dot = sum(((words >> (4 * i)) & 15).float() * xs[:, i] for i in b).sum(-1)
+        sums.append(dot - 8 * xs[:, g * planes:(g + 1) * planes].sum((-1, -2)))     # codes are q + 8
+    per_group = torch.stack(sums, -1).flatten(1)             # (out, groups of the row)
+    return (per_group * scales.float()).sum(-1)[None]
+
+
+_compiled_fns: dict = {}
+_thread = threading.local()
+
+
+def _compiled(fn, dynamic: bool = False):
+    """fn compiled once per process; for exact shapes unless dynamic (a 7B model has ~9 layer shapes: more than
+    Dynamo's default 8 graphs per function, a per-thread setting, raised in each thread that multiplies)."""
+    if not getattr(_thread, "ready", False):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _thread.ready = True
+    if fn not in _compiled_fns:
+        _compiled_fns[fn] = torch.compile(fn, dynamic=dynamic)
+    return _compiled_fns[fn]
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """A per-thread fp32 buffer of at least n values, kept between calls."""
+    buffer = getattr(_thread, "buffer", None)
+    if buffer is None or buffer.numel() < n:
+        buffer = _thread.buffer = torch.empty(n)
+    return buffer
+
+
+def _ceil(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

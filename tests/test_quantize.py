@@ -1,4 +1,4 @@
-"""quantize.py: weight-only int8 for decoding (chat.py / eval.py --int8)."""
+"""quantize.py: the decoder's weights held in int8, 4-bit or bf16 for decoding (chat.py / eval.py --int8 / --int4)."""
 import pytest
 import torch
 from torch import nn
@@ -16,14 +16,53 @@ def test_each_row_is_rounded_to_its_own_scale():
     w = torch.randn(6, 10, generator=g) * torch.tensor([1, 10, 1e-3, 0, 5, 1.0])[:, None]
     b = torch.randn(6, generator=g)
     m = quantize.Int8Linear(w, b)
-    assert m.weight.dtype == torch.int8 and m.scales.shape == (6,) and (m.out_features, m.in_features) == (6, 10)
-    assert m.weight.abs().amax(1).tolist() == [127, 127, 127, 0, 127, 127]   # each row its full range; zero stays 0
-    deq = m.weight.float() * m.scales[:, None]
+    assert m.codes.dtype == torch.int32 and m.codes.shape == (6, 3) and m.scales.shape == (6,)
+    assert (m.out_features, m.in_features) == (6, 10)
+    deq = m.unpacked(0, 6, torch.float32)
+    assert (deq / m.scales[:, None]).round().abs().amax(1).tolist() == [127, 127, 127, 0, 127, 127]   # zero stays 0
     assert ((deq - w).abs() <= m.scales[:, None] / 2 * (1 + 1e-5)).all()   # off by at most half a step
     x = torch.randn(3, 10, generator=g)
     torch.testing.assert_close(m(x), x @ deq.T + b)
     bf16 = quantize.Int8Linear(w.bfloat16())
     assert bf16.scales.dtype == torch.bfloat16 and bf16(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("group_size", quantize.GROUP_SIZES)
+def test_each_group_is_rounded_to_its_own_scale(group_size):
+    """4-bit: one scale per group of inputs; inputs past a whole block are padded with zeros that stay zero."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 200, generator=g) * torch.linspace(0.01, 3, 200)
+    w[2] = 0
+    m = quantize.Int4Linear(w, None, group_size)
+    block = max(group_size, 64)
+    assert m.codes.shape == (5, -(-200 // block), block // 8) and m.scales.shape == (5, -(-200 // block) * block // group_size)
+    deq = m.unpacked(0, 5, torch.float32)
+    assert deq.shape == (5, 200) and (deq[2] == 0).all()
+    step = m.scales.repeat_interleave(group_size, dim=1)[:, :200]
+    assert ((deq - w).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert ((deq / step).round() - deq / step).abs().max() < 1e-4 and (deq / step).round().abs().max() <= 8
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("bf16", 0)])
+def test_packed_products_equal_the_unpacked_weights(mode, group_size):
+    """A layer big enough for the compiled one-row kernel (a decode step) and the several-row blocks (a prefill): each
+    equals x @ W.T with W the layer's own unpacked weights, to fp32 rounding (bf16's one row: oneDNN's bf16 product,
+    its input and output rounded to bf16)."""
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(1100, 1000)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1000, 1100, generator=g) * 0.05)
+    m = quantize.quantize_linear(lin, mode, group_size or 128)
+    assert m.fused
+    w = m.unpacked(0, 1000, torch.float32)
+    one, several = torch.randn(1, 1100, generator=g), torch.randn(2, 7, 1100, generator=g)
+    one_tol = dict(atol=2e-2, rtol=8e-3) if mode == "bf16" else dict(atol=2e-5, rtol=1e-5)
+    if mode == "bf16":
+        one = one.bfloat16().float()
+    torch.testing.assert_close(m(one), one @ w.T + lin.bias, **one_tol)
+    torch.testing.assert_close(m(several), several @ w.T + lin.bias, atol=2e-5, rtol=1e-5)
+    assert quantize.linear_bytes(1000, 1100, mode, group_size or 128, 4) == sum(
+        t.numel() * t.element_size() for n, t in m.named_buffers() if n != "bias")
 
 
 def test_the_decoder_is_quantized_and_its_logits_barely_move(tokenizer):
@@ -57,3 +96,14 @@ def test_quantized_cached_decoding_equals_its_full_forward(tokenizer):
     batched = Engine(model, tokenizer, slots=4, eos_id=-1).generate(
         [Request(p, [] if im is None else list(im), 6, Sampling(greedy=True)) for p, im in zip(prompts, images)])
     assert [r.tokens for r in batched] == cached
+
+
+@pytest.mark.parametrize("group_size", quantize.GROUP_SIZES)
+def test_4bit_cached_decoding_equals_its_full_forward(tokenizer, group_size):
+    """The 4-bit model through the KV cache and the batched decoder, as its full forward."""
+    model = quantize.quantize(lora_model(tokenizer).eval(), "int4", group_size)
+    assert isinstance(model.lm_head, quantize.Int4Linear) and model.lm_head.group_size == group_size
+    prompts, images = batch_input(tokenizer)
+    cached = one_at_a_time(model, tokenizer, prompts, images, eos_id=-1, n=4)
+    for p, im, got in zip(prompts, images, cached):
+        assert got == full_forward_greedy(model, p, None if im is None else im[None], 4, tokenizer.never_generate)
