@@ -5,6 +5,8 @@ demo.py; a config's "demo" entry brings it in.)
 Read top-down:
   render                                  a conversation (conversation.py: the template) -> (input_ids, labels)
   read and its readers                    one source's annotation files -> conversations
+  get_field, text_field, texts_field      a record's fields, every failure naming file, record and field (eval.py
+                                          reads benchmark files with them too)
   Mix, load_mix                           a config file -> vision-language and language-only conversations
   InstructionDataset, collate, Stream     conversations -> padded batches, sharded by rank, resumable
   main                                    python data.py CONFIG --show N | --check [--skip-bad]
@@ -263,9 +265,11 @@ def _is_json(line: str) -> bool:
         return False
 
 
-# Field access: every failure names the record and the field.
+# Field access: every failure names the record and the field (`where`: the file and the record). Public: eval.py's
+# readers use them too, so a bad benchmark file reads like a bad training file.
 
-def _get(rec, name: str, where: str):
+def get_field(rec, name: str, where: str):
+    """rec[name], rec a JSON object."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if name not in rec:
@@ -273,7 +277,9 @@ def _get(rec, name: str, where: str):
     return rec[name]
 
 
-def _as_text(value, name: str, where: str, empty_ok: bool = False) -> str:
+def as_text(value, name: str, where: str, empty_ok: bool = False) -> str:
+    """value (field `name`) as stripped text: a number becomes its text; anything else, a lone surrogate, or
+    (unless empty_ok) nothing, is a DataError."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. a numeric id or answer
         value = str(value)
     if not isinstance(value, str):
@@ -289,18 +295,19 @@ def _as_text(value, name: str, where: str, empty_ok: bool = False) -> str:
     return value
 
 
-def _text(rec, name: str, where: str, empty_ok: bool = False) -> str:
-    return _as_text(_get(rec, name, where), name, where, empty_ok)
+def text_field(rec, name: str, where: str, empty_ok: bool = False) -> str:
+    """rec[name] as text (as_text)."""
+    return as_text(get_field(rec, name, where), name, where, empty_ok)
 
 
-def _texts(rec, name: str, where: str, single_ok: bool = False) -> list[str]:
+def texts_field(rec, name: str, where: str, single_ok: bool = False) -> list[str]:
     """A non-empty list of texts (or, with single_ok, one text)."""
-    value = _get(rec, name, where)
+    value = get_field(rec, name, where)
     if single_ok and not isinstance(value, list):
-        return [_as_text(value, name, where)]
+        return [as_text(value, name, where)]
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{name}': expected a non-empty list")
-    return [_as_text(v, f"{name}[{i}]", where) for i, v in enumerate(value)]
+    return [as_text(v, f"{name}[{i}]", where) for i, v in enumerate(value)]
 
 
 def _strip_image_marker(question: str) -> str:
@@ -310,8 +317,8 @@ def _strip_image_marker(question: str) -> str:
 
 def _llava(rec, key, where, root, rng, opt) -> list[Conversation]:
     """LLaVA-Instruct-150K (detail_23k, complex_reasoning_77k, conversation_58k): every human/gpt pair, in order."""
-    image = _text(rec, "image", where)
-    msgs = _get(rec, "conversations", where)
+    image = text_field(rec, "image", where)
+    msgs = get_field(rec, "conversations", where)
     if not isinstance(msgs, list) or not msgs or len(msgs) % 2:
         raise DataError(f"{where}: field 'conversations': expected human/gpt message pairs")
     turns = []
@@ -331,38 +338,38 @@ def _llava_message(msg, j: int, who: str, where: str) -> str:
             raise DataError(f"{where}: missing field '{name}.{key}'")
     if msg["from"] != who:
         raise DataError(f"{where}: field '{name}.from': expected {who!r}, got {msg['from']!r}")
-    return _as_text(msg["value"], f"{name}.value", where)
+    return as_text(msg["value"], f"{name}.value", where)
 
 
 def _captions(rec, where, rng, opt) -> list[str]:
-    captions = _texts(rec, "caption", where, single_ok=True)
+    captions = texts_field(rec, "caption", where, single_ok=True)
     return captions if opt.all_captions else [rng.choice(captions)]
 
 
 def _minigpt4(rec, key, where, root, rng, opt) -> list[Conversation]:
     """MiniGPT-4 cc_sbu_align filter_cap.json; picture {root}/{image_id}.jpg; question from CAPTION_QUESTIONS."""
-    path = os.path.join(root, _text(rec, "image_id", where) + ".jpg")
+    path = os.path.join(root, text_field(rec, "image_id", where) + ".jpg")
     return [Conversation(path, [Turn(rng.choice(CAPTION_QUESTIONS), c)]) for c in _captions(rec, where, rng, opt)]
 
 
 def _coco_caption(rec, key, where, root, rng, opt) -> list[Conversation]:
     """COCO Caption, Karpathy split as LAVIS ships it; picture {root}/{image}; question from CAPTION_QUESTIONS."""
-    path = os.path.join(root, _text(rec, "image", where))
+    path = os.path.join(root, text_field(rec, "image", where))
     return [Conversation(path, [Turn(rng.choice(CAPTION_QUESTIONS), c)]) for c in _captions(rec, where, rng, opt)]
 
 
 def _aokvqa(rec, key, where, root, rng, opt) -> list[Conversation]:
     """A-OKVQA: 'The answer is {choice}. Because {rationales}' to the question plus a why-follow-up."""
-    question = _text(rec, "question", where)
-    choices = _texts(rec, "choices", where)
-    idx = _get(rec, "correct_choice_idx", where)
+    question = text_field(rec, "question", where)
+    choices = texts_field(rec, "choices", where)
+    idx = get_field(rec, "correct_choice_idx", where)
     if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(choices):
         raise DataError(f"{where}: field 'correct_choice_idx': expected an index into the {len(choices)} choices")
-    rationales = _texts(rec, "rationales", where)
-    image_id = _get(rec, "image_id", where)
+    rationales = texts_field(rec, "rationales", where)
+    image_id = get_field(rec, "image_id", where)
     if not isinstance(image_id, int) or isinstance(image_id, bool):
         raise DataError(f"{where}: field 'image_id': expected an integer")
-    path = os.path.join(root, f"{_text(rec, 'split', where)}2017", f"{image_id:012d}.jpg")
+    path = os.path.join(root, f"{text_field(rec, 'split', where)}2017", f"{image_id:012d}.jpg")
     shown = ", ".join(choices) if rng.random() < opt.option_prob else ""
     turn = Turn(f"{question} {rng.choice(WHY_QUESTIONS)}",
                 f"The answer is {choices[idx]}. Because {' '.join(rationales)}", shown)
@@ -371,9 +378,9 @@ def _aokvqa(rec, key, where, root, rng, opt) -> list[Conversation]:
 
 def _ocr_vqa(rec, key, where, root, rng, opt) -> list[Conversation]:
     """OCR-VQA dataset.json: {id: record}; picture {root}/{id}{extension of imageURL}."""
-    url = _text(rec, "imageURL", where)
+    url = text_field(rec, "imageURL", where)
     path = os.path.join(root, f"{key}{os.path.splitext(urllib.parse.urlparse(url).path)[1]}")
-    questions, answers = _texts(rec, "questions", where), _texts(rec, "answers", where)
+    questions, answers = texts_field(rec, "questions", where), texts_field(rec, "answers", where)
     if len(questions) != len(answers):
         raise DataError(f"{where}: field 'answers': {len(answers)} answers to {len(questions)} questions")
     turns = [Turn(q, a) for q, a in zip(questions, answers)]
@@ -382,20 +389,20 @@ def _ocr_vqa(rec, key, where, root, rng, opt) -> list[Conversation]:
 
 def _dolly(rec, key, where, root, rng, opt) -> list[Conversation]:
     """databricks-dolly-15k.jsonl: instruction, context (the input, may be empty), response."""
-    return [Conversation(None, [Turn(_text(rec, "instruction", where), _text(rec, "response", where),
-                                     _text(rec, "context", where, empty_ok=True))])]
+    return [Conversation(None, [Turn(text_field(rec, "instruction", where), text_field(rec, "response", where),
+                                     text_field(rec, "context", where, empty_ok=True))])]
 
 
 def _alpaca(rec, key, where, root, rng, opt) -> list[Conversation]:
     """alpaca_gpt4_data.json: instruction, input (may be empty), output."""
-    return [Conversation(None, [Turn(_text(rec, "instruction", where), _text(rec, "output", where),
-                                     _text(rec, "input", where, empty_ok=True))])]
+    return [Conversation(None, [Turn(text_field(rec, "instruction", where), text_field(rec, "output", where),
+                                     text_field(rec, "input", where, empty_ok=True))])]
 
 
 def _baize(rec, key, where, root, rng, opt) -> list[Conversation]:
     """Baize: "input" is a dialogue of [|Human|] / [|AI|] turns after a preamble; its last, empty [|Human|] turn
     (where the next question would go) is ignored."""
-    parts = re.split(r"\[\|(Human|AI)\|\]", _text(rec, "input", where))
+    parts = re.split(r"\[\|(Human|AI)\|\]", text_field(rec, "input", where))
     messages = [(who, text.strip()) for who, text in zip(parts[1::2], parts[2::2])]
     if messages and messages[-1] == ("Human", ""):
         messages.pop()
@@ -460,13 +467,13 @@ def load_mix(config_path: str, *, skip_bad: bool = False, check_images: bool = T
                 raise DataError(f"{where}: expected a source object")
             if set(src) - SOURCE_KEYS:
                 raise DataError(f"{where}: unknown field(s) {', '.join(sorted(set(src) - SOURCE_KEYS))}")
-            kind = _get(src, "kind", where)
+            kind = get_field(src, "kind", where)
             if kind not in READERS:
                 raise DataError(f"{where}: field 'kind': unknown kind {kind!r} (known: {', '.join(KINDS)})")
             if READERS[kind][2] != (group == "vl"):
                 raise DataError(f"{where}: field 'kind': {kind} belongs in \"{'vl' if READERS[kind][2] else 'lang'}\"")
             options = {k: src[k] for k in OPTION_NAMES if k in src}
-            convs = read(kind, _get(src, "ann", where), src.get("image_root"), seed=f"{seed}:{group}:{i}",
+            convs = read(kind, get_field(src, "ann", where), src.get("image_root"), seed=f"{seed}:{group}:{i}",
                          errors=mix.errors if skip_bad else None, check_images=check_images, **options)
             convs = _sample_and_weight(convs, src.get("sample"), src.get("weight", 1), f"{seed}:{group}:{i}", where)
             name = src.get("name", kind)

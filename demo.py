@@ -30,18 +30,14 @@ from conversation import HEADER, Conversation, Turn, prompt
 from tokenizer import Tokenizer
 
 # train.py's defaults for the demo where they differ from the paper's. Nothing is pretrained, so it trains in full
-# (the ViT too, at its own lr) and faster, and its pictures reach the answer directly (attend_previous: each token
-# sees the picture before it; from random weights the paper's rule, where the answer reaches the picture only
-# through the tokens before <image>, is learned too slowly: held-out accuracy 0.34 vs 0.935 at step 250 with
-# ideal picture features). 2.5 passes over the data (625 steps): after 2 (500 steps) the accuracy was 0.925 or
-# 0.795 by the seed, one kind of question below 0.75 each time; after 2.5, 0.99 with both seeds, every kind >= 0.96.
+# (the ViT too, at its own lr) and faster, and its pictures reach the answer directly (attend_previous: from random
+# weights the paper's rule, where the answer reaches the picture only through the tokens before <image>, is learned
+# too slowly). 2.5 passes over the data: after 2 one kind of question still lagged (docs/demo.md).
 SETTINGS = dict(config="configs/demo.json", out="runs/demo", lr=2e-3, warmup=50, grad_accum=1, batch_size=16,
                 max_len=128, epochs=2.5, eval_every=250, save_every=250, attend_previous=True, vision_lr=3e-4,
                 unfreeze=["embed_tokens", "layers.", "norm.", "lm_head", "perceiver"])
-# train.py --fusion prefix: the demo's run beside the default one, its ViT and decoder trained more slowly. Held-out
-# accuracy at step 500 (625-step schedule): SETTINGS' rates 0.49; the decoder at 5e-4, 0.68, the side still at chance
-# after 625 steps though a linear probe on the perceiver's mean latent read it 93% right; the decoder at 5e-4 and
-# the ViT at 1e-4, 0.99 (every kind >= 0.96); the decoder at 1e-3 and the ViT at 1e-4, 0.865.
+# train.py --fusion prefix: the demo's run beside the default one, its ViT and decoder trained more slowly: at
+# SETTINGS' rates prefix fusion never learns where the shapes are (the rates tried: docs/fusion.md).
 PREFIX = dict(out="runs/demo-prefix", lr=5e-4, vision_lr=1e-4)
 # Where the pictures are drawn unless a config says otherwise: a cache (each file is named by what it shows).
 PICTURES = os.path.join(tempfile.gettempdir(), "mmgpt-demo-pictures")
@@ -54,8 +50,7 @@ SHAPES = ("square", "circle", "triangle")
 SIDES = {"left": ((0.25, 0), (0.25, 1)), "right": ((0.75, 0), (0.75, 1)), "top": ((0, 0.25), (1, 0.25)),
          "bottom": ((0, 0.75), (1, 0.75))}
 # Radius in pixels: areas of 220-290 px, so the coloured area tells the number and the outline the shape. Three
-# fit along a side without touching; with four, the shapes had to shrink to about half that area, and after 500
-# steps held-out accuracy was 0.70 (shape 0.30, count 0.65) against 0.995 with three.
+# fit along a side without touching; four would have to shrink to about half that area, too small to tell apart.
 RADIUS = {"square": 8, "circle": 9, "triangle": 10}
 COUNTS = ("1", "2", "3")
 ANSWERS = {"shape": SHAPES, "colour": tuple(COLOURS), "count": COUNTS, "position": tuple(SIDES)}
@@ -245,16 +240,15 @@ def make_base(out: str, seed: int) -> dict:
     model = mmgpt.build(cfg)
     # The cross-attention gates start at 0 so that a pretrained LLaMA is unchanged at first. A random LLaMA has
     # nothing to protect, and closed gates keep the pictures' gradients near zero: the demo opens them
-    # (tanh(1) = 0.76), which took held-out accuracy at step 250 from 0.24 to 0.50.
+    # (tanh(1) = 0.76; docs/demo.md).
     with torch.no_grad():
         for layer in model.layers:
             if layer.xattn is not None:
                 layer.xattn.attn_gate.fill_(1.0)
                 layer.xattn.ff_gate.fill_(1.0)
         # The random ViT's position embeddings (std width^-0.5) are small beside its patch embeddings, so once the
-        # perceiver pools the patches, where the shapes stand is faint (a linear probe on the mean latent reads
-        # the side right 72% of the time; the shape 85%, the count 96%). Three times larger: the side 92%, and
-        # held-out "Where are they?" after 500 steps went from 0.44 to 0.81 (measured with up to four shapes).
+        # perceiver pools the patches, where the shapes stand is faint; three times larger, the side survives
+        # the pooling (docs/demo.md).
         model.vision.visual.positional_embedding.mul_(3)
     checkpoints.save_llama(model, paths["llama"], os.path.join(base, "tokenizer.model"))
     checkpoints.save_openflamingo(model, paths["openflamingo"])

@@ -81,7 +81,7 @@ def kind(task: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Readers. Field access and its messages are data.py's (data._get, _text, ...): one wording for every bad record.
+# Readers. Field access and its messages are data.py's (data.get_field, text_field, ...): one wording for every bad record.
 
 def _load_json(path: str):
     text = data.read_text(path)     # missing, empty, not UTF-8: named as for training data
@@ -108,19 +108,19 @@ def _records(path: str, key: str | None, content=None) -> list[tuple[str, object
 def _answers(rec, name: str, where: str) -> list[str]:
     """The human answers: a list of texts (TextVQA, A-OKVQA) or of {"answer": text} (VQAv2, OK-VQA, VizWiz).
     An answer may be empty: crowd answers sometimes are, and it still counts as one of the n."""
-    value = data._get(rec, name, where)
+    value = data.get_field(rec, name, where)
     if not isinstance(value, list) or not value:
         raise data.DataError(f"{where}: field '{name}': expected a non-empty list")
-    return [data._as_text(data._get(a, "answer", f"{where} {name}[{j}]") if isinstance(a, dict) else a,
+    return [data.as_text(data.get_field(a, "answer", f"{where} {name}[{j}]") if isinstance(a, dict) else a,
                           f"{name}[{j}]", where, empty_ok=True) for j, a in enumerate(value)]
 
 
 def _optional_text(rec, name: str, where: str) -> str | None:
-    return data._text(rec, name, where) if name in rec else None
+    return data.text_field(rec, name, where) if name in rec else None
 
 
 def _int(rec, name: str, where: str) -> int:
-    value = data._get(rec, name, where)
+    value = data.get_field(rec, name, where)
     if not isinstance(value, int) or isinstance(value, bool):
         raise data.DataError(f"{where}: field '{name}': expected an integer, got {type(value).__name__}")
     return value
@@ -143,7 +143,7 @@ def read_vqa(questions: str, annotations: str, images: str) -> list[Item]:
             raise data.DataError(f"{where}: question_id {qid} has no annotation in {annotations}")
         path = os.path.join(images, f"COCO_{subtype}_{_int(rec, 'image_id', where):012d}.jpg")
         refs, answer_type, question_type = answers[qid]
-        items.append(Item(str(qid), path, data._text(rec, "question", where), refs, where,
+        items.append(Item(str(qid), path, data.text_field(rec, "question", where), refs, where,
                           answer_type=answer_type, question_type=question_type))
     return items
 
@@ -151,8 +151,8 @@ def read_vqa(questions: str, annotations: str, images: str) -> list[Item]:
 def read_textvqa(annotations: str, images: str) -> list[Item]:
     items = []
     for where, rec in _records(annotations, "data"):
-        path = os.path.join(images, data._text(rec, "image_id", where) + ".jpg")
-        items.append(Item(data._text(rec, "question_id", where), path, data._text(rec, "question", where),
+        path = os.path.join(images, data.text_field(rec, "image_id", where) + ".jpg")
+        items.append(Item(data.text_field(rec, "question_id", where), path, data.text_field(rec, "question", where),
                           _answers(rec, "answers", where), where))
     return items
 
@@ -161,8 +161,8 @@ def read_vizwiz(annotations: str, images: str) -> list[Item]:
     """VizWiz has no question ids: a question is named by its picture."""
     items = []
     for where, rec in _records(annotations, None):
-        image = data._text(rec, "image", where)
-        items.append(Item(image, os.path.join(images, image), data._text(rec, "question", where),
+        image = data.text_field(rec, "image", where)
+        items.append(Item(image, os.path.join(images, image), data.text_field(rec, "question", where),
                           _answers(rec, "answers", where), where,
                           answer_type=_optional_text(rec, "answer_type", where)))
     return items
@@ -175,21 +175,21 @@ def read_captions(annotations: str, images: str, split: str = "test") -> list[It
     items = []
     if isinstance(content, dict) and "images" in content:
         for where, rec in _records(annotations, "images", content):
-            if data._text(rec, "split", where) != split:
+            if data.text_field(rec, "split", where) != split:
                 continue
-            name = os.path.join(data._text(rec, "filepath", where) if "filepath" in rec else "",
-                                data._text(rec, "filename", where))
-            sentences = data._get(rec, "sentences", where)
+            name = os.path.join(data.text_field(rec, "filepath", where) if "filepath" in rec else "",
+                                data.text_field(rec, "filename", where))
+            sentences = data.get_field(rec, "sentences", where)
             if not isinstance(sentences, list) or not sentences:
                 raise data.DataError(f"{where}: field 'sentences': expected a non-empty list")
-            refs = [data._text(s, "raw", f"{where} sentences[{j}]") for j, s in enumerate(sentences)]
+            refs = [data.text_field(s, "raw", f"{where} sentences[{j}]") for j, s in enumerate(sentences)]
             items.append(Item(name, os.path.join(images, name), None, refs, where))
         if not items:
             raise data.DataError(f"{annotations}: no image has split {split!r} (--split)")
         return items
     for where, rec in _records(annotations, None, content):
-        name = data._text(rec, "image", where)
-        items.append(Item(name, os.path.join(images, name), None, data._texts(rec, "caption", where, single_ok=True),
+        name = data.text_field(rec, "image", where)
+        items.append(Item(name, os.path.join(images, name), None, data.texts_field(rec, "caption", where, single_ok=True),
                           where))
     return items
 
@@ -199,17 +199,17 @@ def read_aokvqa(annotations: str, images: str) -> list[Item]:
     the official evaluation leaves out of that setting), without (direct answer)."""
     items = []
     for where, rec in _records(annotations, None):
-        qid, question = data._text(rec, "question_id", where), data._text(rec, "question", where)
-        choices = data._texts(rec, "choices", where)
+        qid, question = data.text_field(rec, "question_id", where), data.text_field(rec, "question", where)
+        choices = data.texts_field(rec, "choices", where)
         correct = _int(rec, "correct_choice_idx", where)
         if not 0 <= correct < len(choices):
             raise data.DataError(f"{where}: field 'correct_choice_idx': {correct} is not an index into the "
                                  f"{len(choices)} choices")
         direct = _answers(rec, "direct_answers", where)
-        split, image_id = data._text(rec, "split", where), _int(rec, "image_id", where)
+        split, image_id = data.text_field(rec, "split", where), _int(rec, "image_id", where)
         path = os.path.join(images, f"{split}2017", f"{image_id:012d}.jpg")
         items.append(Item(f"{qid}:mc", path, question, [choices[correct]], where, choices, correct))
-        if data._get(rec, "difficult_direct_answer", where) is not True:
+        if data.get_field(rec, "difficult_direct_answer", where) is not True:
             items.append(Item(f"{qid}:da", path, question, direct, where))
     return items
 

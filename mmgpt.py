@@ -156,6 +156,20 @@ class FusedLinear(nn.Linear):
         self.parts = parts
 
 
+class Pictures(NamedTuple):
+    """What a layer's cross-attention block attends to."""
+    kv: tuple[torch.Tensor, torch.Tensor] | None   # this layer's keys/values of the latents; None: no token sees one
+    mask: torch.Tensor | None                       # perceiver.make_picture_mask: each token's own picture
+    rows: torch.Tensor | None                       # (B * T, 1) tokens of rows that have pictures; None: all
+
+
+class LayerCache(NamedTuple):
+    """Where a cached forward keeps one layer's keys and values: its buffers of the KVCache, and the Step."""
+    k: torch.Tensor
+    v: torch.Tensor
+    step: "Step"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -165,8 +179,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x: (B * T, dim), B rows of T tokens; cos, sin: (B or 1, T, 3, 1, head_dim) from rope_tables, already in
-        the activations' dtype (MMGPT._layers casts them once). cache: (this layer's key and value buffers, the
-        Step) when decoding with a KVCache (MMGPT.decode)."""
+        the activations' dtype (MMGPT._embed casts them once). cache: a LayerCache when decoding with a KVCache
+        (MMGPT.decode), else None."""
         T = cos.shape[1]
         B = x.shape[0] // T
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim)
@@ -177,10 +191,10 @@ class Attention(nn.Module):
             # Write this step's keys/values into their slots' columns, then attend over those slots' rows (the mask
             # hides the columns a token may not see). The buffers are module state with fixed shapes, so a decode
             # step compiles once per batch and width bucket and runs as one CUDA graph.
-            k_buf, v_buf, step = cache
-            k_buf[step.rows, :, step.columns] = k
-            v_buf[step.rows, :, step.columns] = v
-            k, v = (step.read(t[:, :, :step.width]) for t in (k_buf, v_buf))
+            step = cache.step
+            cache.k[step.rows, :, step.columns] = k
+            cache.v[step.rows, :, step.columns] = v
+            k, v = (step.read(t[:, :, :step.width]) for t in (cache.k, cache.v))
         q = q.transpose(1, 2)                                         # (B, heads, T, d)
         if mask is None:  # plain causal (no padding, no cache)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -213,9 +227,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, pictures=None, cache=None):
-        """x: (B * T, dim); pictures: (this layer's keys/values of the pictures' latents or None when no token sees
-        one, perceiver.picture_mask, rows with pictures (B * T, 1) or None: all), or None for language-only input;
-        the rest as Attention's."""
+        """x: (B * T, dim); pictures: what the cross-attention block attends to (Pictures), or None for
+        language-only input (the block is skipped); the rest as Attention's."""
         if self.xattn is not None and pictures is not None:
             kv, picture_mask, rows = pictures
             y = self.xattn(x, kv, picture_mask)
@@ -329,46 +342,43 @@ class MMGPT(nn.Module):
             mask = causal & attention_mask.bool()[:, None, None, :]
         if self.prefix_proj is not None:
             inputs = None if images is None else self.picture_inputs(images, input_ids)
-            return self._layers(input_ids, None, None, mask, inputs=inputs)
+            return self._layers(input_ids, mask, inputs=inputs)
         kv = None if images is None else self.picture_kv(self.encode_images(images))
         rule = self.cfg.attend_previous if attend_previous is None else attend_previous
-        return self._layers(input_ids, kv, media_index(input_ids, self.cfg.image_id, rule), mask)
+        return self._layers(input_ids, mask, kv, media_index(input_ids, self.cfg.image_id, rule))
 
-    def _layers(self, input_ids, kv, index, mask, positions=None, rows=None, step=None, inputs=None):
-        """The decoder layers over input_ids (B, T) -> (B, T, dim). kv: each cross-attention layer's keys/values of
-        the pictures (None: language-only, the blocks are skipped); positions (B, T): each token's RoPE position
-        (None: 0..T-1); step: where cached decoding reads and writes, and then rows and index as decode's; inputs:
-        prefix fusion's inputs at the <image> positions (picture_inputs)."""
+    def _layers(self, input_ids, mask, kv=None, index=None, inputs=None):
+        """The decoder layers over the whole of input_ids (B, T) -> (B, T, dim), no cache. kv: each cross-attention
+        layer's keys/values of the pictures (None: language-only, the blocks are skipped); index: each token's
+        picture (perceiver.media_index); inputs: prefix fusion's inputs at the <image> positions (picture_inputs)."""
         B, T = input_ids.shape
-        # The layers work on (B * T, dim): every linear layer is then one plain matmul.
+        x, cos, sin = self._embed(input_ids, inputs)
+        picture_mask = None
+        for i, layer in enumerate(self.layers):
+            pictures = None
+            if layer.xattn is not None and kv is not None:
+                if picture_mask is None:      # the same for every block: made once
+                    picture_mask = make_picture_mask(index, self.cfg.perceiver_latents, kv[i][0].shape[2], cos.dtype)
+                pictures = Pictures(kv[i], picture_mask, None)
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, pictures, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, pictures)
+        return x.view(B, T, -1)
+
+    def _embed(self, input_ids, inputs=None, positions=None):
+        """The first layer's input x (B * T, dim) -- the layers work on (B * T, dim), so every linear layer is one
+        plain matmul -- with prefix fusion's `inputs` at the <image> positions, and the RoPE tables at `positions`
+        (B, T) (None: 0..T-1), cast once here, not in every layer, to the dtype q/k/v will have."""
+        B, T = input_ids.shape
         x = self.embed_tokens(input_ids).view(B * T, -1)
         if inputs is not None:
             x = x.masked_scatter((input_ids == self.cfg.image_id).view(-1, 1), inputs.to(x.dtype))
         cos, sin = ((self.rope_cos[:T], self.rope_sin[:T]) if positions is None
                     else (self.rope_cos[positions], self.rope_sin[positions]))
-        dtype = self.activation_dtype()     # cast once here, not in every layer, to the dtype q/k/v will have
+        dtype = self.activation_dtype()
         cos, sin = (t.to(dtype).view(-1, *t.shape[-4:]) for t in (cos, sin))          # (B or 1, T, 3, 1, d)
-        rows = None if rows is None else rows.repeat_interleave(T)[:, None]
-        picture_mask = None
-        for i, layer in enumerate(self.layers):
-            cross, layer_kv, layer_cache = layer.xattn is not None and kv is not None, None, None
-            if step is None:
-                layer_kv = kv[i] if cross else None
-            else:
-                c = step.cache
-                layer_cache = (c.k[i], c.v[i], step)
-                cross = layer.xattn is not None and rows is not None
-                if cross and index is not None:   # the pictures' keys/values are in the cache too
-                    j = c.xattn[i]
-                    layer_kv = tuple(step.read(t[j, :, :, :step.picture_keys]) for t in (c.picture_k, c.picture_v))
-            if layer_kv is not None and picture_mask is None:     # the same for every block: made once
-                picture_mask = make_picture_mask(index, self.cfg.perceiver_latents, layer_kv[0].shape[2], dtype)
-            pictures = (layer_kv, picture_mask, rows) if cross else None
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, pictures, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, pictures, layer_cache)
-        return x.view(B, T, -1)
+        return x, cos, sin
 
     # -- cached decoding (engine.py runs it) --------------------------------------------------------------------
     def decode(self, input_ids, step: "Step", rows=None, index=None, last=None, inputs=None):
@@ -382,12 +392,32 @@ class MMGPT(nn.Module):
         seen = torch.arange(step.width, device=input_ids.device) <= step.columns[:, None, :, None]   # (B, 1, T, W)
         # As an additive mask, made once: a boolean one would be turned into this in every layer.
         mask = torch.zeros(seen.shape, dtype=self.activation_dtype(), device=seen.device).masked_fill_(~seen, -math.inf)
-        positions = step.columns.clamp(max=self.cfg.max_seq_len - 1)   # the scratch column may lie past the tables
-        x = self._layers(input_ids, None, index, mask, positions, rows, step, inputs)
+        x = self._cached_layers(input_ids, step, mask, rows, index, inputs)
         if last is not None:
             # (gather, not take_along_dim: that one fixes T in compiled code, one graph per prefill length)
             x = x.gather(1, last.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         return self.lm_head(self.norm(x))
+
+    def _cached_layers(self, input_ids, step: "Step", mask, rows, index, inputs):
+        """The decoder layers over input_ids (B, T) -> (B, T, dim), each layer's keys and values written into and
+        read from the cache where `step` says, the pictures' keys/values read from it too (decode's arguments)."""
+        B, T = input_ids.shape
+        positions = step.columns.clamp(max=self.cfg.max_seq_len - 1)   # the scratch column may lie past the tables
+        x, cos, sin = self._embed(input_ids, inputs, positions)
+        rows = None if rows is None else rows.repeat_interleave(T)[:, None]
+        c, picture_mask = step.cache, None
+        for i, layer in enumerate(self.layers):
+            pictures = None
+            if layer.xattn is not None and rows is not None:
+                kv = None
+                if index is not None:
+                    j = c.xattn[i]
+                    kv = tuple(step.read(t[j, :, :, :step.picture_keys]) for t in (c.picture_k, c.picture_v))
+                    if picture_mask is None:      # the same for every block: made once
+                        picture_mask = make_picture_mask(index, self.cfg.perceiver_latents, kv[0].shape[2], cos.dtype)
+                pictures = Pictures(kv, picture_mask, rows)
+            x = layer(x, cos, sin, mask, pictures, LayerCache(c.k[i], c.v[i], step))
+        return x.view(B, T, -1)
 
     def activation_dtype(self) -> torch.dtype:
         """The dtype keys and values come out in: autocast's when it is on (a fp32 model trained in bf16)."""

@@ -358,6 +358,24 @@ def test_missing_or_bad_field_names_file_record_and_field(tmp_path, kind, record
     assert len(data.read(kind, ann, tmp_path, errors=errors)) == 1 and len(errors) == 1
 
 
+def test_field_helpers_that_eval_reads_with():
+    rec, where = {"id": 7, "q": "  a question ", "refs": ["x", 2], "one": "y", "blank": " "}, "f.json record 3"
+    assert data.text_field(rec, "id", where) == "7"
+    assert data.text_field(rec, "q", where) == "a question"
+    assert data.texts_field(rec, "refs", where) == ["x", "2"]
+    assert data.texts_field(rec, "one", where, single_ok=True) == ["y"]
+    assert data.text_field(rec, "blank", where, empty_ok=True) == ""
+    for call, message in [(lambda: data.get_field([], "q", where), "f.json record 3: expected a JSON object, got list"),
+                          (lambda: data.text_field(rec, "x", where), "f.json record 3: missing field 'x'"),
+                          (lambda: data.text_field(rec, "blank", where), "f.json record 3: field 'blank' is empty"),
+                          (lambda: data.texts_field(rec, "one", where), "field 'one': expected a non-empty list"),
+                          (lambda: data.as_text(None, "a[0]", where), "field 'a[0]': expected text, got NoneType"),
+                          (lambda: data.as_text("\ud800", "q", where), "a lone surrogate")]:
+        with pytest.raises(DataError) as e:
+            call()
+        assert message in str(e.value)
+
+
 def test_ocr_and_minigpt4_errors_name_the_record(tmp_path):
     ann = write_json(tmp_path / "dataset.json", {"123": {"imageURL": "http://x/y.jpg", "questions": ["q1", "q2"],
                                                          "answers": ["a1"]}})
