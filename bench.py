@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import checkpoints
 import lora
 import mmgpt
+import options
 import quantize
 import train
 from engine import Engine, Request, Sampling
@@ -395,8 +396,8 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     import demo
     import serve
     flags = argparse.ArgumentParser()
-    checkpoints.add_weight_args(flags)
-    model, tokenizer, transform = checkpoints.load_model(flags.parse_args(["--ckpt", run]), str(device))  # as serve.py
+    options.add_weight_args(flags)
+    model, tokenizer, transform, _ = options.load_model(flags.parse_args(["--ckpt", run]), str(device))  # as serve.py
     pictures = sorted(glob.glob(os.path.join(run, "samples", "*.png")))
     if not pictures:
         raise SystemExit(f"{run}/samples/: no pictures (a train.py demo run writes them)")
@@ -623,7 +624,7 @@ def bench_chatting(model, device, args, results):
 
     model.eval()
     results["ops_per_token"] = {"unmerged": ops_per_token(model, device)}
-    lora.merge(model)      # as checkpoints.load_model gives chat.py, eval.py and serve.py their model
+    lora.merge(model)      # as options.load_model gives chat.py, eval.py and serve.py their model
     results["ops_per_token"]["merged"] = ops_per_token(model, device)
     print(f"ops per token {results['ops_per_token']}", flush=True)
     chat_row(False, int8=False)
