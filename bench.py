@@ -513,7 +513,7 @@ def bench_model(tiny: bool, device) -> mmgpt.MMGPT:
     the device in its dtype (bf16 on a GPU): never an fp32 copy."""
     torch.manual_seed(0)
     model = mmgpt.build(mmgpt.config("bench-tiny" if tiny else "7b"), device,
-                        torch.bfloat16 if device.type == "cuda" else torch.float32)
+                        options.train_dtype(device.type))
     lora.inject(model, r=16, alpha=16, within="layers.")
     lora.mark_trainable(model)
     return model
@@ -536,7 +536,7 @@ def main():
     args = ap.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     if args.serve:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(options.device_of(args))
         results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "serve": []}
         bench_serving(args.serve, device, concurrencies, results)
         if args.json:

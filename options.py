@@ -3,7 +3,7 @@ on which device, in which dtype, whether the memory holds them, and how many cac
 
 Read top-down:
   add_weight_args, find_weights      the weight flags and where weights are looked for when none are given
-  device_of, fast_of, dtype_of       the device, the fast path and the weights' dtype when the flags say nothing
+  device_of, fast_of, dtype_of, ...  the device, the fast path and the weights' dtype when the flags say nothing
   Memory, weights_bytes, slot_bytes  what the machine holds and what a model and one cache slot take
   load_model                         checked against the memory before a weight is read, then loaded (checkpoints.py)
   cache_slots                        the engine's slots x max_len, sized to the memory the weights leave
@@ -88,6 +88,12 @@ def fast_of(args, device: str) -> bool:
     """The fast path (compiled, CUDA graphs) is on by default on a GPU only: on a CPU compiling costs more than
     it saves."""
     return args.fast if args.fast is not None else device.startswith("cuda")
+
+
+def train_dtype(device: str) -> torch.dtype:
+    """The frozen weights' dtype in training: bf16 on a GPU (never an fp32 copy of the frozen 8B), fp32 on a CPU
+    (its bf16 matmuls have no hardware behind them on most CPUs)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
 # Decoding reads every weight once per token: a model past a few hundred MB is bound by those bytes, and bf16 halves
