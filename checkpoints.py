@@ -9,6 +9,7 @@ Read top-down:
                                      (cast, LoRA merged, quantized as they arrive): (model, tokenizer, transform)
   save_*, RELEASE, plan_run/load_run the same layouts written back; where the release lives; train.py's run folders
 """
+import ctypes
 import json
 import math
 import mmap
@@ -502,7 +503,10 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
     bar = tqdm(total=sum(t.nbytes for ts in sources.values() for t in ts), unit="B", unit_scale=True,
                desc="loading", disable=not progress or None, file=sys.stderr)
     # By name, not by module: a layer replaced (made real, quantized) must not be kept alive by a list of them.
+    # Layers to quantize go first, lm_head (the largest) leading: a layer's quantization briefly holds a few fp32
+    # copies of it, and so never does while the rest of the model is held.
     names = [n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    names.sort(key=lambda n: (not quantize_to or not quantize.is_quantized(n), n != "lm_head"))
     with torch.no_grad(), bar:
         for name in names:
             module = fill_module(name, model.get_submodule(name), sources, device, dtype, merge, quantize_to,
@@ -510,6 +514,8 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
             if name:
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, module)
+            if quantize_to:
+                give_back_freed()
     if model.rope_cos.is_meta:
         model.rope_cos, model.rope_sin = rope_tables(p.cfg, device)
     model.requires_grad_(False)
@@ -531,6 +537,16 @@ def fill_module(name: str, module: nn.Module, sources: dict, device, dtype, merg
     if quantize_to and quantize.is_quantized(name) and isinstance(module, (nn.Linear, lora_lib.LoRALinear)):
         module = quantize.quantize_linear(module, quantize_to, group_size)
     return module
+
+
+def give_back_freed():
+    """Hand the pages of freed blocks back to the kernel. glibc keeps freed blocks under its mmap threshold (which
+    grows up to 32 MB) in its heap: the full-precision layers quantization dropped would count as held."""
+    if hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+_libc = ctypes.CDLL(None)
 
 
 def made_real(module: nn.Module, device, dtype) -> nn.Module:
@@ -596,20 +612,21 @@ def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
         shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.model"))
 
 
+def openflamingo_keys(name: str) -> list[str]:
+    """Our parameter name -> its keys in OpenFlamingo's checkpoint.pt (a cross-attention block's: two)."""
+    if m := re.match(r"layers\.(\d+)\.xattn\.(.*)", name):
+        return [f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}",
+                f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"]
+    return ["lang_encoder.model.embed_tokens.weight" if name == "embed_tokens.weight" else name]
+
+
 def save_openflamingo(model: MMGPT, path: str):
     """Write perceiver, cross-attention blocks and embeddings in OpenFlamingo's checkpoint.pt layout."""
     sd = {}
     for n, p in model.named_parameters():
-        if not is_flamingo_param(n):
-            continue
-        t = p.detach().clone()
-        if m := re.match(r"layers\.(\d+)\.xattn\.(.*)", n):
-            sd[f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}"] = t
-            sd[f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"] = t
-        elif n == "embed_tokens.weight":
-            sd["lang_encoder.model.embed_tokens.weight"] = t
-        else:
-            sd[n] = t
+        if is_flamingo_param(n):
+            t = p.detach().clone()
+            sd.update({k: t for k in openflamingo_keys(n)})
     torch.save(sd, path)
 
 

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import pickle
 import re
 import sys
 import types
@@ -36,12 +35,13 @@ import checkpoints
 import lora
 import mmgpt
 
-# The small preset: the release's files and key layout at widths that write and load in seconds.
+# The small preset: the release's files, key layout and depth (32 layers, so that one layer is as small a part of
+# the whole as at 7B) at widths that write and load in seconds.
 SMALL_VISION = {"embed_dim": 256, "quick_gelu": True,
                 "vision_cfg": {"image_size": 56, "layers": 2, "width": 256, "patch_size": 14, "head_width": 64}}
 PRESETS = {
     "7b": dict(config={}, vocab=32000, vision="ViT-L-14", shard_bytes=10 * 10**9),
-    "small": dict(config=dict(dim=1024, n_layers=8, n_heads=16, hidden_dim=2816, perceiver_depth=2,
+    "small": dict(config=dict(dim=512, n_layers=32, n_heads=8, hidden_dim=1408, perceiver_depth=2,
                               perceiver_latents=16, vision=SMALL_VISION), vocab=1000, vision=None,
                   shard_bytes=150 * 10**6),
 }
@@ -130,13 +130,7 @@ def write_openflamingo(model: mmgpt.MMGPT, path: str):
         if not checkpoints.is_flamingo_param(n):
             continue
         value = random_tensor(n, tuple(t.shape), torch.float32)
-        if m := re.match(r"layers\.(\d+)\.xattn\.(.*)", n):
-            sd[f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}"] = value
-            sd[f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"] = value
-        elif n == "embed_tokens.weight":
-            sd["lang_encoder.model.embed_tokens.weight"] = value
-        else:
-            sd[n] = value
+        sd.update({k: value for k in checkpoints.openflamingo_keys(n)})
     for i in range(model.cfg.n_layers):
         sd[f"lang_encoder.model.layers.{i}.decoder_layer.self_attn.rotary_emb.inv_freq"] = inv_freq(model.cfg)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -171,11 +165,15 @@ def fake_mmengine():
             del sys.modules[name]
 
 
-def peft_name(name: str) -> str:
-    """Our LoRA name -> the release's key (DDP `module.`, peft `base_model.model.`, FlamingoLayer wrapping)."""
+def peft_keys(name: str) -> list[str]:
+    """Our LoRA name -> its keys in the release (DDP `module.`, peft `base_model.model.`, FlamingoLayer wrapping);
+    a cross-attention block's also under the blocks' alias (the same tensor)."""
     i, xattn, path, ab = re.match(r"layers\.(\d+)\.(xattn\.)?(.*)\.(lora_[AB])$", name).groups()
-    inner = f"gated_cross_attn_layer.{path}" if xattn else f"decoder_layer.{path}"
-    return f"module.lang_encoder.base_model.model.model.layers.{i}.{inner}.{ab}.default.weight"
+    base = "module.lang_encoder.base_model.model."
+    if not xattn:
+        return [f"{base}model.layers.{i}.decoder_layer.{path}.{ab}.default.weight"]
+    return [f"{base}model.layers.{i}.gated_cross_attn_layer.{path}.{ab}.default.weight",
+            f"{base}gated_cross_attn_layers.{i}.{path}.{ab}.default.weight"]
 
 
 def write_lora(model: mmgpt.MMGPT, path: str):
@@ -185,12 +183,8 @@ def write_lora(model: mmgpt.MMGPT, path: str):
     sd = {}
     for n, t in lora.file_tensors(model).items():
         if ".lora_" in n:
-            key = peft_name(n)
-            sd[key] = random_tensor(key, tuple(t.shape), torch.float32)
-            if ".gated_cross_attn_layer." in key:
-                alias = re.sub(r"model\.model\.layers\.(\d+)\.gated_cross_attn_layer\.",
-                               r"model.gated_cross_attn_layers.\1.", key)
-                sd[alias] = sd[key]
+            value = random_tensor(n, tuple(t.shape), torch.float32)
+            sd.update({k: value for k in peft_keys(n)})
     for n, shape in xattn_weights(model).items():
         i, rest = re.match(r"layers\.(\d+)\.xattn\.(.*)", n).groups()
         sd[f"{base}gated_cross_attn_layers.{i}.{rest}"] = random_tensor(n, shape, torch.float32)
@@ -199,7 +193,7 @@ def write_lora(model: mmgpt.MMGPT, path: str):
     with fake_mmengine() as ConfigDict:
         config = ConfigDict(lora=True, lora_r=LORA_R, lora_alpha=16, lora_dropout=0.0, vis=True, unfrozen=[],
                             lora_target_modules=list(lora.DEFAULT_TARGETS))
-        torch.save({"model_state_dict": sd, "tuning_config": config}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        torch.save({"model_state_dict": sd, "tuning_config": config}, path)
 
 
 def write_vision(model: mmgpt.MMGPT, path: str):

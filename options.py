@@ -232,7 +232,7 @@ def load_model(args, device: str):
     return model, tokenizer, transform, memory
 
 
-def cache_slots(model, memory: Memory, slots: int, what: str = "slots") -> tuple[int, int]:
+def cache_slots(model, memory: Memory, slots: int, what: str = "") -> tuple[int, int]:
     """(slots, max_len) of the engine's cache: as many full-context slots as asked that fit in the memory the
     weights leave, printed; exit when not even one fits."""
     max_len = model.cfg.max_seq_len
@@ -244,6 +244,7 @@ def cache_slots(model, memory: Memory, slots: int, what: str = "slots") -> tuple
                          f"budget, --memory-fraction; {memory.weights / GiB:.1f} GiB of weights, "
                          f"{memory.margin / GiB:.1f} GiB margin): raise --memory-fraction or use --int8 / --int4")
     chosen = min(slots, fit)
-    print(f"cache: {chosen} x {max_len} tokens ({chosen * one / GiB:.2f} GiB; {what} {slots} asked, {fit} fit in "
-          f"the {memory.for_cache / GiB:.1f} GiB the weights leave at --memory-fraction)", file=sys.stderr, flush=True)
+    print(f"cache: {chosen} slot{'s'[:chosen != 1]} x {max_len} tokens ({chosen * one / GiB:.2f} GiB): {slots} asked"
+          f"{f' ({what})' if what else ''}, {fit} fit in the {memory.for_cache / GiB:.1f} GiB the weights leave",
+          file=sys.stderr, flush=True)
     return chosen, max_len

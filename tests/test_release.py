@@ -174,7 +174,8 @@ def test_the_cache_is_sized_to_the_memory_left(release, capsys):
     assert sum(b.nbytes for b in engine_cache.buffers()) == 3 * one     # what the engine allocates
     fitting = options.Memory(memory.weights + memory.margin + int(3.5 * one), memory.weights, memory.margin)
     assert options.cache_slots(model, fitting, 16, "--slots") == (3, model.cfg.max_seq_len)
-    assert f"cache: 3 x {model.cfg.max_seq_len} tokens" in capsys.readouterr().err
+    assert f"cache: 3 slots x {model.cfg.max_seq_len} tokens ({3 * one / options.GiB:.2f} GiB): 16 asked (--slots), 3 fit" \
+        in capsys.readouterr().err
     assert options.cache_slots(model, fitting, 2) == (2, model.cfg.max_seq_len)
     tight = options.Memory(memory.weights + memory.margin + one // 2, memory.weights, memory.margin)
     with pytest.raises(SystemExit, match=f"not even one {model.cfg.max_seq_len}-token cache slot"):
