@@ -421,7 +421,8 @@ def read_tokenizer(path: str) -> Tokenizer:
 @dataclass
 class Plan:
     """What load() knows before it reads a weight: the config, the tokenizer, the model laid out on the meta device
-    (LoRA injected), the OpenFlamingo checkpoint mapped, the LoRA file read (it is small), the others' paths."""
+    (LoRA injected), the OpenFlamingo checkpoint mapped, the LoRA file read (it is small), the others' paths. fill
+    makes its model real: a plan is filled once."""
     cfg: Config
     model: MMGPT
     tokenizer: Tokenizer
@@ -493,7 +494,8 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
     if p.flamingo:
         add(p.flamingo, p.openflamingo, model, "", [n for n, _ in model.named_parameters() if is_flamingo_param(n)])
     if p.lora_weights:
-        add(p.lora_weights.tensors, p.lora, model, "", [f"{n}.{ab}" for n in p.lora_names for ab in ("lora_A", "lora_B")])
+        add(p.lora_weights.tensors, p.lora, model, "",
+            [f"{n}.{ab}" for n in p.lora_names for ab in ("lora_A", "lora_B")])
     if not all(n in sources for n in lora_lib.file_tensors(model)):
         # Weights no file holds (no OpenFlamingo, no CLIP weights, a prefix projection): random, as build() makes them.
         model = build(p.cfg, device, dtype)
@@ -503,8 +505,8 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
     bar = tqdm(total=sum(t.nbytes for ts in sources.values() for t in ts), unit="B", unit_scale=True,
                desc="loading", disable=not progress or None, file=sys.stderr)
     # By name, not by module: a layer replaced (made real, quantized) must not be kept alive by a list of them.
-    # Layers to quantize go first, lm_head (the largest) leading: a layer's quantization briefly holds a few fp32
-    # copies of it, and so never does while the rest of the model is held.
+    # Layers to quantize go first, lm_head (the largest) leading: quantizing a layer briefly holds a few fp32 copies
+    # of it, the largest while little else is held, the last before the parts kept in full precision are.
     names = [n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
     names.sort(key=lambda n: (not quantize_to or not quantize.is_quantized(n), n != "lm_head"))
     with torch.no_grad(), bar:

@@ -42,7 +42,8 @@ def add_weight_args(group):
     q.add_argument("--int8", action="store_true",
                    help="decoder weights in int8 (LoRA merged first; quantize.py): half the memory of bf16")
     q.add_argument("--int4", action="store_true", help="decoder weights in 4 bits with a scale per --group-size inputs")
-    group.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="--int4's group (default 128)")
+    group.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
+                       help="--int4's group of inputs sharing a scale (default 128)")
     group.add_argument("--memory-fraction", type=float, default=0.9,
                        help="the share of the memory available (host, or the GPU's) that the weights and the cache "
                             "may take (default 0.9)")
@@ -201,8 +202,8 @@ def check_memory(p: "checkpoints.Plan", args, device: str, dtype: torch.dtype, q
         form = quantize_to or {v: k for k, v in DTYPES.items()}[dtype]
         raise SystemExit(
             f"error: the model does not fit: it needs {needed / GiB:.1f} GiB ({weights / GiB:.1f} GiB of weights in "
-            f"{form}, {slot / GiB:.2f} GiB for one {p.cfg.max_seq_len}-token cache slot, {margin_of(weights) / GiB:.1f} "
-            f"GiB of margin) and {budget / GiB:.1f} GiB is available ({available / GiB:.1f} GiB, {where}, x "
+            f"{form}, {slot / GiB:.2f} GiB for one {p.cfg.max_seq_len}-token cache slot, "
+            f"{margin_of(weights) / GiB:.1f} GiB of margin) and {budget / GiB:.1f} GiB is available ({available / GiB:.1f} GiB, {where}, x "
             f"--memory-fraction {args.memory_fraction:g}). "
             + (f"Fits: {', '.join(fits)}." if fits else
                f"Nothing fits: {', '.join(others) or 'no smaller form'}; free memory, or use a machine with more."))

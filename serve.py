@@ -839,7 +839,8 @@ def main(argv=None):
     s = ap.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--slots", type=int, default=16, help="requests decoded at once (at most: as many as the memory holds)")
+    s.add_argument("--slots", type=int, default=16,
+                   help="requests decoded at once (at most: as many as the memory holds)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot (then 429)")
     s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: none asked)")
     s.add_argument("--max-body", type=int, default=20 << 20, help="the largest request body in bytes (413)")

@@ -128,7 +128,9 @@ def test_loading_takes_the_memory_of_the_weights(release, mode):
                                  torch.bfloat16, None, 128)
     assert weights < bf16 if mode != "none" else weights == bf16
     assert bf16 > 200e6         # large enough for the margin to be measured
-    assert peak - base < 1.3 * weights, (peak - base) / weights
+    # The chosen form's bytes and the margin the issue allows loading bf16 (0.3 of its bytes): never a full bf16
+    # copy beside the quantized one.
+    assert peak - base < weights + 0.3 * bf16, ((peak - base) / weights, (peak - base) / bf16)
 
 
 def test_the_memory_check_refuses_before_reading_a_weight(release, tmp_path, monkeypatch, capsys):
@@ -148,14 +150,14 @@ def test_the_memory_check_refuses_before_reading_a_weight(release, tmp_path, mon
         data = open(os.path.join(release["llama"], name), "rb").read()
         (broken / name).write_bytes(b"\0" * len(data) if name.endswith(".bin") else data)
     args.llama = str(broken)
-    monkeypatch.setattr(options, "available_bytes", lambda device: (need("int8") + need(None)) // 2)
+    budget = (need("int8") + need(None)) // 2
+    monkeypatch.setattr(options, "available_bytes", lambda device: budget)
     args.memory_fraction = 1.0
     with pytest.raises(SystemExit) as e:
         options.load_model(args, "cpu")
-    msg = str(e.value)
-    gib = options.GiB
-    assert f"needs {need(None) / gib:.1f} GiB" in msg and f"{(need('int8') + need(None)) // 2 / gib:.1f} GiB is available" \
-        in msg and f"Fits: --int8 ({need('int8') / gib:.1f} GiB), --int4 ({need('int4') / gib:.1f} GiB)." in msg
+    msg, gib = str(e.value), options.GiB
+    assert f"needs {need(None) / gib:.1f} GiB" in msg and f"{budget / gib:.1f} GiB is available" in msg \
+        and f"Fits: --int8 ({need('int8') / gib:.1f} GiB), --int4 ({need('int4') / gib:.1f} GiB)." in msg
     assert "dtype fp32 (the default on a CPU for a small model" in capsys.readouterr().err
     # A budget nothing fits in says so; with room, the same broken files are read and named.
     args.memory_fraction = 1e-3
@@ -163,7 +165,7 @@ def test_the_memory_check_refuses_before_reading_a_weight(release, tmp_path, mon
         options.load_model(args, "cpu")
     args.memory_fraction = 1.0
     monkeypatch.setattr(options, "available_bytes", lambda device: 10 * need(None))
-    with pytest.raises(SystemExit, match="pytorch_model-00001-of-00002.bin: not a readable torch file"):
+    with pytest.raises(SystemExit, match=r"pytorch_model-00001-of-000\d\d\.bin: (not a readable|cannot be read)"):
         options.load_model(args, "cpu")
 
 
@@ -174,8 +176,8 @@ def test_the_cache_is_sized_to_the_memory_left(release, capsys):
     assert sum(b.nbytes for b in engine_cache.buffers()) == 3 * one     # what the engine allocates
     fitting = options.Memory(memory.weights + memory.margin + int(3.5 * one), memory.weights, memory.margin)
     assert options.cache_slots(model, fitting, 16, "--slots") == (3, model.cfg.max_seq_len)
-    assert f"cache: 3 slots x {model.cfg.max_seq_len} tokens ({3 * one / options.GiB:.2f} GiB): 16 asked (--slots), 3 fit" \
-        in capsys.readouterr().err
+    printed = f"cache: 3 slots x {model.cfg.max_seq_len} tokens ({3 * one / options.GiB:.2f} GiB): 16 asked (--slots)"
+    assert printed + ", 3 fit" in capsys.readouterr().err
     assert options.cache_slots(model, fitting, 2) == (2, model.cfg.max_seq_len)
     tight = options.Memory(memory.weights + memory.margin + one // 2, memory.weights, memory.margin)
     with pytest.raises(SystemExit, match=f"not even one {model.cfg.max_seq_len}-token cache slot"):
