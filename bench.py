@@ -397,8 +397,8 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     import demo
     import serve
     flags = argparse.ArgumentParser()
-    checkpoints.add_weight_args(flags)
-    model, tokenizer, transform = checkpoints.load_model(flags.parse_args(["--ckpt", run]), str(device))  # as serve.py
+    options.add_weight_args(flags)
+    model, tokenizer, transform, _ = options.load_model(flags.parse_args(["--ckpt", run]), str(device))  # as serve.py
     pictures = sorted(glob.glob(os.path.join(run, "samples", "*.png")))
     if not pictures:
         raise SystemExit(f"{run}/samples/: no pictures (a train.py demo run writes them)")
@@ -514,7 +514,7 @@ def bench_model(tiny: bool, device) -> mmgpt.MMGPT:
     the device in its dtype (bf16 on a GPU): never an fp32 copy."""
     torch.manual_seed(0)
     model = mmgpt.build(mmgpt.config("bench-tiny" if tiny else "7b"), device,
-                        torch.bfloat16 if device.type == "cuda" else torch.float32)
+                        options.train_dtype(device.type))
     lora.inject(model, r=16, alpha=16, within="layers.")
     lora.mark_trainable(model)
     return model
@@ -552,7 +552,7 @@ def main():
                 json.dump(results, f, indent=2)
         return
     if args.serve:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(options.device_of(args))
         results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "serve": []}
         bench_serving(args.serve, device, concurrencies, results)
         if args.json:
@@ -640,7 +640,7 @@ def bench_chatting(model, device, args, results):
 
     model.eval()
     results["ops_per_token"] = {"unmerged": ops_per_token(model, device)}
-    lora.merge(model)      # as checkpoints.load_model gives chat.py, eval.py and serve.py their model
+    lora.merge(model)      # as options.load_model gives chat.py, eval.py and serve.py their model
     results["ops_per_token"]["merged"] = ops_per_token(model, device)
     print(f"ops per token {results['ops_per_token']}", flush=True)
     chat_row(False, int8=False)

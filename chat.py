@@ -1,6 +1,6 @@
 """Chat with MultiModal-GPT about a picture, for as many rounds as you like, the answers streamed.
 
-    python chat.py cat.jpg                              weights: checkpoints/ or runs/demo (checkpoints.find_weights)
+    python chat.py cat.jpg                              weights: checkpoints/ or runs/demo (options.find_weights)
     python chat.py cat.jpg --ckpt runs/demo             a train.py output folder
     python chat.py cat.jpg --llama DIR --openflamingo FILE --lora FILE [--vision NAME --vision-weights TAG|FILE]
     python chat.py cat.jpg --greedy --json --prompt "What is this?" --prompt "Why?"      one-shot: answer, exit
@@ -25,9 +25,7 @@ import json
 import os
 import sys
 
-import torch
-
-import checkpoints
+import options
 from conversation import Conversation, DataError, Turn, layout, load_image, prompt
 from engine import Engine, Request, Sampling
 
@@ -218,7 +216,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Chat with MultiModal-GPT about a picture.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS)
     ap.add_argument("image", nargs="?", help="the picture to talk about (none: a language-only chat)")
-    checkpoints.add_weight_args(ap.add_argument_group(
+    options.add_weight_args(ap.add_argument_group(
         "weights (none: checkpoints/ as the MultiModal-GPT README lays it out, then runs/demo)"))
     o = ap.add_argument_group("one-shot use")
     o.add_argument("--prompt", action="append", metavar="TEXT",
@@ -242,13 +240,14 @@ def main(argv=None):
         ap.error("--top-p must be in (0, 1] and --top-k >= 0")
 
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, image_transform = checkpoints.load_model(args, device)
-        fast = args.fast if args.fast is not None else device.startswith("cuda")
+        device = options.device_of(args)
+        model, tokenizer, image_transform, memory = options.load_model(args, device)
+        slots, max_len = options.cache_slots(model, memory, 1)
+        fast = options.fast_of(args, device)
         if fast:
             notice("warming up ...: the first answer compiles the decoder (and each new prompt length bucket compiles "
                    "once more); --no-fast skips it")
-        engine = Engine(model, tokenizer, slots=1, fast=fast)
+        engine = Engine(model, tokenizer, slots=slots, max_len=max_len, fast=fast)
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
                             seed=args.seed)
         session(Chat(engine, image_transform, args.max_new_tokens, sampling), args, rounds(args))

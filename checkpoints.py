@@ -3,12 +3,13 @@
 Read top-down:
   read_checkpoint                    torch / safetensors files: weights_only, or a restricted unpickler for the
                                      release's pickled mmengine config; never arbitrary code
-  our_name, copy_into                the HF-LLaMA / OpenFlamingo / peft key layouts -> this model's names
+  our_name, check_keys, copy_into    the HF-LLaMA / OpenFlamingo / peft key layouts -> this model's names
   llama_*, read_openflamingo, ...    HF LLaMA directories, OpenFlamingo checkpoint.pt, LoRA files, CLIP weights
-  load                               MultiModal-GPT from the files users have: (model, tokenizer, transform)
-  save_*, RELEASE, load_run          the same layouts written back; where the release lives; train.py's run folders
-  add_weight_args, load_model        the weight flags of chat.py, eval.py, serve.py and what they load
+  plan, fill, load                   MultiModal-GPT from the files users have, mapped and filled module by module
+                                     (cast, LoRA merged, quantized as they arrive): (model, tokenizer, transform)
+  save_*, RELEASE, plan_run/load_run the same layouts written back; where the release lives; train.py's run folders
 """
+import ctypes
 import json
 import math
 import mmap
@@ -17,13 +18,15 @@ import pickle
 import re
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 import lora as lora_lib
 import quantize
-from mmgpt import MMGPT, Config, build
+from mmgpt import MMGPT, Config, build, rope_tables
 from tokenizer import Tokenizer
 
 class CheckpointError(ValueError):
@@ -183,11 +186,10 @@ def is_flamingo_param(name: str) -> bool:
         and ".lora_" not in name
 
 
-def copy_into(model: nn.Module, tensors: dict, path: str, required) -> set[str]:
-    """Copy tensors (our names, fused projections by their parts' names: lora.file_layout) into the model's
-    parameters. Errors name the file and every bad key. Embedding and lm_head rows may number V (sentencepiece)
-    instead of V + 3: the added tokens' rows then stay as they are."""
-    params = lora_lib.file_tensors(model)
+def check_keys(params: dict, tensors: dict, path: str, required):
+    """A file's tensors (our names, fused projections by their parts' names: lora.file_layout) against the
+    parameters they go into; an error names the file and every bad key. Embedding and lm_head rows may number V
+    (sentencepiece) instead of V + 3: the added tokens' rows then stay as they are."""
     unknown = [k for k in tensors if k not in params]
     missing = [k for k in required if k not in tensors]
     wrong = [f"{k} {tuple(t.shape)} (model: {tuple(params[k].shape)})" for k, t in tensors.items()
@@ -198,6 +200,12 @@ def copy_into(model: nn.Module, tensors: dict, path: str, required) -> set[str]:
                 (("unknown keys", unknown), ("missing keys", missing), ("wrong shapes", wrong)) if keys]
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def copy_into(model: nn.Module, tensors: dict, path: str, required) -> set[str]:
+    """Copy tensors (checked by check_keys) into the model's parameters."""
+    params = lora_lib.file_tensors(model)
+    check_keys(params, tensors, path, required)
     with torch.no_grad():
         for k, t in tensors.items():
             params[k][: t.shape[0]].copy_(t)
@@ -315,12 +323,10 @@ def read_lora(path: str) -> LoRAWeights:
 
 
 def apply_lora(model: "MMGPT", weights: LoRAWeights, path: str, dtype=torch.float32):
-    """Inject LoRA layers (into the language model only, as MultiModal-GPT does) and load their weights, held in
-    `dtype` (default fp32, the files' precision, whatever the frozen weights' dtype)."""
-    names = lora_lib.inject(model, weights.r, weights.alpha, weights.dropout, weights.targets, within="layers.",
-                            dtype=dtype)
-    required = [f"{n}.{ab}" for n in names for ab in ("lora_A", "lora_B")]
-    copy_into(model, weights.tensors, path, required)
+    """Inject LoRA layers (inject_lora) into a built model and load their weights, held in `dtype` (default fp32,
+    the files' precision, whatever the frozen weights' dtype)."""
+    names = inject_lora(model, weights, dtype)
+    copy_into(model, weights.tensors, path, [f"{n}.{ab}" for n in names for ab in ("lora_A", "lora_B")])
     return names
 
 
@@ -406,18 +412,35 @@ def read_tokenizer(path: str) -> Tokenizer:
         raise CheckpointError(f"{path}: not a sentencepiece model: {first_line(e)}") from None
 
 
-def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
-         dtype=torch.float32, attend_previous: bool = False, fusion: str = "xattn"):
-    """Build MultiModal-GPT from the files users have. Returns (model, tokenizer, image_transform).
+# ----------------------------------------------------------------------------------------------------------------
+# Loading in the memory the weights take. The model is laid out on the meta device (no memory, no random values),
+# every file is mapped, and module by module each is made real, filled from whichever files hold its tensors and,
+# for decoding, its LoRA merged and its weights quantized before the next: the process holds the chosen form's bytes
+# plus one layer, never a full fp32 copy and never two forms of every layer.
 
-    llama: HF LLaMA directory (config.json, weights, tokenizer.model). openflamingo: its checkpoint.pt, or None
-    for fresh cross-attention blocks (gates at zero: the plain LLaMA). lora: the MultiModal-GPT release .pt or
-    this project's lora.pt. vision: open_clip model name or model-config JSON; vision_weights: open_clip
-    pretrained tag, a local CLIP weights file, or None (random). Frozen weights are held in `dtype`.
-    attend_previous: the media-masking rule the weights were trained with (the release: False). fusion: "xattn"
-    (the releases) or "prefix" (mmgpt.Config.fusion: OpenFlamingo's perceiver and embeddings are used, its
-    cross-attention blocks are not).
-    """
+@dataclass
+class Plan:
+    """What load() knows before it reads a weight: the config, the tokenizer, the model laid out on the meta device
+    (LoRA injected), the OpenFlamingo checkpoint mapped, the LoRA file read (it is small), the others' paths. fill
+    makes its model real: a plan is filled once."""
+    cfg: Config
+    model: MMGPT
+    tokenizer: Tokenizer
+    vision_cfg: dict
+    llama: str
+    vision: str
+    vision_weights: str | None
+    openflamingo: str | None
+    flamingo: dict | None
+    lora: str | None
+    lora_weights: LoRAWeights | None
+    lora_names: list
+
+
+def plan(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai",
+         attend_previous: bool = False, fusion: str = "xattn", lora_weights: LoRAWeights | None = None) -> Plan:
+    """The files' config and layout, read without reading a weight (see load for the arguments); lora_weights:
+    the LoRA file already read."""
     if llama is None:
         raise ValueError("load() needs llama=DIR, an HF LLaMA directory")
     tokenizer_file = os.path.join(llama, "tokenizer.model")
@@ -432,30 +455,145 @@ def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_wei
     tokenizer.picture_tokens = cfg.picture_tokens
     if flamingo and fusion == "prefix":
         flamingo = {k: t for k, t in flamingo.items() if ".xattn." not in k}
-    model = build(cfg, device, dtype)
-    # Rows of the 3 added tokens that no checkpoint holds (lm_head always; embeddings without OpenFlamingo) are 0.
-    with torch.no_grad():
-        model.embed_tokens.weight[-3:] = 0
-        model.lm_head.weight[-3:] = 0
-    if vision_weights:
-        path = vision_weights_file(vision, vision_weights)
-        copy_into(model.vision.visual, read_vision_weights(path), path, dict(model.vision.visual.named_parameters()))
-    required = [n for n in lora_lib.file_tensors(model) if is_llama_param(n)]
-    loaded = set()
-    for path in llama_files(llama):
+    model = build(cfg, "meta")
+    weights = lora_weights or (read_lora(lora) if lora else None)
+    names = inject_lora(model, weights) if weights else []
+    return Plan(cfg, model, tokenizer, vcfg, llama, vision, vision_weights, openflamingo, flamingo, lora, weights,
+                names)
+
+
+def inject_lora(model: MMGPT, weights: LoRAWeights, dtype=torch.float32) -> list[str]:
+    """LoRA layers as the file's (into the language model only, as MultiModal-GPT does), A and B in `dtype`."""
+    return lora_lib.inject(model, weights.r, weights.alpha, weights.dropout, weights.targets, within="layers.",
+                           dtype=dtype)
+
+
+def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quantize_to: str | None = None,
+         group_size: int = 128, progress: bool = False):
+    """The model of a plan, its weights in `dtype` (LoRA in fp32) on `device`; merge: LoRA folded into the weights
+    (a model that only decodes); quantize_to: quantize.MODES, the decoder's linear layers and lm_head quantized as
+    they are filled (LoRA merged first). Returns (model, tokenizer, image_transform)."""
+    model = p.model
+    sources = {}    # a parameter's name in files -> its tensors (mapped), in the order they are copied: later win
+
+    def add(tensors: dict, path: str, module: nn.Module, prefix: str, required):
+        check_keys(lora_lib.file_tensors(module), tensors, path, required)
+        for k, t in tensors.items():
+            sources.setdefault(prefix + k, []).append(t)
+
+    if p.vision_weights:
+        path = vision_weights_file(p.vision, p.vision_weights)
+        visual = model.vision.visual
+        add(read_vision_weights(path), path, visual, "vision.visual.", dict(visual.named_parameters()))
+    for path in llama_files(p.llama):
         shard = tensor_dict(read_checkpoint(path), path, "LLaMA weights")
-        tensors = {n: t for k, t in shard.items() if (n := our_name(k)) is not None}
-        loaded |= copy_into(model, tensors, path, [])
-        del tensors
-    missing = [n for n in required if n not in loaded]
+        add({n: t for k, t in shard.items() if (n := our_name(k)) is not None}, path, model, "", [])
+    missing = [n for n in lora_lib.file_tensors(model) if is_llama_param(n) and n not in sources]
     if missing:
-        raise CheckpointError(f"{llama}: missing keys: {_some(_hf_name(n) for n in missing)}")
-    if flamingo:
-        copy_into(model, flamingo, openflamingo, [n for n, _ in model.named_parameters() if is_flamingo_param(n)])
-    if lora:
-        apply_lora(model, read_lora(lora), lora)
+        raise CheckpointError(f"{p.llama}: missing keys: {_some(_hf_name(n) for n in missing)}")
+    if p.flamingo:
+        add(p.flamingo, p.openflamingo, model, "", [n for n, _ in model.named_parameters() if is_flamingo_param(n)])
+    if p.lora_weights:
+        add(p.lora_weights.tensors, p.lora, model, "",
+            [f"{n}.{ab}" for n in p.lora_names for ab in ("lora_A", "lora_B")])
+    if not all(n in sources for n in lora_lib.file_tensors(model)):
+        # Weights no file holds (no OpenFlamingo, no CLIP weights, a prefix projection): random, as build() makes them.
+        model = build(p.cfg, device, dtype)
+        if p.lora_weights:
+            inject_lora(model, p.lora_weights)
+    merge = merge or quantize_to is not None
+    bar = tqdm(total=sum(t.nbytes for ts in sources.values() for t in ts), unit="B", unit_scale=True,
+               desc="loading", disable=not progress or None, file=sys.stderr)
+    # By name, not by module: a layer replaced (made real, quantized) must not be kept alive by a list of them.
+    # Layers to quantize go first, lm_head (the largest) leading: quantizing a layer briefly holds a few fp32 copies
+    # of it, the largest while little else is held, the last before the parts kept in full precision are.
+    names = [n for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    names.sort(key=lambda n: (not quantize_to or not quantize.is_quantized(n), n != "lm_head"))
+    with torch.no_grad(), bar:
+        for name in names:
+            module = fill_module(name, model.get_submodule(name), sources, device, dtype, merge, quantize_to,
+                                 group_size, bar)
+            if name:
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, module)
+            if quantize_to:
+                give_back_freed()
+    if model.rope_cos.is_meta:
+        model.rope_cos, model.rope_sin = rope_tables(p.cfg, device)
     model.requires_grad_(False)
-    return model.eval(), tokenizer, image_transform_for(vcfg)
+    return model.eval(), p.tokenizer, image_transform_for(p.vision_cfg)
+
+
+def fill_module(name: str, module: nn.Module, sources: dict, device, dtype, merge: bool, quantize_to, group_size,
+                bar) -> nn.Module:
+    """One module of fill(): made real, filled, merged, quantized."""
+    module = made_real(module, device, dtype)
+    if name in ("embed_tokens", "lm_head"):
+        module.weight[-3:] = 0      # the 3 added tokens' rows, which LLaMA's files do not hold
+    for k, view in file_views(name, module).items():
+        for t in sources.get(k, ()):
+            view[: t.shape[0]].copy_(t)
+            bar.update(t.nbytes)
+    if merge and isinstance(module, lora_lib.LoRALinear):
+        module.merge()
+    if quantize_to and quantize.is_quantized(name) and isinstance(module, (nn.Linear, lora_lib.LoRALinear)):
+        module = quantize.quantize_linear(module, quantize_to, group_size)
+    return module
+
+
+def give_back_freed():
+    """Hand the pages of freed blocks back to the kernel. glibc keeps freed blocks under its mmap threshold (which
+    grows up to 32 MB) in its heap: the full-precision layers quantization dropped would count as held."""
+    if hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+_libc = ctypes.CDLL(None)
+
+
+def made_real(module: nn.Module, device, dtype) -> nn.Module:
+    """A module laid out on the meta device, its own parameters allocated (not filled) on `device`: floating point
+    ones in `dtype`, LoRA's as they were laid out; a LoRA layer made anew (its mask is computed, not loaded)."""
+    own = dict(module.named_parameters(recurse=False))
+    if not any(t.is_meta for t in own.values()):
+        return module
+
+    def empty(t, dtype=dtype):
+        return nn.Parameter(torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device),
+                            requires_grad=t.requires_grad)
+
+    if isinstance(module, lora_lib.LoRALinear):
+        base = SimpleNamespace(weight=empty(module.weight), parts=module.parts,
+                               bias=None if module.bias is None else empty(module.bias))
+        dropout = module.dropout.p if isinstance(module.dropout, nn.Dropout) else 0.0
+        return lora_lib.LoRALinear(base, module.r, module.alpha, dropout, module.adapted, module.lora_A.dtype)
+    for n, t in own.items():
+        setattr(module, n, empty(t))
+    return module
+
+
+def file_views(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own parameters under the names files use (lora.file_layout: a fused layer by its parts)."""
+    if getattr(module, "parts", None):
+        parent = name.rpartition(".")[0]
+        return {f"{parent}.{k}" if parent else k: v for views in lora_lib.file_layout(module).values()
+                for k, v in views.items()}
+    return {f"{name}.{n}" if name else n: t for n, t in module.named_parameters(recurse=False)}
+
+
+def load(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai", device="cpu",
+         dtype=torch.float32, attend_previous: bool = False, fusion: str = "xattn"):
+    """Build MultiModal-GPT from the files users have. Returns (model, tokenizer, image_transform).
+
+    llama: HF LLaMA directory (config.json, weights, tokenizer.model). openflamingo: its checkpoint.pt, or None
+    for fresh cross-attention blocks (gates at zero: the plain LLaMA). lora: the MultiModal-GPT release .pt or
+    this project's lora.pt (held in fp32, unmerged). vision: open_clip model name or model-config JSON;
+    vision_weights: open_clip pretrained tag, a local CLIP weights file, or None (random). Frozen weights are held
+    in `dtype`. attend_previous: the media-masking rule the weights were trained with (the release: False). fusion:
+    "xattn" (the releases) or "prefix" (mmgpt.Config.fusion: OpenFlamingo's perceiver and embeddings are used, its
+    cross-attention blocks are not). plan and fill do the same in two steps (the programs check the memory between).
+    """
+    return fill(plan(llama, openflamingo, lora, vision, vision_weights, attend_previous, fusion), device, dtype)
 
 
 def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
@@ -476,20 +614,21 @@ def save_llama(model: MMGPT, directory: str, tokenizer_file: str):
         shutil.copyfile(tokenizer_file, os.path.join(directory, "tokenizer.model"))
 
 
+def openflamingo_keys(name: str) -> list[str]:
+    """Our parameter name -> its keys in OpenFlamingo's checkpoint.pt (a cross-attention block's: two)."""
+    if m := re.match(r"layers\.(\d+)\.xattn\.(.*)", name):
+        return [f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}",
+                f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"]
+    return ["lang_encoder.model.embed_tokens.weight" if name == "embed_tokens.weight" else name]
+
+
 def save_openflamingo(model: MMGPT, path: str):
     """Write perceiver, cross-attention blocks and embeddings in OpenFlamingo's checkpoint.pt layout."""
     sd = {}
     for n, p in model.named_parameters():
-        if not is_flamingo_param(n):
-            continue
-        t = p.detach().clone()
-        if m := re.match(r"layers\.(\d+)\.xattn\.(.*)", n):
-            sd[f"lang_encoder.model.layers.{m.group(1)}.gated_cross_attn_layer.{m.group(2)}"] = t
-            sd[f"lang_encoder.gated_cross_attn_layers.{m.group(1)}.{m.group(2)}"] = t
-        elif n == "embed_tokens.weight":
-            sd["lang_encoder.model.embed_tokens.weight"] = t
-        else:
-            sd[n] = t
+        if is_flamingo_param(n):
+            t = p.detach().clone()
+            sd.update({k: t for k in openflamingo_keys(n)})
     torch.save(sd, path)
 
 
@@ -576,8 +715,8 @@ def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
     atomic_save({"format": "mmgpt-lora", "weights": weights, "settings": settings}, path)
 
 
-def load_run(path: str, device="cpu", dtype=torch.float32):
-    """A train.py output folder (or its lora.pt): load the base it was trained on, then its weights."""
+def plan_run(path: str) -> Plan:
+    """A train.py output folder (or its lora.pt): the plan of the base it was trained on, with its weights on top."""
     file = os.path.join(path, "lora.pt") if os.path.isdir(path) else path
     weights = read_lora(file)   # read once: its settings name the base, its tensors go on top of it
     settings = weights.settings
@@ -589,80 +728,10 @@ def load_run(path: str, device="cpu", dtype=torch.float32):
     def where(p):  # paths are stored relative to the run folder when they lie inside it
         return p if not p or os.path.isabs(p) or not os.path.exists(os.path.join(here, p)) else os.path.join(here, p)
 
-    model, tokenizer, transform = load(**{k: where(settings.get(k)) for k in BASE_FILES}, device=device,
-                                       dtype=dtype, attend_previous=settings.get("attend_previous", False),
-                                       fusion=settings.get("fusion", "xattn"))
-    apply_lora(model, weights, file)
-    return model.requires_grad_(False), tokenizer, transform
+    return plan(**{k: where(settings.get(k)) for k in BASE_FILES}, lora=file, lora_weights=weights,
+                attend_previous=settings.get("attend_previous", False), fusion=settings.get("fusion", "xattn"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The programs' weight flags (chat.py, eval.py, serve.py)
-
-DEMO_RUN = "runs/demo"  # where train.py's demo run goes
-
-
-def add_weight_args(group):
-    """The flags find_weights and load_model read."""
-    group.add_argument("--ckpt", help="a train.py output folder (or its lora.pt)")
-    group.add_argument("--llama", help="HF LLaMA directory (config.json, weights, tokenizer.model)")
-    group.add_argument("--openflamingo", help="OpenFlamingo checkpoint.pt")
-    group.add_argument("--lora", help="the MultiModal-GPT LoRA release .pt, or a train.py lora.pt")
-    group.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
-    group.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or a CLIP weights file")
-    group.add_argument("--int8", action="store_true",
-                       help="decoder weights in int8 (LoRA merged first; quantize.py): half the memory of bf16")
-    group.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                       help="the weights' dtype (default: bf16 on GPU, fp32 on CPU)")
-
-
-def find_weights(args) -> dict:
-    """load() or load_run() arguments: from the flags, else the release layout, else runs/demo; else exit with
-    what to pass and where the weights come from."""
-    if args.ckpt and (args.llama or args.openflamingo or args.lora):
-        raise SystemExit("error: give either --ckpt or --llama/--openflamingo/--lora, not both")
-    if args.ckpt:
-        return {"run": args.ckpt}
-    if args.llama:
-        return {"llama": args.llama, "openflamingo": args.openflamingo, "lora": args.lora}
-    if args.openflamingo or args.lora:
-        raise SystemExit("error: --openflamingo and --lora need --llama DIR (the LLaMA they were trained on)")
-    if all(os.path.exists(p) for p in RELEASE.values()):
-        print(f"using {', '.join(RELEASE.values())}", file=sys.stderr)
-        return dict(RELEASE)
-    if os.path.isfile(os.path.join(DEMO_RUN, "lora.pt")):
-        print(f"using {DEMO_RUN}", file=sys.stderr)
-        return {"run": DEMO_RUN}
-    found = "\n".join(f"  {p:42s} {'found' if os.path.exists(p) else 'MISSING'}: {RELEASE_SOURCES[k]}"
-                      for k, p in RELEASE.items())
-    raise SystemExit(
-        f"error: no weights given and none found in {os.getcwd()}. Pass one of\n"
-        f"  --ckpt RUN_DIR                               a train.py output folder (its lora.pt names its base model)\n"
-        f"  --llama DIR --openflamingo FILE --lora FILE  the MultiModal-GPT release files\n"
-        f"or put the release where the MultiModal-GPT README says, relative to the current directory:\n{found}\n"
-        f"(the CLIP ViT-L/14 'openai' weights are fetched by open_clip on first use, or give --vision-weights FILE)\n"
-        f"or train a model with train.py into {DEMO_RUN}/, which is looked for next.")
-
-
-def load_model(args, device: str):
-    """(model, tokenizer, image_transform) for decoding, from the weight flags, the LoRA merged into the weights (a
-    model that only decodes never needs the factors apart, and each adapted layer is then one matmul, not three:
-    on the demo model on a CPU a decode step takes ~18% less); a file that is missing or cannot be used ends the
-    program, in one line."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    weights = find_weights(args)
-    # int8: built and quantized in host memory, then moved, so the card never holds the bf16 weights
-    where = "cpu" if args.int8 else device
-    try:
-        if "run" in weights:
-            model, tokenizer, transform = load_run(weights["run"], device=where, dtype=dtype)
-        else:
-            model, tokenizer, transform = load(**weights, vision=args.vision, vision_weights=args.vision_weights,
-                                               device=where, dtype=dtype)
-    except (OSError, ValueError) as e:   # FileNotFoundError, CheckpointError (a ValueError), ...
-        raise SystemExit(f"error: {e}") from None
-    lora_lib.merge(model)
-    if args.int8:
-        model = quantize.quantize(model).to(device)
-    return model, tokenizer, transform
+def load_run(path: str, device="cpu", dtype=torch.float32):
+    """A train.py output folder (or its lora.pt) loaded: (model, tokenizer, image_transform), LoRA apart."""
+    return fill(plan_run(path), device, dtype)

@@ -44,9 +44,9 @@ import torch
 from tqdm import tqdm
 
 import conversation
-import checkpoints
 import data
 import demo
+import options
 from engine import Engine, Request, Sampling
 
 VQA_TASKS = ("vqav2", "okvqa", "textvqa", "vizwiz")
@@ -625,7 +625,7 @@ def parse_args(argv=None):
                    help="draws the few-shot examples; for --task demo, the seed the run was trained with")
     w = ap.add_argument_group("weights (as chat.py: none given = checkpoints/ as the release lays it out, "
                               "then runs/demo)")
-    checkpoints.add_weight_args(w)
+    options.add_weight_args(w)
     r = ap.add_argument_group("running")
     r.add_argument("--batch-size", type=int, default=8, help="questions decoded at once (the engine's slots)")
     r.add_argument("--max-new-tokens", type=int, help=f"default per task: {MAX_NEW_TOKENS}")
@@ -674,8 +674,9 @@ def main(argv=None) -> dict:
                                 for it in items))
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, transform = checkpoints.load_model(args, device)
+    device = options.device_of(args)
+    model, tokenizer, transform, memory = options.load_model(args, device)
+    slots, max_len = options.cache_slots(model, memory, args.batch_size, "--batch-size")
     max_new = args.max_new_tokens or MAX_NEW_TOKENS[kind(args.task)]
     prompts = [tokenizer.encode(t) for t in texts]
     for it, ids in zip(items, prompts):
@@ -687,7 +688,7 @@ def main(argv=None) -> dict:
     eos = tokenizer.eos_id if args.format == "paper" else tokenizer.eoc_id
     banned = [t for t in tokenizer.never_generate if t != eos]
     try:
-        engine = Engine(model, tokenizer, slots=args.batch_size, eos_id=eos, banned=banned)
+        engine = Engine(model, tokenizer, slots=slots, max_len=max_len, eos_id=eos, banned=banned)
         outputs = generate(engine, prompts, list(pictures), transform, max_new_tokens=max_new, workers=args.workers)
     except data.DataError as e:
         sys.exit(f"error: {e}")

@@ -47,7 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-import checkpoints
+import options
 from conversation import HEADER, Conversation, DataError, Turn, layout, load_image
 from engine import Engine, Output, Request, Sampling
 
@@ -834,12 +834,13 @@ def cpu_threads() -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    checkpoints.add_weight_args(ap.add_argument_group(
+    options.add_weight_args(ap.add_argument_group(
         "weights (as chat.py; none: checkpoints/ as the MultiModal-GPT README lays it out, then runs/demo)"))
     s = ap.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--slots", type=int, default=16, help="requests decoded at once")
+    s.add_argument("--slots", type=int, default=16,
+                   help="requests decoded at once (at most: as many as the memory holds)")
     s.add_argument("--max-waiting", type=int, default=64, help="requests that may wait for a slot (then 429)")
     s.add_argument("--api-key", help="clients must send Authorization: Bearer KEY (default: none asked)")
     s.add_argument("--max-body", type=int, default=20 << 20, help="the largest request body in bytes (413)")
@@ -858,12 +859,13 @@ def main(argv=None):
     if args.allowed_local_media_path and not os.path.isdir(args.allowed_local_media_path):
         ap.error(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.device_of(args)
     if device == "cpu":
         torch.set_num_threads(cpu_threads())
-    model, tokenizer, transform = checkpoints.load_model(args, device)
-    fast = args.fast if args.fast is not None else device.startswith("cuda")
-    engine = Engine(model, tokenizer, slots=args.slots, fast=fast)
+    model, tokenizer, transform, memory = options.load_model(args, device)
+    slots, max_len = options.cache_slots(model, memory, args.slots, "--slots")
+    fast = options.fast_of(args, device)
+    engine = Engine(model, tokenizer, slots=slots, max_len=max_len, fast=fast)
     name = args.model_name
     if fast:
         print("compiling the decoding steps before serving: once per start, quicker once torch has them cached "
@@ -875,7 +877,7 @@ def main(argv=None):
     if args.api_key is None and not loopback(args.host):
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr, flush=True)
-    print(f"serving {name} on http://{host}:{port} ({args.slots} slots{', fast path' if fast else ''}): the page "
+    print(f"serving {name} on http://{host}:{port} ({slots} slots{', fast path' if fast else ''}): the page "
           f"at /, the API at /v1/chat/completions; Ctrl-C stops", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -39,6 +39,7 @@ import demo
 import lora as lora_lib
 import checkpoints
 import mmgpt
+import options
 from engine import Engine, Request, Sampling
 from tokenizer import Tokenizer
 
@@ -109,8 +110,7 @@ def parse_args(argv=None):
                     help="fast path: compile with mode='reduce-overhead' (CUDA graphs; one per bucket)")
     args = ap.parse_args(argv)
     args.demo = args.config is None and not (args.llama or args.openflamingo or args.lora)
-    if args.fast is None:  # compiling on the CPU costs more than it saves
-        args.fast = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.fast = options.fast_of(args, options.device_of(args))
     defaults = demo.SETTINGS | (demo.PREFIX if args.fusion == "prefix" else {}) if args.demo else PAPER
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
@@ -350,7 +350,7 @@ def setup(args) -> Ranks:
     """One process, or one rank of the process group that torchrun (or RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT set by hand or a scheduler) describes. Forming the group waits at most --rdzv-timeout, then says
     what to check; once formed, collectives wait COLLECTIVE_TIMEOUT."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(options.device_of(args))
     if "RANK" not in os.environ:
         return Ranks(device)
     cuda = device.type == "cuda"
@@ -398,7 +398,7 @@ def make_model(args, ranks: Ranks):
     settings (saved with it; they rebuild the model) and the names of the parameters trained in full."""
     base = base_files(args, ranks)
     cuda = ranks.device.type == "cuda"
-    frozen_dtype = torch.bfloat16 if cuda else torch.float32   # never an fp32 copy of the frozen 8B on a GPU
+    frozen_dtype = options.train_dtype(ranks.device.type)
     model, tokenizer, transform = checkpoints.load(base["llama"], base["openflamingo"], args.lora, base["vision"],
                                                   base["vision_weights"], ranks.device, frozen_dtype,
                                                   args.attend_previous, args.fusion)

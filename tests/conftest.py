@@ -3,10 +3,8 @@ the writers and inputs that several test files use."""
 import json
 import os
 import random
-import re
 import subprocess
 import sys
-import types
 
 import pytest
 import sentencepiece as spm
@@ -20,6 +18,7 @@ import demo  # noqa: E402
 import lora  # noqa: E402
 import mmgpt  # noqa: E402
 import train  # noqa: E402
+from fake_release import fake_mmengine, peft_keys  # noqa: E402
 from engine import Engine, Request, Sampling  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -99,57 +98,18 @@ def write_vision(model, tmp_path, full_clip=True):
     return str(cfg_path), str(weights)
 
 
-def install_fake_mmengine():
-    """Classes with mmengine's ConfigDict / addict's Dict names and pickling, to write a release-like file."""
-    class Dict(dict):
-        def __getstate__(self):
-            return self
-
-        def __setstate__(self, state):
-            self.update(state)
-
-    class ConfigDict(Dict):
-        pass
-
-    Dict.__module__, Dict.__qualname__ = "addict.addict", "Dict"
-    ConfigDict.__module__, ConfigDict.__qualname__ = "mmengine.config.config", "ConfigDict"
-    mods = {name: types.ModuleType(name) for name in ("addict", "addict.addict", "mmengine", "mmengine.config",
-                                                       "mmengine.config.config")}
-    mods["addict.addict"].Dict = Dict
-    mods["mmengine.config.config"].ConfigDict = ConfigDict
-    sys.modules.update(mods)
-    return ConfigDict, list(mods)
-
-
-def peft_name(name):
-    """Our name -> the release's key (DDP `module.`, peft `base_model.model.`, FlamingoLayer wrapping)."""
-    m = re.match(r"layers\.(\d+)\.(xattn\.)?(.*)\.(lora_[AB])$", name)
-    i, xattn, path, ab = m.groups()
-    inner = f"gated_cross_attn_layer.{path}" if xattn else f"decoder_layer.{path}"
-    return f"module.lang_encoder.base_model.model.model.layers.{i}.{inner}.{ab}.default.weight"
-
-
 def write_release(model, path, r, alpha):
-    sd = {peft_name(n): t.clone() for n, t in lora.lora_state_dict(model).items()}
-    for n, t in list(sd.items()):  # the alias of the cross-attention blocks carries the same tensors
-        if ".gated_cross_attn_layer." in n:
-            alias = re.sub(r"model\.model\.layers\.(\d+)\.gated_cross_attn_layer\.",
-                           r"model.gated_cross_attn_layers.\1.", n)
-            sd[alias] = t.clone()
+    sd = {k: t.clone() for n, t in lora.lora_state_dict(model).items() for k in peft_keys(n)}
     for i in model.cfg.xattn_layers:  # ... and the frozen block weights
         for k, t in model.layers[i].xattn.state_dict().items():
             if ".lora_" not in k:
                 sd[f"module.lang_encoder.base_model.model.gated_cross_attn_layers.{i}.{k}"] = t.clone()
     sd["module.lang_encoder.base_model.model.model.layers.0.decoder_layer.self_attn.rotary_emb.inv_freq"] = \
         torch.ones(model.cfg.head_dim // 2)
-    ConfigDict, names = install_fake_mmengine()
-    try:
+    with fake_mmengine() as ConfigDict:
         config = ConfigDict(lora=True, lora_r=r, lora_alpha=alpha, lora_dropout=0.0, vis=True, unfrozen=[],
                             lora_target_modules=list(lora.DEFAULT_TARGETS))
         torch.save({"model_state_dict": sd, "tuning_config": config}, path)
-    finally:
-        for name in names:
-            del sys.modules[name]
 
 
 def tiny_release(tmp, sp_model, tokenizer, never_ends: bool = False, **overrides) -> dict:

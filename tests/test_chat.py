@@ -14,6 +14,7 @@ import chat
 import checkpoints
 import conversation
 import lora
+import options
 import quantize
 from conftest import full_forward_greedy, tiny_release
 from engine import Engine, Sampling
@@ -28,6 +29,13 @@ IMAGE_BLOCK = "\n\n### Image:\n<image>"     # the paper's template, written out 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, sp_model, tokenizer):
     return tiny_release(tmp_path_factory.mktemp("chat"), sp_model, tokenizer)
+
+
+def weight_args(*argv):
+    """The weight flags as chat.py, eval.py and serve.py parse them."""
+    ap = argparse.ArgumentParser()
+    options.add_weight_args(ap)
+    return ap.parse_args(argv)
 
 
 def reference(files, text: str, pictures: list[str], max_new_tokens: int) -> list[int]:
@@ -81,11 +89,9 @@ def test_two_greedy_rounds_equal_a_full_forward_over_the_conversation(files):
 
 
 def test_the_programs_load_a_model_with_its_lora_merged(files):
-    """checkpoints.load_model (chat.py, eval.py, serve.py): every LoRA layer merged into its weight, the logits
+    """options.load_model (chat.py, eval.py, serve.py): every LoRA layer merged into its weight, the logits
     those of the run's model with the factors apart (load_run, as training has it)."""
-    args = argparse.Namespace(ckpt=files["run"], llama=None, openflamingo=None, lora=None, vision="ViT-L-14",
-                              vision_weights="openai", int8=False, dtype=None)
-    merged, tok, transform = checkpoints.load_model(args, "cpu")
+    merged, tok, transform, _ = options.load_model(weight_args("--ckpt", files["run"]), "cpu")
     apart = checkpoints.load_run(files["run"])[0]
     assert lora.lora_layers(merged) and all(m.merged for m in lora.lora_layers(merged))
     assert not any(m.merged for m in lora.lora_layers(apart))
@@ -108,9 +114,7 @@ def test_int8_chat_answers_as_the_quantized_model_does(files):
     quantized = quantize.quantize(checkpoints.load_run(files["run"])[0]).eval()
     text = conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, ""))))
     assert a1["ids"] == reference(dict(files, model=quantized), text, [files["pic1"]], 12)
-    args = argparse.Namespace(ckpt=files["run"], llama=None, openflamingo=None, lora=None, vision="ViT-L-14",
-                              vision_weights="openai", int8=True, dtype=None)
-    model = checkpoints.load_model(args, "cpu")[0]
+    model = options.load_model(weight_args("--ckpt", files["run"], "--int8"), "cpu")[0]
     assert isinstance(model.lm_head, quantize.Int8Linear) and model.lm_head.weight.dtype == torch.int8
 
 
@@ -155,22 +159,22 @@ def test_release_layout_is_found_and_language_only_chat_is_printed(files, tmp_pa
 
 
 def test_weights_are_looked_for_in_the_documented_places(files, tmp_path, monkeypatch):
-    args = argparse.Namespace(ckpt=None, llama=None, openflamingo=None, lora=None)
+    args = weight_args()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        checkpoints.find_weights(args)
+        options.find_weights(args)
     for what in ("--ckpt", "--llama", "checkpoints/llama-7b_hf", "checkpoints/OpenFlamingo-9B/checkpoint.pt",
                  "huggingface.co/openflamingo/OpenFlamingo-9B", "mmgpt-lora-v0-release.pt", "runs/demo"):
         assert what in str(e.value)
     link(files["run"], tmp_path / "runs/demo")
-    assert checkpoints.find_weights(args) == {"run": "runs/demo"}
+    assert options.find_weights(args) == {"run": "runs/demo"}
     link(files["llama"], tmp_path / "checkpoints/llama-7b_hf")
     link(files["openflamingo"], tmp_path / "checkpoints/OpenFlamingo-9B/checkpoint.pt")
-    assert checkpoints.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
+    assert options.find_weights(args) == {"run": "runs/demo"}    # the release is used only when all of it is there
     link(files["release"], tmp_path / "checkpoints/mmgpt-lora-v0-release.pt")
-    assert checkpoints.find_weights(args) == checkpoints.RELEASE
+    assert options.find_weights(args) == checkpoints.RELEASE
     args.ckpt = files["run"]
-    assert checkpoints.find_weights(args) == {"run": files["run"]}
+    assert options.find_weights(args) == {"run": files["run"]}
 
 
 # -- in-process: the cache, long conversations, interruptions -------------------------------------------------

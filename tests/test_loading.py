@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 import checkpoints
 import lora
 import mmgpt
-from conftest import TINY_VISION, install_fake_mmengine, tiny_model, write_release, write_vision
+from conftest import TINY_VISION, tiny_model, write_release, write_vision
+from fake_release import fake_mmengine
 
 
 def hf_tensors(model):
@@ -195,12 +196,8 @@ def test_openflamingo_bad_keys(files, tmp_path):
 
 
 def test_release_with_missing_lora_tensors(files, tmp_path):
-    ConfigDict, names = install_fake_mmengine()
-    try:
+    with fake_mmengine():
         ckpt = torch.load(files["release"], weights_only=False)
-    finally:
-        for name in names:
-            del sys.modules[name]
     sd = ckpt["model_state_dict"]
     for k in [k for k in sd if "layers.1.decoder_layer.self_attn.v_proj.lora_B" in k]:
         del sd[k]
