@@ -502,6 +502,7 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
         if p.lora_weights:
             inject_lora(model, p.lora_weights)
     merge = merge or quantize_to is not None
+    quantize_to, vision_dtype = decoding_forms(device, dtype, quantize_to) if merge else (quantize_to, dtype)
     bar = tqdm(total=sum(t.nbytes for ts in sources.values() for t in ts), unit="B", unit_scale=True,
                desc="loading", disable=not progress or None, file=sys.stderr)
     # By name, not by module: a layer replaced (made real, quantized) must not be kept alive by a list of them.
@@ -511,7 +512,8 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
     names.sort(key=lambda n: (not quantize_to or not quantize.is_quantized(n), n != "lm_head"))
     with torch.no_grad(), bar:
         for name in names:
-            module = fill_module(name, model.get_submodule(name), sources, device, dtype, merge, quantize_to,
+            held = vision_dtype if name.split(".")[0] in ("vision", "perceiver") else dtype
+            module = fill_module(name, model.get_submodule(name), sources, device, held, merge, quantize_to,
                                  group_size, bar)
             if name:
                 parent, _, attr = name.rpartition(".")
@@ -522,6 +524,16 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
         model.rope_cos, model.rope_sin = rope_tables(p.cfg, device)
     model.requires_grad_(False)
     return model.eval(), p.tokenizer, image_transform_for(p.vision_cfg)
+
+
+def decoding_forms(device, dtype: torch.dtype, quantize_to: str | None) -> tuple[str | None, torch.dtype]:
+    """How a model that only decodes holds its weights: (the decoder's linear layers' form for quantize.py, the ViT's
+    and perceiver's dtype). On a CPU a bf16 model's layers are held as quantize.Bf16Linear (several rows multiplied in
+    fp32) and its ViT and perceiver in fp32: a CPU without bf16 arithmetic (AVX2) runs a bf16 GEMM several times
+    slower than an fp32 one, and those run on hundreds of positions at once."""
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        return quantize_to or "bf16", torch.float32
+    return quantize_to, dtype
 
 
 def fill_module(name: str, module: nn.Module, sources: dict, device, dtype, merge: bool, quantize_to, group_size,

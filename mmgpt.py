@@ -299,7 +299,8 @@ class MMGPT(nn.Module):
         trained = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(trained):
             patches = self.vision(images.flatten(0, 1))
-        return self.perceiver(patches.view(B, N, *patches.shape[1:]).to(self.perceiver.latents.dtype))
+        latents = self.perceiver(patches.view(B, N, *patches.shape[1:]).to(self.perceiver.latents.dtype))
+        return latents.to(self.embed_tokens.weight.dtype)      # a decoding model may hold its ViT in fp32
 
     def picture_kv(self, latents: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Each cross-attention layer's keys/values of the pictures' latents (computed once per picture)."""

@@ -139,19 +139,20 @@ def available_bytes(device: str) -> int:
     return free
 
 
-def weights_bytes(model: nn.Module, dtype: torch.dtype, quantize_to: str | None, group_size: int) -> int:
+def weights_bytes(model: nn.Module, device: str, dtype: torch.dtype, quantize_to: str | None, group_size: int) -> int:
     """The bytes a model laid out on the meta device (checkpoints.plan) will hold once loaded: its weights in
-    `dtype`, LoRA in fp32 (merged, still held, unless its layer is quantized), quantized layers as quantize.py
-    holds them."""
+    `dtype` (checkpoints.decoding_forms: on a CPU a bf16 model's ViT and perceiver in fp32), LoRA in fp32 (merged,
+    still held, unless its layer is quantized), quantized layers as quantize.py holds them."""
     total = 0
+    quantize_to, vision_dtype = checkpoints.decoding_forms(device, dtype, quantize_to)
     for name, m in model.named_modules():
         own = dict(m.named_parameters(recurse=False))
+        held = vision_dtype if name.split(".")[0] in ("vision", "perceiver") else dtype
         if quantize_to and quantize.is_quantized(name) and isinstance(m, (nn.Linear, lora_lib.LoRALinear)):
             out_features, in_features = m.weight.shape
             total += quantize.linear_bytes(out_features, in_features, quantize_to, group_size, dtype.itemsize)
             own = {"bias": m.bias} if m.bias is not None else {}
-        total += sum(t.numel() * (t.element_size() if ".lora_" in f".{n}" else dtype.itemsize)
-                     for n, t in own.items())
+        total += sum(t.numel() * (t.element_size() if ".lora_" in f".{n}" else held.itemsize) for n, t in own.items())
     return total
 
 
@@ -189,7 +190,7 @@ def check_memory(p: "checkpoints.Plan", args, device: str, dtype: torch.dtype, q
     slot = slot_bytes(p.cfg, p.cfg.max_seq_len, dtype)
 
     def need(mode):
-        w = weights_bytes(p.model, dtype, mode, args.group_size)
+        w = weights_bytes(p.model, device, dtype, mode, args.group_size)
         return w, w + slot + margin_of(w)
 
     weights, needed = need(quantize_to)

@@ -3,6 +3,7 @@ what copying the files into a built model gives, in the memory of the weights al
 subprocess), quantized layer by layer; the memory check that refuses before a weight is read; the cache sized to
 the memory the weights leave; the default dtype."""
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -64,20 +65,19 @@ def test_streamed_load_equals_copying_into_a_built_model(release):
         assert t.dtype == want[k].dtype and torch.equal(t, want[k]), k
     # The buffers computed, not loaded: RoPE's tables and the fused layers' LoRA masks.
     assert all(torch.equal(b, dict(reference.named_buffers())[n]) for n, b in model.named_buffers())
-    # Merged and quantized as the programs load it: the same as merging and quantizing the copied model.
+    # Merged (and quantized) as the programs load it on a CPU in bf16 (checkpoints.decoding_forms: the decoder's layers
+    # held by quantize.py, the ViT and perceiver in fp32): the same as merging and converting the copied models.
     lora.merge(reference)
-    merged = checkpoints.fill(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
-                                               release["vision"], release["vision_weights"]), "cpu", torch.bfloat16,
-                              merge=True)[0]
-    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in merged.state_dict().items())
-    quantize.quantize(reference, "int4", 64)
-    int4 = checkpoints.fill(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
-                                             release["vision"], release["vision_weights"]), "cpu", torch.bfloat16,
-                            quantize_to="int4", group_size=64)[0]
-    assert isinstance(int4.layers[0].mlp.down_proj, quantize.Int4Linear)
-    want = reference.state_dict()
-    assert int4.state_dict().keys() == want.keys()
-    assert all(torch.equal(t, want[k]) for k, t in int4.state_dict().items())
+    vision = {k: t for k, t in copied(release, torch.float32).state_dict().items()
+              if k.startswith(("vision.", "perceiver."))}
+    for form, group_size in (("bf16", 128), ("int4", 64)):
+        want = quantize.quantize(copy.deepcopy(reference), form, group_size).state_dict() | vision
+        got = checkpoints.fill(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
+                                                release["vision"], release["vision_weights"]), "cpu", torch.bfloat16,
+                               merge=True, quantize_to=None if form == "bf16" else form, group_size=group_size)[0]
+        assert isinstance(got.layers[0].mlp.down_proj, quantize.Int4Linear if form == "int4" else quantize.Bf16Linear)
+        assert got.state_dict().keys() == want.keys()
+        assert all(t.dtype == want[k].dtype and torch.equal(t, want[k]) for k, t in got.state_dict().items())
 
 
 # Run in a process of its own: its anonymous memory (what the kernel cannot drop, unlike the mapped files' pages)
@@ -92,7 +92,7 @@ print(anon(), flush=True)
 sys.stdin.readline()
 p = checkpoints.plan(*sys.argv[1:6])
 mode = sys.argv[6] if sys.argv[6] != "none" else None
-weights = options.weights_bytes(p.model, torch.bfloat16, mode, 128)
+weights = options.weights_bytes(p.model, "cpu", torch.bfloat16, mode, 128)
 model = checkpoints.fill(p, "cpu", torch.bfloat16, merge=True, quantize_to=mode)[0]
 print(weights, anon(), flush=True)
 """
@@ -125,7 +125,7 @@ def test_loading_takes_the_memory_of_the_weights(release, mode):
     base, peak, weights = anon_peak(release, mode)
     bf16 = options.weights_bytes(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
                                                   release["vision"], release["vision_weights"]).model,
-                                 torch.bfloat16, None, 128)
+                                 "cpu", torch.bfloat16, None, 128)
     assert weights < bf16 if mode != "none" else weights == bf16
     assert bf16 > 200e6         # large enough for the margin to be measured
     # The chosen form's bytes and the margin the issue allows loading bf16 (0.3 of its bytes): never a full bf16
@@ -140,7 +140,7 @@ def test_the_memory_check_refuses_before_reading_a_weight(release, tmp_path, mon
     slot = options.slot_bytes(p.cfg, p.cfg.max_seq_len, torch.float32)
 
     def need(mode):
-        w = options.weights_bytes(p.model, torch.float32, mode, 128)
+        w = options.weights_bytes(p.model, "cpu", torch.float32, mode, 128)
         return w + slot + options.margin_of(w)
 
     # Room for int8, not for fp32 (the small model's default on a CPU); the shards are garbage: nothing is read.
