@@ -518,7 +518,7 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
             if name:
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, module)
-            if quantize_to:
+            if merge:
                 give_back_freed()
     if model.rope_cos.is_meta:
         model.rope_cos, model.rope_sin = rope_tables(p.cfg, device)
@@ -555,7 +555,8 @@ def fill_module(name: str, module: nn.Module, sources: dict, device, dtype, merg
 
 def give_back_freed():
     """Hand the pages of freed blocks back to the kernel. glibc keeps freed blocks under its mmap threshold (which
-    grows up to 32 MB) in its heap: the full-precision layers quantization dropped would count as held."""
+    grows up to 32 MB) in its heap, between the layers kept: the LoRA products merging adds and the full-precision
+    layers quantizing drops would count as held."""
     if hasattr(_libc, "malloc_trim"):
         _libc.malloc_trim(0)
 
