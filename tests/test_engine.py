@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import engine as engine_lib
+import sampling
 from conftest import PROMPTS, batch_input, full_forward_greedy, tiny_model
 from engine import Detokenizer, Engine, Request, Sampling
 
@@ -154,7 +154,7 @@ def test_sampler_draws_from_the_filtered_softmax():
 
     def draw(temperature=1.0, top_k=6, top_p=1.0, greedy=False, banned=banned):
         full = lambda v, dtype=torch.float: torch.full((n,), v, dtype=dtype)
-        return engine_lib.sample(logits, banned, full(temperature), full(top_k, torch.long), full(top_p),
+        return sampling.sample(logits, banned, full(temperature), full(top_k, torch.long), full(top_p),
                                  full(greedy, torch.bool), torch.arange(n), full(3, torch.long))
 
     for t in (1.0, 0.5):
@@ -246,8 +246,9 @@ def test_a_later_picture_recomputes_what_the_masking_rule_changes(tokenizer, att
 
 
 def test_stop_strings_and_banned_tokens(tokenizer):
-    """Generation ends before the token that would complete a stop string; banned ids are never drawn even when
-    they are by far the most likely; EOS ends an answer and is not part of it."""
+    """Generation ends at the token that would complete a stop string (not part of the answer) and the text before
+    the stop string's first character; banned ids are never drawn even when they are by far the most likely; EOS
+    ends an answer and is not part of it."""
     model = tiny_model(tokenizer)
     prompts, images = batch_input(tokenizer)
     (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 10)])
@@ -255,7 +256,7 @@ def test_stop_strings_and_banned_tokens(tokenizer):
     (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 10, stop=(stop,))])
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert stop in tokenizer.decode(free.tokens[:len(cut.tokens) + 1])
-    assert cut.tokens == free.tokens[:len(cut.tokens)] and cut.text == tokenizer.decode(cut.tokens)
+    assert cut.tokens == free.tokens[:len(cut.tokens)] and cut.text == free.text[:free.text.index(stop)]
     bias = torch.zeros(model.cfg.vocab_size)
     bias[tokenizer.never_generate] = 100.0      # every banned id is by far the most likely one
     biased_head(model, bias)
