@@ -83,7 +83,7 @@ class Renderer:
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list of messages", "messages", "invalid_value")
         header, rounds = HEADER, []        # rounds: [pictures, question, answer or None]
-        self.pictures = 0
+        seen = 0       # pictures so far (a count of this call's: one Renderer serves every HTTP thread)
         for i, m in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(m, dict):
@@ -91,7 +91,8 @@ class Renderer:
             role, content = m.get("role"), m.get("content")
             if role == "assistant" and content is None:        # (an answer that was all tool calls, in OpenAI's)
                 content = ""
-            texts, pictures = self.content(content, f"{where}.content", pictures_ok=role == "user")
+            texts, pictures = self.content(content, f"{where}.content", pictures_ok=role == "user", seen=seen)
+            seen += len(pictures)
             if role in ("system", "developer"):
                 if i:
                     raise APIError(400, f"{where}: a system message must come first", f"{where}.role", "invalid_value")
@@ -123,8 +124,8 @@ class Renderer:
             parts[-1].turns.append(Turn(question, answer or ""))
         return layout(parts, open_last=True, header=header)[0], pixels
 
-    def content(self, content, where: str, pictures_ok: bool) -> tuple[list[str], list[torch.Tensor]]:
-        """A message's texts and decoded pictures."""
+    def content(self, content, where: str, pictures_ok: bool, seen: int) -> tuple[list[str], list[torch.Tensor]]:
+        """A message's texts and decoded pictures (seen: those of the messages before it)."""
         if isinstance(content, str):
             return [self.text(content, where)], []
         if not isinstance(content, list):
@@ -139,15 +140,14 @@ class Renderer:
                 if not pictures_ok:
                     raise APIError(400, f"{here}: only user messages may hold pictures", f"{here}.type",
                                    "invalid_value")
-                self.pictures += 1
-                if self.pictures > self.max_pictures:     # counted before they are decoded
+                if seen + len(pictures) >= self.max_pictures:     # counted before they are decoded
                     raise APIError(400, f"more than {self.max_pictures} pictures: the context holds at most "
                                         f"{self.max_pictures}", "messages", "too_many_images")
                 url = part.get("image_url")
                 if isinstance(url, dict):
                     if url.get("detail") not in (None, "auto", "low", "high"):
-                        raise APIError(400, f"{here}.image_url.detail must be auto, low or high", f"{here}.image_url.detail",
-                                       "invalid_value")
+                        raise APIError(400, f"{here}.image_url.detail must be auto, low or high",
+                                       f"{here}.image_url.detail", "invalid_value")
                     url = url.get("url")      # every picture is fitted to the vision tower's input whatever the detail
                 pictures.append(self.picture(url, f"{here}.image_url"))
             else:

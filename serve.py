@@ -266,7 +266,7 @@ class Streams(threading.Thread):
         super().__init__(name="streams", daemon=True)
         self.tokenizer = tokenizer
         self.incoming: queue.SimpleQueue[list[tuple[Job, object]] | None] = queue.SimpleQueue()
-        self.unsent: set[Job] = set()
+        self.unsent: set[Stream] = set()
 
     def put(self, events: list[tuple[Job, object]] | None):
         """(job, Output or APIError) pairs; (job, None) when its handler hands over the socket; None: the server
@@ -285,11 +285,11 @@ class Streams(threading.Thread):
                 if not job.stream.done.is_set():
                     if event is not None:
                         job.stream.pending += self.encode(job, event)
-                    self.unsent.add(job)
-            for job in list(self.unsent):
-                self.write(job)
-        for job in self.unsent:      # the server has stopped: what its clients have not taken is dropped
-            job.stream.done.set()
+                    self.unsent.add(job.stream)
+            for stream in list(self.unsent):
+                self.write(stream)
+        for stream in self.unsent:      # the server has stopped: what its clients have not taken is dropped
+            stream.done.set()
 
     def encode(self, job: Job, event) -> bytes:
         stream, c = job.stream, job.completion
@@ -303,12 +303,11 @@ class Streams(threading.Thread):
             data += b"".join(map(sse, openai_api.last_chunks(c))) + sse("[DONE]")
         return data
 
-    def write(self, job: Job):
-        """Send what the client takes now. The job is done when all is sent after its last event, when the client
-        has gone away, or when it has taken nothing for `stall` seconds."""
-        stream = job.stream
+    def write(self, stream: Stream):
+        """Send what the client takes now. The stream is done when all is sent after its last event, when the
+        client has gone away, or when it has taken nothing for `stall` seconds."""
         if stream.done.is_set():    # its handler failed before it handed over the socket
-            return self.unsent.discard(job)
+            return self.unsent.discard(stream)
         if stream.sock is None:     # its handler is still sending the headers
             return
         try:
@@ -324,7 +323,7 @@ class Streams(threading.Thread):
             stream.ended, stream.pending = True, bytearray()
         if stream.pending:
             return
-        self.unsent.discard(job)
+        self.unsent.discard(stream)
         if stream.ended:
             stream.done.set()
 

@@ -2,6 +2,7 @@
 every step, and against the same request decoded alone: batched, joined mid-answer, cancelled, sampled with a
 seed, reusing a slot's prefix, compiled."""
 import copy
+import dataclasses
 import threading
 
 import pytest
@@ -449,3 +450,100 @@ def test_the_fast_path_runs_in_a_thread_of_its_own(tokenizer):
     thread.start()
     thread.join()
     assert not failed and got == [want] * 10
+
+
+def streamed(engine, request) -> list[str]:
+    """The text each step let out."""
+    engine.submit(request)
+    pieces = []
+    while engine.busy:
+        pieces += [out.text for out in engine.step() if out.request is request]
+    return pieces
+
+
+def test_stop_strings_end_the_text_at_their_first_character_and_stream_nothing_taken_back(tokenizer):
+    """A stop string that spans two tokens, one inside a token, several at once: the answer is the text before the
+    first character of the first to appear (as OpenAI's); what comes out step by step is a prefix of it at every
+    step (a tail that could begin a stop string waits until it cannot), and joined it is the answer."""
+    model = tiny_model(tokenizer)
+    prompts, _ = batch_input(tokenizer)
+    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 12)])
+    pieces = [tokenizer.decode(free.tokens[:i + 1]) for i in range(12)]
+    boundary = len(pieces[3])            # where token 4's text ends and token 5's begins
+    spanning = free.text[boundary - 1:boundary + 1]
+    inside = next(p[1:3] for i, p in enumerate(tokenizer.decode([t]) for t in free.tokens[4:]) if len(p) >= 4)
+    cases = [(spanning,), (inside,), ("zzz", spanning, "qq")]
+    for stop in cases:
+        e = Engine(model, tokenizer, eos_id=-1)
+        out = streamed(e, greedy(prompts[2], None, 12, stop=stop))
+        at = min(free.text.index(s) for s in stop if s in free.text)
+        assert "".join(out) == free.text[:at]
+        assert all(free.text[:at].startswith("".join(out[:i])) for i in range(len(out)))
+    # the request ends at the token that completes the stop string: its tokens are those before it
+    (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 12, stop=(spanning,))])
+    assert cut.finish_reason == "stop" and cut.tokens == free.tokens[:4] and cut.text == free.text[:boundary - 1]
+    # a tail that could begin a stop string but does not is let out in the end
+    (held,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 12,
+                                                                   stop=(free.text[-1] + "\x00",))])
+    assert held.text == free.text and held.finish_reason == "length"
+
+
+def test_logprobs_are_the_full_forwards_log_softmax_alone_or_batched_and_cost_nothing_unasked(tokenizer):
+    """Greedy: each token's logprob is a full forward's log-softmax at its position; the top alternatives are the
+    most likely, sorted, the chosen one first. Batched beside other requests they are what they are alone; a
+    request that does not ask gets none (and its batch does not compute them)."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    ask = lambda i: greedy(prompts[i], images[i], 6, top_logprobs=3)
+    (alone_,) = Engine(model, tokenizer, eos_id=-1).generate([ask(0)])
+    with torch.no_grad():
+        for k, lp in enumerate(alone_.logprobs):
+            logp = model(images[0][None], torch.tensor([prompts[0] + alone_.tokens[:k]]))[0, -1].float().log_softmax(-1)
+            assert lp.token == alone_.tokens[k] and abs(lp.logprob - logp[lp.token].item()) < 1e-4
+            ids, values = zip(*lp.top)
+            assert list(values) == sorted(values, reverse=True) and ids[0] == lp.token    # greedy: the most likely
+            assert list(ids) == logp.topk(3).indices.tolist()
+    e = Engine(model, tokenizer, slots=4, eos_id=-1)
+    calls = []
+    logprobs = e.runner.logprobs
+    e.runner.logprobs = lambda *a: calls.append(1) or logprobs(*a)
+    plain = e.generate([greedy(prompts[1], images[1], 6), greedy(prompts[2], None, 6)])
+    assert not calls and all(r.logprobs == [] for r in plain)
+    done = e.generate([greedy(prompts[1], images[1], 6), ask(0), greedy(prompts[3], images[3], 6, top_logprobs=0)])
+    assert [(lp.token, lp.top) for lp in done[1].logprobs] == [(lp.token, lp.top) for lp in alone_.logprobs]
+    assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(done[1].logprobs, alone_.logprobs))
+    assert done[0].logprobs == [] and len(done[2].logprobs) == 6 and all(lp.top == [] for lp in done[2].logprobs)
+
+
+def test_logit_bias_forces_and_bans_ids(tokenizer):
+    model = tiny_model(tokenizer)
+    prompts, _ = batch_input(tokenizer)
+    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 6)])
+    word = tokenizer.encode(" cat", bos=False)[-1]
+    e = Engine(model, tokenizer, slots=2, eos_id=-1)
+    forced, banned = e.generate([greedy(prompts[2], None, 6, logit_bias={word: 100}),
+                                 greedy(prompts[2], None, 6, logit_bias={t: -100 for t in set(free.tokens)})])
+    assert forced.tokens == [word] * 6 and not set(banned.tokens) & set(free.tokens)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        e.submit(greedy(prompts[2], None, 6, logit_bias={model.cfg.vocab_size: 1}))
+
+
+def test_requests_sharing_a_prompt_prefill_it_once(tokenizer):
+    """n answers to one prompt (serve.py's n): the first request prefills, the others copy its slot's keys/values
+    and draw their first tokens from its logits; each answer equals that request run alone (greedy and seeded),
+    with pictures and without. One fewer slot than requests: the last waits and prefills on its own."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    for ids, pics in ((prompts[0], images[0]), (prompts[2], None)):
+        pics = [] if pics is None else list(pics)
+        make = lambda seed: Request(list(ids), pics, 8, Sampling(temperature=0.9, seed=seed))
+        want = [Engine(model, tokenizer, eos_id=-1).generate([make(s)])[0].tokens for s in range(4)]
+        for slots in (4, 3):
+            e = Engine(model, tokenizer, slots=slots, eos_id=-1)
+            fed = []
+            prefill = e.runner.prefill
+            e.runner.prefill = lambda chunks: fed.append(sum(len(c.ids) for c in chunks)) or prefill(chunks)
+            first = make(0)
+            done = e.generate([first] + [dataclasses.replace(make(s), shares=first) for s in range(1, 4)])
+            assert [r.tokens for r in done] == want and len(set(map(tuple, want))) > 1
+            assert sum(fed) == len(ids) if slots == 4 else len(ids) < sum(fed) < 2 * len(ids)   # (a prefix reused)
