@@ -29,8 +29,8 @@ How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cach
   one is held back until it cannot, so what came out is never taken back.
 
 Read top-down: Sampling, Request, Output (the interface); Detokenizer; Slot and the prefix helpers; Sequence (the
-engine's state of a request) and the stop-string helpers; Chunk and Runner (the model side: the cache, the compiled steps); Engine (the
-scheduler: slots, prefix reuse, batched and chunked prefill, stopping).
+engine's state of a request) and the stop-string helpers; Chunk and Runner (the model side: the cache, the compiled
+steps); Engine (the scheduler: slots, prefix reuse, shared and chunked prefill, stopping).
 """
 import enum
 import hashlib
@@ -266,7 +266,8 @@ class Runner:
         cuda_graphs = "reduce-overhead" if self.device.type == "cuda" else None
         self.decode_step = torch.compile(_decode_step, mode=cuda_graphs, **options)
         self.prefill_step = torch.compile(_prefill_step, **options)
-        self.greedy, self.sample = torch.compile(sampling.greedy, **options), torch.compile(sampling.sample, **options)
+        self.greedy = torch.compile(sampling.greedy, **options)
+        self.sample = torch.compile(sampling.sample, **options)
         # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
         self.model.vision.compile(**options)
 
@@ -377,8 +378,8 @@ class Runner:
         chosen = logits
         if any(r.state.bias is not None for r in live):
             zero = torch.zeros_like(self.banned, dtype=torch.float)
-            chosen = logits.float() + torch.stack([zero if r is None or r.state.bias is None else r.state.bias for r in rows]
-                                          + [zero] * (len(logits) - len(rows)))
+            bias = [zero if r is None or r.state.bias is None else r.state.bias for r in rows]
+            chosen = logits.float() + torch.stack(bias + [zero] * (len(logits) - len(rows)))
         if all(r.state.greedy for r in live):
             tokens = self.greedy(chosen, self.banned)
         else:
@@ -386,7 +387,8 @@ class Runner:
             p = torch.tensor([[x.temperature if x.temperature > 0 else 1.0 for x in s], [x.top_p for x in s]],
                              dtype=torch.float).to(self.device, non_blocking=True)
             q = self.tensor([[x.top_k if x.top_k > 0 else logits.shape[-1] for x in s],
-                             [r is None or r.state.greedy for r in rows], [0 if r is None else r.state.seed for r in rows],
+                             [r is None or r.state.greedy for r in rows],
+                             [0 if r is None else r.state.seed for r in rows],
                              [0 if r is None else len(r.tokens) for r in rows]])
             tokens = self.sample(chosen, self.banned, p[0], q[0], p[1], q[1].bool(), q[2], q[3])
         top = [r.top_logprobs for r in live if r.top_logprobs is not None]

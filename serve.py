@@ -8,22 +8,22 @@
     GET  /                       the chat page (page.html, page.js)
 
 OpenAI's protocol (a body in, the engine's requests out; their outputs in, bodies and chunks out) is openai_api.py;
-this file is the HTTP, the sockets and the threads. How it runs. One thread owns the model (Loop): between engine steps it takes the requests that HTTP threads have
-queued, submits them to the engine (engine.py, `--slots` rows decoded together), and hands on what they produced:
-every streamed answer's new text to the one thread that writes all the streams (Streams: a step wakes one thread,
-not one per client), a plain answer's end to the HTTP thread that waits for it. An HTTP thread (one per
-connection) reads and checks a request, renders the conversation on the paper's template exactly as chat.py does,
-decodes its pictures and queues it; then it sends the answer, or a stream's headers, and waits for the answer to
-be sent, watching for the client going away. A conversation sent again with one more turn finds its prefix in a
-slot and feeds only the new tokens. A client that goes away has its request cancelled at the next step. When every
-slot is busy, requests wait in a bounded queue; past it the answer is 429 with Retry-After. On the fast path (a
-GPU's default) the loop first compiles its steps for every kind of batch (Engine.warm_up), and only then does the
-server listen: no answer waits on a compile later.
+this file is the HTTP, the sockets and the threads. How it runs. One thread owns the model (Loop): between engine
+steps it takes the requests that HTTP threads have queued, submits them to the engine (engine.py, `--slots` rows
+decoded together), and hands on what they produced: every streamed answer's new text to the one thread that writes
+all the streams (Streams: a step wakes one thread, not one per client), a plain answer's end to the HTTP thread that
+waits for it. An HTTP thread (one per connection) reads and checks a request, renders the conversation on the
+paper's template exactly as chat.py does, decodes its pictures and queues it; then it sends the answer, or a
+stream's headers, and waits for the answer to be sent, watching for the client going away. A conversation sent again
+with one more turn finds its prefix in a slot and feeds only the new tokens. A client that goes away has its request
+cancelled at the next step. When every slot is busy, requests wait in a bounded queue; past it the answer is 429
+with Retry-After. On the fast path (a GPU's default) the loop first compiles its steps for every kind of batch
+(Engine.warm_up), and only then does the server listen: no answer waits on a compile later.
 
 Nothing a client sends can stop the server: bad input is a 4xx with OpenAI's error shape naming the field, remote
-picture URLs are refused (the server never reaches another host), local files only under
---allowed-local-media-path, pictures are checked for size before they are decoded, bodies past --max-body are
-refused, and a connection that sends its headers slowly is timed out.
+picture URLs are refused (the server never reaches another host), local files only under --allowed-local-media-path,
+pictures are checked for size before they are decoded, bodies past --max-body are refused, and a connection that
+sends its headers slowly is timed out.
 """
 import argparse
 import hmac
@@ -256,10 +256,9 @@ class Loop(threading.Thread):
 
 class Streams(threading.Thread):
     """The one thread that writes every streamed answer, so that an engine step wakes one thread and not one per
-    client: on 2 CPU cores, 16 threads woken for every token slowed the engine's 16-row step from ~9 ms to 11-12.5
-    (what they do is little; being woken is not). It writes without blocking: a client that reads slowly keeps its
-    bytes here until it takes them, and one that has taken nothing for `stall` seconds is let go (its handler then
-    cancels the request)."""
+    client: threads woken for every token slow the engine's step on a few cores (what they do is little; being
+    woken is not). It writes without blocking: a client that reads slowly keeps its bytes here until it takes them,
+    and one that has taken nothing for `stall` seconds is let go (its handler then cancels the request)."""
     stall = 30.0
 
     def __init__(self, tokenizer):
@@ -611,8 +610,7 @@ def loopback(host: str) -> bool:
 
 def cpu_threads() -> int:
     """The threads the model gets on a CPU: all cores but one. The HTTP threads (and, often, the clients) need a
-    core too, and OpenMP's workers stall when one of them is preempted: with the demo model on 2 cores, 16 streaming
-    clients got 1.6x the tokens/s with 1 thread than with 2 (bench.py --serve)."""
+    core too, and OpenMP's workers stall when one of them is preempted (bench.py --serve measures it)."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 

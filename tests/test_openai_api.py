@@ -131,8 +131,8 @@ def test_every_body_and_chunk_is_valid_against_openais_schema(renderer, tokenize
     entry = body["choices"][0]["logprobs"]["content"][0]
     assert entry["bytes"] == list(entry["token"].encode()) and entry["logprob"] == -0.5
     assert [t["logprob"] for t in entry["top_logprobs"]] == [-0.5, -1.25]
-    chunks = openai_api.first_chunks(c) + openai_api.chunks(c, Output(c.requests[1], "a", True, tuple(lp[:1])), tokenizer) \
-        + openai_api.last_chunks(c)
+    out = Output(c.requests[1], "a", True, tuple(lp[:1]))
+    chunks = openai_api.first_chunks(c) + openai_api.chunks(c, out, tokenizer) + openai_api.last_chunks(c)
     for chunk in chunks:
         validate(chunk, "CreateChatCompletionStreamResponse")
     assert [ch["index"] for chunk in chunks[:-1] for ch in chunk["choices"]] == [0, 1, 1, 1]
