@@ -394,7 +394,7 @@ class Runner:
         top = [r.top_logprobs for r in live if r.top_logprobs is not None]
         if not top:      # the common case costs nothing more
             return tokens.tolist(), [None] * len(rows)
-        chosen, ids, values = (t.tolist() for t in self.logprobs(logits, tokens, max(top)))
+        chosen, ids, values = (t.tolist() for t in self.logprobs(logits, self.banned, tokens, max(top)))
         tokens = tokens.tolist()
         return tokens, [None if r is None or r.top_logprobs is None else
                         TokenLogprob(tokens[i], chosen[i], list(zip(ids[i], values[i]))[:r.top_logprobs])

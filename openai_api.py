@@ -46,6 +46,8 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A request body -> the engine's Requests (run in an HTTP thread)
 
 def _number(body: dict, name: str, low: float, high: float, integer: bool = False, default=None):
     """body[name] as a number in [low, high] (JSON's true/false are not numbers), or default when absent/null."""

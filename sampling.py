@@ -50,9 +50,9 @@ def sample(logits: torch.Tensor, banned: torch.Tensor, temperature, top_k, top_p
     return torch.where(is_greedy, logits.argmax(-1), drawn.argmax(-1))
 
 
-def logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int):
-    """Each row's chosen token's log-probability (B,), and its `top` most likely ids and their log-probabilities
-    (B, top), most likely first."""
+def logprobs(logits: torch.Tensor, banned: torch.Tensor, tokens: torch.Tensor, top: int):
+    """Each row's chosen token's log-probability (B,), and the `top` most likely ids that can be generated (banned
+    ones are not) and their log-probabilities (B, top), most likely first."""
     logp = logits.float().log_softmax(-1)
-    best = logp.topk(top, -1) if top else (logp[:, :0], logp[:, :0].long())
-    return logp.gather(-1, tokens[:, None])[:, 0], best[1], best[0]
+    best = logp.masked_fill(banned, -float("inf")).topk(top, -1)
+    return logp.gather(-1, tokens[:, None])[:, 0], best.indices, best.values

@@ -467,34 +467,35 @@ def test_stop_strings_end_the_text_at_their_first_character_and_stream_nothing_t
     step (a tail that could begin a stop string waits until it cannot), and joined it is the answer."""
     model = tiny_model(tokenizer)
     prompts, _ = batch_input(tokenizer)
-    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 12)])
-    pieces = [tokenizer.decode(free.tokens[:i + 1]) for i in range(12)]
-    boundary = len(pieces[3])            # where token 4's text ends and token 5's begins
-    spanning = free.text[boundary - 1:boundary + 1]
-    inside = next(p[1:3] for i, p in enumerate(tokenizer.decode([t]) for t in free.tokens[4:]) if len(p) >= 4)
-    cases = [(spanning,), (inside,), ("zzz", spanning, "qq")]
-    for stop in cases:
-        e = Engine(model, tokenizer, eos_id=-1)
-        out = streamed(e, greedy(prompts[2], None, 12, stop=stop))
-        at = min(free.text.index(s) for s in stop if s in free.text)
-        assert "".join(out) == free.text[:at]
-        assert all(free.text[:at].startswith("".join(out[:i])) for i in range(len(out)))
+    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 24)])
+    text = free.text
+    ends = [len(tokenizer.decode(free.tokens[:i + 1])) for i in range(24)]     # where each token's text ends
+    # the last character of a token and the first of the next; what lies strictly inside a token of 3 characters
+    # or more (each where it first appears in the answer)
+    k, spanning = next((k, s) for k, e in enumerate(ends[:-1]) if text.find(s := text[e - 1:e + 1]) == e - 1)
+    inside = next(s for a, b in zip(ends, ends[1:]) if b - a >= 3 and text.find(s := text[a + 1:b - 1]) == a + 1)
+    for stop in ((spanning,), (inside,), ("zzz", spanning, "qq", inside)):
+        out = streamed(Engine(model, tokenizer, eos_id=-1), greedy(prompts[2], None, 24, stop=stop))
+        want = text[:min(text.index(s) for s in stop if s in text)]
+        assert "".join(out) == want
+        assert all(want.startswith("".join(out[:i])) for i in range(len(out)))
     # the request ends at the token that completes the stop string: its tokens are those before it
-    (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 12, stop=(spanning,))])
-    assert cut.finish_reason == "stop" and cut.tokens == free.tokens[:4] and cut.text == free.text[:boundary - 1]
+    (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 24, stop=(spanning,))])
+    assert cut.finish_reason == "stop" and cut.tokens == free.tokens[:k + 1] and cut.text == text[:ends[k] - 1]
     # a tail that could begin a stop string but does not is let out in the end
-    (held,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 12,
-                                                                   stop=(free.text[-1] + "\x00",))])
-    assert held.text == free.text and held.finish_reason == "length"
+    (held,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 24, stop=(text[-1] + "\x00",))])
+    assert held.text == text and held.finish_reason == "length"
 
 
 def test_logprobs_are_the_full_forwards_log_softmax_alone_or_batched_and_cost_nothing_unasked(tokenizer):
     """Greedy: each token's logprob is a full forward's log-softmax at its position; the top alternatives are the
-    most likely, sorted, the chosen one first. Batched beside other requests they are what they are alone; a
-    request that does not ask gets none (and its batch does not compute them)."""
+    most likely of the ids that can be generated, sorted, the chosen one first. Batched beside other requests they
+    are what they are alone; a request that does not ask gets none (and its batch does not compute them)."""
     model = tiny_model(tokenizer)
     prompts, images = batch_input(tokenizer)
     ask = lambda i: greedy(prompts[i], images[i], 6, top_logprobs=3)
+    e_banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
+    e_banned[tokenizer.never_generate] = True
     (alone_,) = Engine(model, tokenizer, eos_id=-1).generate([ask(0)])
     with torch.no_grad():
         for k, lp in enumerate(alone_.logprobs):
@@ -502,7 +503,7 @@ def test_logprobs_are_the_full_forwards_log_softmax_alone_or_batched_and_cost_no
             assert lp.token == alone_.tokens[k] and abs(lp.logprob - logp[lp.token].item()) < 1e-4
             ids, values = zip(*lp.top)
             assert list(values) == sorted(values, reverse=True) and ids[0] == lp.token    # greedy: the most likely
-            assert list(ids) == logp.topk(3).indices.tolist()
+            assert list(ids) == logp.masked_fill(e_banned, -float("inf")).topk(3).indices.tolist()
     e = Engine(model, tokenizer, slots=4, eos_id=-1)
     calls = []
     logprobs = e.runner.logprobs
@@ -510,8 +511,9 @@ def test_logprobs_are_the_full_forwards_log_softmax_alone_or_batched_and_cost_no
     plain = e.generate([greedy(prompts[1], images[1], 6), greedy(prompts[2], None, 6)])
     assert not calls and all(r.logprobs == [] for r in plain)
     done = e.generate([greedy(prompts[1], images[1], 6), ask(0), greedy(prompts[3], images[3], 6, top_logprobs=0)])
-    assert [(lp.token, lp.top) for lp in done[1].logprobs] == [(lp.token, lp.top) for lp in alone_.logprobs]
-    assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(done[1].logprobs, alone_.logprobs))
+    for a, b in zip(done[1].logprobs, alone_.logprobs, strict=True):     # (the same up to float rounding)
+        assert a.token == b.token and [i for i, _ in a.top] == [i for i, _ in b.top]
+        assert abs(a.logprob - b.logprob) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a.top, b.top))
     assert done[0].logprobs == [] and len(done[2].logprobs) == 6 and all(lp.top == [] for lp in done[2].logprobs)
 
 

@@ -3,6 +3,7 @@ to OpenAI's published schema (openai_schema.py); requests shaped exactly as lmms
 import base64
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,8 +19,8 @@ Q = "what colour is the square?"
 @pytest.fixture(scope="module")
 def renderer(tokenizer):
     # pictures become (3, 2, 2) means of their pixels: enough to tell them apart
-    transform = lambda im: torch.tensor(list(im.convert("RGB").resize((2, 2)).getdata()), dtype=torch.float).T \
-        .reshape(3, 2, 2)
+    transform = lambda im: torch.from_numpy(np.asarray(im.convert("RGB").resize((2, 2)), dtype=np.float32)) \
+        .permute(2, 0, 1)
     return Renderer(tokenizer, transform, None, max_pictures=4)
 
 
