@@ -387,10 +387,10 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     (clients in a process of their own, as they would be; each run on a server that has cached nothing), each asking
     about the demo's pictures (answers run to new_tokens: </s> is banned, as the demo's own answers are a word or
     two); chat.py's way (one Chat, the same questions one after the other); a conversation's second round re-sent
-    whole against its first (answers as the demo gives them, ended by </s>). Every answer is checked: a streamed one
-    against chat.py's for the same picture and question, a re-sent round against a server's that has cached nothing
-    (SystemExit at the first that differs). fast: the engines' fast path (default: on a GPU, as chat.py and serve.py
-    decide); then each run counts once it compiles nothing."""
+    whole against its first and against a server that has cached nothing (answers as the demo gives them, ended by
+    </s>); and what OpenAI's options cost: logprobs with the top 5 at the largest concurrency, n = 4 against n = 1.
+    This times; the answers are checked by tests/test_bench.py on the same clients. fast: the engines' fast path
+    (default: on a GPU, as chat.py and serve.py decide); then each run counts once it compiles nothing."""
     import multiprocessing
 
     import chat
@@ -403,28 +403,12 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
     if not pictures:
         raise SystemExit(f"{run}/samples/: no pictures (a train.py demo run writes them)")
     questions = [q for qs in demo.QUESTIONS.values() for q in qs]
-    data_urls = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in pictures]
     no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
     fast = device.type == "cuda" if fast is None else fast
 
-    def case(i: int) -> tuple[int, int]:
-        """The i-th question asked: (its picture, its question), every pair once before any comes again."""
-        return i % len(pictures), i // len(pictures) % len(questions)
-
-    def body(i: int) -> dict:
-        picture, question = case(i)
-        content = [{"type": "image_url", "image_url": {"url": data_urls[picture]}},
-                   {"type": "text", "text": questions[question]}]
-        return {"messages": [{"role": "user", "content": content}], "max_tokens": new_tokens, "temperature": 0}
-
-    def check(name: str, got: str, want: str):
-        """Greedy answers are the same whatever runs beside them: a benchmark of wrong answers measures nothing."""
-        if got != want:
-            raise SystemExit(f"{name}: the server answered {got!r} where {want!r} was expected")
-
     def ask(i: int) -> dict:
         """chat.py's way: its Chat on a fresh conversation, the question's answer as a client sees it."""
-        picture, question = case(i)
+        picture, question = serving_case(i, pictures, questions)
         c = chat.Chat(Engine(model, tokenizer, fast=fast, **no_end), transform, new_tokens, Sampling(greedy=True))
         c.add_picture(pictures[picture])
         a = {"sent": time.perf_counter(), "times": [], "text": ""}
@@ -456,13 +440,17 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
         t0 = time.perf_counter()
         return [ask(i) for i in range(8)], time.perf_counter() - t0
 
+    def row(name: str, answers, seconds: float) -> dict:
+        results["serve"].append(latency_row(name, answers, seconds))
+        print(f"serve {results['serve'][-1]}", flush=True)
+        return results["serve"][-1]
+
+    body = lambda i, **extra: serving_body(i, pictures, questions, new_tokens) | extra
     # chat.py's way, as chat.py runs (every core): the questions one after the other
-    answers, seconds = without_compiling(lambda: compiling(chat_py))
-    said = {case(i): a["text"] for i, a in enumerate(answers)}
-    results["serve"].append(latency_row("chat.py", answers, seconds))
-    print(f"serve {results['serve'][-1]}", flush=True)
+    row("chat.py", *without_compiling(lambda: compiling(chat_py)))
     if device.type == "cpu":
         torch.set_num_threads(serve.cpu_threads())      # as serve.py runs
+    slots = max(concurrencies + [4])
     with multiprocessing.get_context("spawn").Pool(1) as clients:
         def on_a_fresh_server(slots: int, options: dict, job, *args):
             """A job of the clients' process against a server that has cached nothing (on the fast path it compiles
@@ -475,38 +463,60 @@ def bench_serving(run: str, device, concurrencies: list[int], results: dict, new
                     serve.stop(server, grace=0)
             return without_compiling(run)
 
-        for c in concurrencies:
+        def clients_at_once(c: int, **extra) -> tuple[list[dict], float]:
+            """c clients streaming at once, 8 questions in all (at least 2 each)"""
             per_client = max(2, 8 // c)
-            answers, seconds = on_a_fresh_server(max(concurrencies), no_end, wave, [
-                [body(k * per_client + j) for j in range(per_client)] for k in range(c)])
-            for k, client in enumerate(answers):
-                for j, a in enumerate(client):
-                    check(f"question {k * per_client + j} ({c} streaming at once)", a["text"],
-                          said.setdefault(case(k * per_client + j), a["text"]))
-            results["serve"].append(latency_row(str(c), [a for x in answers for a in x], seconds))
-            print(f"serve {results['serve'][-1]}", flush=True)
+            answers, seconds = on_a_fresh_server(slots, no_end, wave, [
+                [body(k * per_client + j, **extra) for j in range(per_client)] for k in range(c)])
+            return [a for x in answers for a in x], seconds
+
+        for c in concurrencies:
+            row(str(c), *clients_at_once(c))
+        # What OpenAI's options cost: logprobs (the top 5) at the largest concurrency; n = 4 against n = 1 (one client,
+        # sampled with a seed: the choices differ)
+        c = max(concurrencies)
+        results["logprobs"] = {"off": results["serve"][-1]["tokens_per_s"],
+                               "top 5": row(f"{c}, logprobs", *clients_at_once(c, logprobs=True,
+                                                                               top_logprobs=5))["tokens_per_s"]}
+        results["n"] = {}
+        for n in (1, 4):
+            answers, seconds = clients_at_once(1, n=n, temperature=1.0, seed=0)
+            results["n"][n] = {"tokens_per_s": row(f"1, n={n}", answers, seconds)["tokens_per_s"],
+                               "seconds_per_request": seconds / len(answers)}
         rounds = on_a_fresh_server(4, {}, resend, [body(100 + i) for i in range(8)],
                                    [questions[(101 + i) % len(questions)] for i in range(8)])
         first, second, cold = [], [], []
-        for i, (one, two, again) in enumerate(rounds):   # each second round sent to a server that has cached nothing
+        for one, two, again in rounds:      # each second round sent again to a server that has cached nothing
             (([a],), _) = on_a_fresh_server(1, {}, wave, [[again]])
-            check(f"conversation {i} sent again", two["text"], a["text"])
             for times, x in ((first, one), (second, two), (cold, a)):
                 times.append(x["times"][0] - x["sent"])
     results["resend_ttft_ms"] = {name: percentiles(t)[0] * 1e3 for name, t in
                                  (("first round", first), ("sent again", second), ("sent again, cold", cold))}
-    print(f"\n{'clients':<9}{'tok/s':>9}{'per client':>12}{'TTFT p50':>10}{'p99 ms':>8}{'ITL p50':>9}{'p99 ms':>8}")
+    print(f"\n{'clients':<15}{'tok/s':>9}{'per client':>12}{'TTFT p50':>10}{'p99 ms':>8}{'ITL p50':>9}{'p99 ms':>8}")
     for r in results["serve"]:
-        n = 1 if r["clients"] == "chat.py" else int(r["clients"])
-        print(f"{r['clients']:<9}{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / n:>12.1f}{r['ttft_ms'][0]:>10.1f}"
+        n = 1 if r["clients"] == "chat.py" else int(r["clients"].split(",")[0])
+        print(f"{r['clients']:<15}{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / n:>12.1f}{r['ttft_ms'][0]:>10.1f}"
               f"{r['ttft_ms'][1]:>8.1f}{r['itl_ms'][0]:>9.1f}{r['itl_ms'][1]:>8.1f}")
-    t = results["resend_ttft_ms"]
+    t, lp, n = results["resend_ttft_ms"], results["logprobs"], results["n"]
     print(f"a conversation sent again with one more turn: time to first token {t['sent again']:.1f} ms (p50), "
           f"{t['sent again'] / t['first round']:.2f}x its first round's, {t['sent again'] / t['sent again, cold']:.2f}x "
           f"the same messages' on a server that has cached nothing")
-    streamed = sum(r["answers"] for r in results["serve"][1:])
-    print(f"answers: each of the {streamed} streamed equals chat.py's for its picture and question (greedy); each "
-          f"of the {len(rounds)} conversations sent again got the answer a server that had cached nothing gave")
+    print(f"logprobs with the top 5: {lp['top 5'] / lp['off']:.2f}x the tokens/s without ({c} clients); n = 4: "
+          f"{n[4]['seconds_per_request'] / n[1]['seconds_per_request']:.2f}x the time of n = 1 per request, "
+          f"{n[4]['tokens_per_s'] / n[1]['tokens_per_s']:.2f}x its tokens/s")
+
+
+def serving_case(i: int, pictures: list, questions: list) -> tuple[int, int]:
+    """bench_serving's i-th question: (its picture, its question), every pair once before any comes again."""
+    return i % len(pictures), i // len(pictures) % len(questions)
+
+
+def serving_body(i: int, pictures: list[str], questions: list[str], new_tokens: int) -> dict:
+    """bench_serving's i-th request: the picture (a data: URL) and the question of serving_case(i), greedy."""
+    picture, question = serving_case(i, pictures, questions)
+    url = "data:image/png;base64," + base64.b64encode(open(pictures[picture], "rb").read()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": questions[question]}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": new_tokens, "temperature": 0}
 
 
 def bench_model(tiny: bool, device) -> mmgpt.MMGPT:

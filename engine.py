@@ -20,14 +20,19 @@ How it works (nano-vllm's scheduler / model-runner split; gpt-fast's static cach
   it and feeds only the rest, so a conversation sent again with one more turn costs only its new tokens. Pictures
   are compared by a hash of their pixels (every <image> token has the same id: ids alone would hand one user's
   picture to another), and the media-masking rule decides what stays valid (see `reusable`).
-- Sampling runs on the device for the whole batch, per request: greedy, temperature, top-k, top-p. Its noise is a
-  hash of (seed, token number, vocabulary id), so a seeded request draws the same tokens alone or in any batch.
-- Text comes out incrementally (Detokenizer): a few tokens are decoded per step, never the whole answer again.
+- Requests with the same prompt (an API request's n answers) share one prefill: the first prefills, the others
+  copy its slot's keys/values into theirs and draw their first tokens from the same logits.
+- Sampling runs on the device for the whole batch, per request (sampling.py): greedy, temperature, top-k, top-p,
+  a logit bias; log-probabilities only for the rows that ask.
+- Text comes out incrementally (Detokenizer): a few tokens are decoded per step, never the whole answer again. A
+  stop string ends the answer at its first character wherever the tokens split it; text that could still begin
+  one is held back until it cannot, so what came out is never taken back.
 
-Read top-down: Sampling, Request, Output (the interface); Detokenizer; Slot and the prefix helpers; sampling on
-the device; Chunk and Runner (the model side: the cache, the compiled steps); Engine (the scheduler: slots, prefix
-reuse, batched and chunked prefill, stopping).
+Read top-down: Sampling, Request, Output (the interface); Detokenizer; Slot and the prefix helpers; Sequence (the
+engine's state of a request) and the stop-string helpers; Chunk and Runner (the model side: the cache, the compiled
+steps); Engine (the scheduler: slots, prefix reuse, shared and chunked prefill, stopping).
 """
+import enum
 import hashlib
 import random
 from collections import deque
@@ -37,6 +42,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 
 import lora
+import sampling
 from mmgpt import MMGPT, KVCache, Step
 from tokenizer import Tokenizer
 from perceiver import media_index
@@ -51,28 +57,44 @@ class Sampling:
     seed: int | None = None     # None: a fresh one
 
 
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability, and the most likely ids at its position with theirs (most likely first)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(eq=False)
 class Request:
     """A prompt (ids, and the pictures of its <image> tokens, each (3, H, W)) and how to answer it; the engine fills
-    in the answer. Generation ends at EOS (not part of the answer), after max_tokens, or before the token that
-    would complete one of the `stop` strings (that token is not part of the answer either)."""
+    in the answer. Generation ends at EOS (not part of the answer), after max_tokens, or at one of the `stop`
+    strings: the text ends before its first character, and the token that completed it is not part of the answer.
+    logit_bias (id -> bias) is added to the logits that choose a token; top_logprobs: None asks for no
+    log-probabilities, k for each token's and its position's k most likely. `shares`: a request submitted before
+    this one with the same ids and pictures, whose prefill this one copies (while that one is still to prefill)."""
     ids: list[int]
     pictures: list[torch.Tensor] = field(default_factory=list)
     max_tokens: int = 256
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int | None = None
+    shares: "Request | None" = None
     # The answer
     tokens: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)      # one per token, when top_logprobs is set
     finish_reason: str | None = None        # "stop", "length" or "cancelled"
     cached: int = 0                         # prompt tokens a slot already held (prefix reuse)
     cancelled: bool = False                 # set by Engine.cancel: the request ends at the engine's next step
+    state: "Sequence | None" = field(default=None, repr=False)      # the engine's, from submit on
 
 
 class Output(NamedTuple):
     request: Request
     text: str           # the text that came out in this step
     finished: bool
+    logprobs: tuple[TokenLogprob, ...] = ()     # of the tokens that joined the answer in this step
 
 
 class Detokenizer:
@@ -141,47 +163,45 @@ def common_prefix(a: list, b: list) -> int:
     return lo
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling, on the device, for a batch (compiled on the fast path)
-
-MASK32 = 0xFFFFFFFF
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply), in int64 without overflow: values stay below 2^32 and the
-    multiplier below 2^31."""
-    for _ in range(2):
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK32
-    return x ^ (x >> 16)
+class Status(enum.Enum):
+    WAITING = "waiting"             # queued, no slot yet
+    PREFILLING = "prefilling"       # in a slot, its prompt going in
+    DECODING = "decoding"           # its prompt in: a token to feed at every step
+    FINISHED = "finished"
 
 
-def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel noise (B, vocab) that depends only on each row's (seed, step) and the vocabulary id: argmax(logits +
-    noise) draws from softmax(logits), and draws the same whatever else is in the batch."""
-    ids = torch.arange(vocab, device=seeds.device)
-    h = _mix(_mix(_mix(seeds[:, None]) ^ steps[:, None]) ^ ids)
-    u = ((h >> 8).float() + 0.5) / 2**24              # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
+@dataclass(eq=False)
+class Sequence:
+    """The engine's state of one request (Request.state), from submit to its end."""
+    keys: list[str]                 # its pictures' hashes: prefix reuse compares pictures by them
+    index: torch.Tensor             # each prompt token's picture (perceiver.media_index)
+    seed: int
+    greedy: bool
+    detok: Detokenizer
+    bias: torch.Tensor | None = None        # logit_bias as a row of the vocabulary, on the device
+    status: Status = Status.WAITING
+    slot: Slot | None = None
+    first: int = 0                          # the first picture its slot lacks
+    inputs: torch.Tensor | None = None      # prefix fusion: the decoder inputs of those pictures
+    next: int | None = None                 # the token to feed at the next decode step
+    held: str = ""                          # text not yet out: it could still begin a stop string
 
 
-def greedy(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
-    return logits.masked_fill(banned, -float("inf")).argmax(-1)
+def copies_prefill(request: Request) -> bool:
+    """Whether the request waits for the one it shares its prompt with to prefill (and then copies that)."""
+    source = request.shares
+    return source is not None and source.state.status in (Status.WAITING, Status.PREFILLING)
 
 
-def sample(logits: torch.Tensor, banned: torch.Tensor, temperature, top_k, top_p, is_greedy, seeds, steps):
-    """The next token of each row (B, vocab) -> (B,): banned ids never; the greedy rows their most likely token;
-    the others a draw from softmax(logits / temperature) kept to the top_k most likely and then to the smallest
-    set whose probability reaches top_p (HF's order). Per-row parameters are (B,) tensors; top_k = vocab is off."""
-    logits = logits.float().masked_fill(banned, -float("inf"))
-    scaled = logits / temperature[:, None]
-    ordered = scaled.sort(-1, descending=True).values
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    ordered = ordered.masked_fill(rank >= top_k[:, None], -float("inf"))
-    probs = ordered.softmax(-1)
-    keep = (rank < top_k[:, None]) & (probs.cumsum(-1) - probs < top_p[:, None])
-    threshold = ordered.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)    # the least likely kept
-    drawn = (scaled.masked_fill(scaled < threshold, -float("inf")) + gumbel_noise(seeds, steps, logits.shape[-1]))
-    return torch.where(is_greedy, logits.argmax(-1), drawn.argmax(-1))
+def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string in text begins (None: none does)."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many of text's last characters could begin a stop string (a tail that is the start of one)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,7 +251,8 @@ class Runner:
         self.lengths = tuple(n for n in (16, 32, 64, 128, 256, 512, 1024, 2048) if n < prefill_tokens) + \
             (prefill_tokens,)
         self.pictures = sorted({min(2 ** i, max_pictures) for i in range(max_pictures.bit_length() + 1)})
-        self.decode_step, self.prefill_step, self.greedy, self.sample = _decode_step, _prefill_step, greedy, sample
+        self.decode_step, self.prefill_step = _decode_step, _prefill_step
+        self.greedy, self.sample, self.logprobs = sampling.greedy, sampling.sample, sampling.logprobs
         if fast:
             self._compile(backend)
 
@@ -245,7 +266,8 @@ class Runner:
         cuda_graphs = "reduce-overhead" if self.device.type == "cuda" else None
         self.decode_step = torch.compile(_decode_step, mode=cuda_graphs, **options)
         self.prefill_step = torch.compile(_prefill_step, **options)
-        self.greedy, self.sample = torch.compile(greedy, **options), torch.compile(sample, **options)
+        self.greedy = torch.compile(sampling.greedy, **options)
+        self.sample = torch.compile(sampling.sample, **options)
         # The ViT only: inductor's attention-fusion pass fails on the perceiver's 5-d attention (torch 2.14).
         self.model.vision.compile(**options)
 
@@ -273,12 +295,12 @@ class Runner:
         """The pictures' keys a step reads: those of at least the first n pictures."""
         return self.bucket(self.pictures, n) * self.cfg.perceiver_latents
 
-    def swap(self, i: int, j: int, columns: int, pictures: int):
-        """Exchange the keys/values of slots i and j: their first `columns` columns and `pictures` pictures (what
-        they hold; the rest is never read before it is written)."""
+    def copy(self, sources: list[int], targets: list[int], columns: int, pictures: int):
+        """Slot targets[i] takes the keys/values of slot sources[i] (read before any is written): their first
+        `columns` columns and `pictures` pictures (what they hold; the rest is never read before it is written)."""
         n, c = pictures * self.cfg.perceiver_latents, self.cache
         for t, width in ((c.k, columns), (c.v, columns), (c.picture_k, n), (c.picture_v, n)):
-            t[:, [i, j], :, :width] = t[:, [j, i], :, :width]
+            t[:, targets, :, :width] = t[:, sources, :, :width]
 
     def pixels(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
         """Several requests' pictures (3, H, W), in order, as one batch (1, N, 3, H, W) on the device: one pass of
@@ -310,17 +332,17 @@ class Runner:
         """Feed a chunk of prompt into each of several slots, in one forward; logits (len(chunks), vocab) after each
         chunk's last token. The chunks are padded to the longest (on the fast path, up to a length bucket): the
         padding goes to each slot's scratch column, after its real tokens, which never see it."""
-        n, longest = len(chunks), max(len(c.ids) for c in chunks)
-        T = self.bucket(self.lengths, longest)
-        table = []
-        for c in chunks:
-            pad = [0] * (T - len(c.ids))
-            at = list(range(c.start, c.start + len(c.ids))) + [self.max_len] * len(pad)     # columns
-            table += c.ids + pad + at + c.index + pad
-        x = self.tensor(table + [c.slot for c in chunks] + [len(c.ids) - 1 for c in chunks]
-                        + [c.pictures for c in chunks])
-        ids, columns, index = x[:3 * n * T].view(n, 3, T).unbind(1)
-        slots, last, pictures = x[3 * n * T:].view(3, n)
+        n, T = len(chunks), self.bucket(self.lengths, max(len(c.ids) for c in chunks))
+
+        def padded(values: list[int], pad: int) -> list[int]:
+            return values + [pad] * (T - len(values))
+
+        # A row per chunk, in one copy: its ids, columns and pictures' index (each T long), its slot, the place of
+        # its last token and how many pictures its slot holds.
+        x = self.tensor([padded(c.ids, 0) + padded(list(range(c.start, c.start + len(c.ids))), self.max_len)
+                         + padded(c.index, 0) + [c.slot, len(c.ids) - 1, c.pictures] for c in chunks])
+        ids, columns, index = x[:, :3 * T].view(n, 3, T).unbind(1)
+        slots, last, pictures = x[:, 3 * T:].unbind(1)
         most = max(c.pictures for c in chunks)
         step = Step(self.cache, slots, slots[:, None], columns, self.width(max(c.start + len(c.ids) for c in chunks)),
                     gather=True, picture_keys=self.picture_keys(most))
@@ -349,20 +371,34 @@ class Runner:
         index = pictures[:, None] if most and self.cfg.attend_previous else None
         return self.decode_step(self.model, step, ids[:, None], pictures.bool() if most else None, index)
 
-    def choose(self, logits: torch.Tensor, rows: list) -> list[int | None]:
-        """The next token of each logits row's request (None: a row that decodes nothing), with one host sync for
-        all of them."""
-        if all(r._greedy for r in rows if r is not None):
-            tokens = self.greedy(logits, self.banned)
+    def choose(self, logits: torch.Tensor, rows: list) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token of each logits row's request (a row whose request is None decodes nothing), and its
+        log-probabilities where the request asks for them. The logits are the model's; a bias is added to choose."""
+        live = [r for r in rows if r is not None]
+        chosen = logits
+        if any(r.state.bias is not None for r in live):
+            zero = torch.zeros_like(self.banned, dtype=torch.float)
+            bias = [zero if r is None or r.state.bias is None else r.state.bias for r in rows]
+            chosen = logits.float() + torch.stack(bias + [zero] * (len(logits) - len(rows)))
+        if all(r.state.greedy for r in live):
+            tokens = self.greedy(chosen, self.banned)
         else:
             s = [Sampling() if r is None else r.sampling for r in rows]
             p = torch.tensor([[x.temperature if x.temperature > 0 else 1.0 for x in s], [x.top_p for x in s]],
                              dtype=torch.float).to(self.device, non_blocking=True)
             q = self.tensor([[x.top_k if x.top_k > 0 else logits.shape[-1] for x in s],
-                             [r is None or r._greedy for r in rows], [0 if r is None else r._seed for r in rows],
+                             [r is None or r.state.greedy for r in rows],
+                             [0 if r is None else r.state.seed for r in rows],
                              [0 if r is None else len(r.tokens) for r in rows]])
-            tokens = self.sample(logits, self.banned, p[0], q[0], p[1], q[1].bool(), q[2], q[3])
-        return tokens.tolist()
+            tokens = self.sample(chosen, self.banned, p[0], q[0], p[1], q[1].bool(), q[2], q[3])
+        top = [r.top_logprobs for r in live if r.top_logprobs is not None]
+        if not top:      # the common case costs nothing more
+            return tokens.tolist(), [None] * len(rows)
+        chosen, ids, values = (t.tolist() for t in self.logprobs(logits, self.banned, tokens, max(top)))
+        tokens = tokens.tolist()
+        return tokens, [None if r is None or r.top_logprobs is None else
+                        TokenLogprob(tokens[i], chosen[i], list(zip(ids[i], values[i]))[:r.top_logprobs])
+                        for i, r in enumerate(rows)]
 
 
 class Engine:
@@ -407,13 +443,22 @@ class Engine:
                              + (f" ({per} tokens each)" if per > 1 else ""))
         if pictures > self.max_pictures:
             raise ValueError(f"{pictures} pictures: a slot holds at most {self.max_pictures}")
+        keys = [picture_key(p) for p in request.pictures]
+        source = request.shares
+        if source is not None and (source.state is None or source.ids != request.ids or source.state.keys != keys):
+            raise ValueError("a request shares the prompt of one submitted before it, with the same ids and pictures")
+        bias = None
+        if request.logit_bias:
+            if not all(0 <= i < self.cfg.vocab_size for i in request.logit_bias):
+                raise ValueError(f"logit_bias names ids outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+            bias = torch.zeros(self.cfg.vocab_size)
+            bias[list(request.logit_bias)] = torch.tensor(list(request.logit_bias.values()), dtype=torch.float)
+            bias = bias.to(self.runner.device)
         s = request.sampling
-        request._keys = [picture_key(p) for p in request.pictures]
-        request._index = media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0]
-        request._first, request._inputs = 0, None       # the first picture its slot lacks; prefix fusion: their inputs
-        request._seed = random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & MASK32
-        request._greedy = s.greedy or s.temperature <= 0
-        request._detok, request._slot, request._next = Detokenizer(self.tokenizer), None, None
+        request.state = Sequence(
+            keys, media_index(torch.tensor([request.ids]), self.cfg.image_id, self.cfg.attend_previous)[0],
+            seed=random.getrandbits(32) if s.seed is None else (s.seed ^ (s.seed >> 32)) & sampling.MASK32,
+            greedy=s.greedy or s.temperature <= 0, detok=Detokenizer(self.tokenizer), bias=bias)
         self.waiting.append(request)
         return request
 
@@ -498,7 +543,7 @@ class Engine:
         self._encode(admitted)
         # Those with a token to feed decode; one whose prompt is finished in this step has its first token out now
         # and decodes from the next step on (its first token does not wait for a decode step).
-        ready = [s.request for s in self.slots[:self.running] if s.request._next is not None]
+        ready = [s.request for s in self.slots[:self.running] if s.request.state.status == Status.DECODING]
         self._prefill(outputs)
         if ready:
             self._decode(ready, outputs)
@@ -518,18 +563,18 @@ class Engine:
         - attend_previous (the picture before it): the prefix stays if both have pictures or neither does.
         - prefix fusion: nothing (no token sees a picture but through the positions it fills, which come before it).
         At least one prompt token is always fed (its logits give the first answer token)."""
-        image_id, per = self.cfg.image_id, self.cfg.picture_tokens
+        image_id, per, keys = self.cfg.image_id, self.cfg.picture_tokens, request.state.keys
         n = common_prefix(slot.ids, request.ids[:-1])
         shared = pictures_begun(slot.ids[:n], image_id, per)
-        same = common_prefix(slot.pictures[:shared], request._keys)
+        same = common_prefix(slot.pictures[:shared], keys)
         if same < shared:                     # a different picture: keep what comes before it
             n = [i for i, t in enumerate(slot.ids) if t == image_id][same * per]
             shared = same
         if per > 1:
             return n
         if self.cfg.attend_previous:
-            return n if bool(slot.pictures) == bool(request._keys) else 0
-        nxt = [keys[shared] if len(keys) > shared else None for keys in (slot.pictures, request._keys)]
+            return n if bool(slot.pictures) == bool(keys) else 0
+        nxt = [k[shared] if len(k) > shared else None for k in (slot.pictures, keys)]
         if nxt[0] != nxt[1]:
             n = max((i + 1 for i in range(n) if slot.ids[i] == image_id), default=0)
         return n
@@ -541,7 +586,7 @@ class Engine:
         a, b = self.slots[i], self.slots[j]
         # What each holds: its tokens, and its pictures (a request being prefilled has all of its own already)
         pictures = [len(s.request.pictures) if s.request else len(s.pictures) for s in (a, b)]
-        self.runner.swap(i, j, max(len(a.ids), len(b.ids)), max(pictures))
+        self.runner.copy([i, j], [j, i], max(len(a.ids), len(b.ids)), max(pictures))
         self.slots[i], self.slots[j], a.index, b.index = b, a, j, i
 
     def _admit(self, request: Request) -> Request:
@@ -552,34 +597,46 @@ class Engine:
         self._swap(slot.index, self.running)
         self.running += 1
         slot.truncate(keep, self.cfg.image_id, self.cfg.picture_tokens)
-        slot.request, request._slot, request.cached = request, slot, keep
-        request._first = slot.ids.count(self.cfg.image_id) // self.cfg.picture_tokens   # the pictures wholly held
+        state = request.state
+        slot.request, state.slot, state.status, request.cached = request, slot, Status.PREFILLING, keep
+        state.first = slot.ids.count(self.cfg.image_id) // self.cfg.picture_tokens     # the pictures wholly held
         return request
 
     def _encode(self, admitted: list[Request]):
         """The pictures that the admitted requests' slots do not hold, all encoded in one pass: into the slots'
         picture buffers past what they hold (their prefills count them in), or for prefix fusion into the inputs
-        their prefills place."""
-        todo = [r for r in admitted if r.pictures[r._first:]]
+        their prefills place. A request that copies another's prefill needs none of its own."""
+        todo = [r for r in admitted if r.pictures[r.state.first:] and not copies_prefill(r)]
         if not todo:
             return
         if self.cfg.picture_tokens > 1:
-            for r, inputs in zip(todo, self.runner.picture_inputs([r.pictures[r._first:] for r in todo])):
-                r._inputs = inputs
+            for r, inputs in zip(todo, self.runner.picture_inputs([r.pictures[r.state.first:] for r in todo])):
+                r.state.inputs = inputs
         else:
-            self.runner.add_pictures([(r._slot.index, r._first, r.pictures[r._first:]) for r in todo])
+            self.runner.add_pictures([(r.state.slot.index, r.state.first, r.pictures[r.state.first:]) for r in todo])
 
-    def _finish(self, request: Request, reason: str) -> Output:
-        request.finish_reason = reason
-        text = request._detok.flush()
-        request.text += text
-        slot = request._slot
-        if slot is None:
+    def _finish(self, request: Request, reason: str, text: str | None = None) -> Output:
+        """End a request; what it had not let out comes out now (text: in place of that, at a stop string)."""
+        state = request.state
+        if text is None:
+            text = state.held + state.detok.flush()
+            at = stop_at(text, request.stop)        # (an incomplete character let out last)
+            text = text if at is None else text[:at]
+        request.finish_reason, request.text, state.held = reason, request.text + text, ""
+        before, slot = state.status, state.slot
+        state.status = Status.FINISHED
+        if before == Status.WAITING:
             self.waiting.remove(request)
         else:
-            slot.request, slot.used, request._slot = None, self.clock, None
+            slot.request, slot.used, state.slot = None, self.clock, None
             self.running -= 1
             self._swap(slot.index, self.running)
+        if before in (Status.WAITING, Status.PREFILLING):  # those admitted to copy its prefill prefill themselves
+            orphans = [s.request for s in self.slots[:self.running] if s.request.shares is request]
+            for r in orphans:
+                r.state.slot.truncate(0, self.cfg.image_id, self.cfg.picture_tokens)
+                r.state.first, r.cached = 0, 0
+            self._encode(orphans)
         return Output(request, text, True)
 
     # -- feeding the runner ----------------------------------------------------------------------------------------
@@ -591,12 +648,12 @@ class Engine:
         """Feed the next chunk of prompt of the requests that do not have theirs in yet, in one forward for as many
         of them (in slot order) as the token budget holds: each chunk at most prefill_tokens, and the chunks padded
         to the longest, so that rows x longest stays within it. After a request's last chunk, choose its first
-        token."""
+        token, and that of each request waiting to copy its prefill."""
         image_id, per = self.cfg.image_id, self.cfg.picture_tokens
         todo, longest = [], 0
         for slot in self.slots[:self.running]:
             request = slot.request
-            if request._next is not None:
+            if request.state.status != Status.PREFILLING or copies_prefill(request):
                 continue
             size = min(len(request.ids) - len(slot.ids), self.prefill_tokens)
             if todo and (len(todo) + 1) * max(longest, size) > self.prefill_tokens:
@@ -607,53 +664,78 @@ class Engine:
             return
         chunks = []
         for slot in todo:
-            request, start = slot.request, len(slot.ids)
-            chunk = request.ids[start:start + longest]
+            state, start = slot.request.state, len(slot.ids)
+            chunk = slot.request.ids[start:start + longest]
             inputs = None
-            if request._inputs is not None and image_id in chunk:     # prefix fusion: the inputs at its <image>s
-                done = slot.ids.count(image_id) - request._first * per
-                inputs = request._inputs[done:done + chunk.count(image_id)]
-            chunks.append(Chunk(slot.index, chunk, start, request._index[start:start + len(chunk)].tolist(),
-                                self._cross_attended(request), inputs))
+            if state.inputs is not None and image_id in chunk:     # prefix fusion: the inputs at its <image>s
+                done = slot.ids.count(image_id) - state.first * per
+                inputs = state.inputs[done:done + chunk.count(image_id)]
+            chunks.append(Chunk(slot.index, chunk, start, state.index[start:start + len(chunk)].tolist(),
+                                self._cross_attended(slot.request), inputs))
         logits = self.runner.prefill(chunks)
         for slot, c in zip(todo, chunks):
             slot.ids += c.ids  # first: a slot that lacks the hash of one of its pictures reuses nothing past it
-            slot.pictures = slot.request._keys[:pictures_begun(slot.ids, image_id, per)]
-        done = [i for i, slot in enumerate(todo) if len(slot.ids) == len(slot.request.ids)]
-        if done:
-            self._choose(logits[done], [todo[i].request for i in done], outputs)
+            slot.pictures = slot.request.state.keys[:pictures_begun(slot.ids, image_id, per)]
+        rows, requests = [], []      # the prompts now in, and the requests that copy them (each its source's row)
+        for i, slot in enumerate(todo):
+            if len(slot.ids) == len(slot.request.ids):
+                for r in (slot.request, *self._copy_prefill(slot)):
+                    rows.append(i)
+                    requests.append(r)
+        if rows:
+            self._choose(logits[rows], requests, outputs)
+
+    def _copy_prefill(self, source: Slot) -> list[Request]:
+        """The requests admitted to copy the prompt the source slot has just prefilled: they take its keys/values."""
+        copies = [s.request for s in self.slots[:self.running] if s.request.shares is source.request
+                  and s.request.state.status == Status.PREFILLING]
+        if copies:
+            self.runner.copy([source.index] * len(copies), [r.state.slot.index for r in copies], len(source.ids),
+                             self._cross_attended(source.request))
+            for r in copies:
+                r.state.slot.ids, r.state.slot.pictures = list(source.ids), list(source.pictures)
+                r.cached = source.request.cached
+        return copies
 
     def _decode(self, ready: list[Request], outputs: list):
         """One token for each of the ready requests (running, their prompts in)."""
         rows = [None] * self.running
         for r in ready:
-            rows[r._slot.index] = (r._next, len(r._slot.ids), self._cross_attended(r))
+            rows[r.state.slot.index] = (r.state.next, len(r.state.slot.ids), self._cross_attended(r))
         logits = self.runner.decode(rows)
         requests = [None if row is None else self.slots[i].request for i, row in enumerate(rows)]
         for r in requests:     # their tokens are in the cache now
             if r is not None:
-                r._slot.ids.append(r._next)
+                r.state.slot.ids.append(r.state.next)
         self._choose(logits, requests + [None] * (len(logits) - len(requests)), outputs)
 
     def _choose(self, logits: torch.Tensor, rows: list, outputs: list):
-        for r, token in zip(rows, self.runner.choose(logits, rows)):
+        tokens, logprobs = self.runner.choose(logits, rows)
+        for r, token, logprob in zip(rows, tokens, logprobs):
             if r is not None:
-                outputs.append(self._accept(r, token))
+                outputs.append(self._accept(r, token, logprob))
 
-    def _accept(self, request: Request, token: int) -> Output:
-        """The stop conditions for a sampled token; else it joins the answer (and is fed at the next step)."""
-        request._next = None
+    def _accept(self, request: Request, token: int, logprob: TokenLogprob | None) -> Output:
+        """The stop conditions for a sampled token; else it joins the answer (and is fed at the next step). Its
+        text comes out but for a tail that could begin a stop string."""
+        state = request.state
+        state.next, state.status = None, Status.DECODING
         if token == self.eos_id:
             return self._finish(request, "stop")
         if request.stop:
-            tail = request.text[-max(map(len, request.stop)):] + request._detok.peek(token)
-            if any(s in tail for s in request.stop):
-                return self._finish(request, "stop")
+            unsent = state.held + state.detok.peek(token)
+            at = stop_at(unsent, request.stop)
+            if at is not None:
+                return self._finish(request, "stop", unsent[:at])
         request.tokens.append(token)
-        text = request._detok.add(token)
+        logprobs = () if logprob is None else (logprob,)
+        request.logprobs += logprobs
+        unsent = state.held + state.detok.add(token)
+        keep = held_back(unsent, request.stop)
+        text, state.held = unsent[:len(unsent) - keep], unsent[len(unsent) - keep:]
         request.text += text
         if len(request.tokens) == request.max_tokens:
             out = self._finish(request, "length")
-            return Output(request, text + out.text, True)
-        request._next = token
-        return Output(request, text, False)
+            return Output(request, text + out.text, True, logprobs)
+        state.next = token
+        return Output(request, text, False, logprobs)

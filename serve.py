@@ -4,34 +4,31 @@
     python serve.py --ckpt runs/demo --port 8000 --slots 16 [--api-key KEY] [--host 0.0.0.0]
 
     POST /v1/chat/completions    messages (text and data: URL pictures), stream, max_tokens, temperature, top_p, ...
-    GET  /v1/models              the one model;  GET /health;  GET /metrics (Prometheus text)
+    GET  /v1/models[/ID]         the one model;  GET /health;  GET /metrics (Prometheus text)
     GET  /                       the chat page (page.html, page.js)
 
-How it runs. One thread owns the model (Loop): between engine steps it takes the requests that HTTP threads have
-queued, submits them to the engine (engine.py, `--slots` rows decoded together), and hands on what they produced:
-every streamed answer's new text to the one thread that writes all the streams (Streams: a step wakes one thread,
-not one per client), a plain answer's end to the HTTP thread that waits for it. An HTTP thread (one per
-connection) reads and checks a request, renders the conversation on the paper's template exactly as chat.py does,
-decodes its pictures and queues it; then it sends the answer, or a stream's headers, and waits for the answer to
-be sent, watching for the client going away. A conversation sent again with one more turn finds its prefix in a
-slot and feeds only the new tokens. A client that goes away has its request cancelled at the next step. When every
-slot is busy, requests wait in a bounded queue; past it the answer is 429 with Retry-After. On the fast path (a
-GPU's default) the loop first compiles its steps for every kind of batch (Engine.warm_up), and only then does the
-server listen: no answer waits on a compile later.
+OpenAI's protocol (a body in, the engine's requests out; their outputs in, bodies and chunks out) is openai_api.py;
+this file is the HTTP, the sockets and the threads. How it runs. One thread owns the model (Loop): between engine
+steps it takes the requests that HTTP threads have queued, submits them to the engine (engine.py, `--slots` rows
+decoded together), and hands on what they produced: every streamed answer's new text to the one thread that writes
+all the streams (Streams: a step wakes one thread, not one per client), a plain answer's end to the HTTP thread that
+waits for it. An HTTP thread (one per connection) reads and checks a request, renders the conversation on the
+paper's template exactly as chat.py does, decodes its pictures and queues it; then it sends the answer, or a
+stream's headers, and waits for the answer to be sent, watching for the client going away. A conversation sent again
+with one more turn finds its prefix in a slot and feeds only the new tokens. A client that goes away has its request
+cancelled at the next step. When every slot is busy, requests wait in a bounded queue; past it the answer is 429
+with Retry-After. On the fast path (a GPU's default) the loop first compiles its steps for every kind of batch
+(Engine.warm_up), and only then does the server listen: no answer waits on a compile later.
 
 Nothing a client sends can stop the server: bad input is a 4xx with OpenAI's error shape naming the field, remote
-picture URLs are refused (the server never reaches another host), local files only under
---allowed-local-media-path, pictures are checked for size before they are decoded, bodies past --max-body are
-refused, and a connection that sends its headers slowly is timed out.
+picture URLs are refused (the server never reaches another host), local files only under --allowed-local-media-path,
+pictures are checked for size before they are decoded, bodies past --max-body are refused, and a connection that
+sends its headers slowly is timed out.
 """
 import argparse
-import base64
-import binascii
 import hmac
-import io
 import ipaddress
 import json
-import math
 import os
 import queue
 import select
@@ -41,58 +38,27 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+import openai_api
 import options
-from conversation import HEADER, Conversation, DataError, Turn, layout, load_image
-from engine import Engine, Output, Request, Sampling
+from engine import Engine, Output, Request
+from openai_api import APIError, Completion, Model, Renderer, sse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript; charset=utf-8")}
-MAX_PIXELS = 40_000_000     # a picture larger than this is refused before it is decoded (a "decompression bomb")
 
-
-class APIError(Exception):
-    """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-             405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A request body -> the engine's Request (run in the HTTP thread)
 
 @dataclass(eq=False)
-class Job:
-    """A checked chat completion request: what the engine runs and how the answer is sent back."""
-    request: Request
-    prompt: str
-    model: str
-    stream: bool
-    include_usage: bool
-    return_prompt: bool
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # a plain answer's end from the loop
-    created: int = field(default_factory=lambda: int(time.time()))
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    submitted: float = field(default_factory=time.perf_counter)
-    last: float | None = None       # when its last tokens came, and how many it had then (for the latencies)
-    tokens: int = 0
-    # A streamed answer, as Streams writes it: the bytes the client has not taken yet, whether the last event is
-    # among them, the socket (once its handler has sent the headers), since when the client's buffer has been
-    # full; `done` once it is all sent or the client is gone (from then on Streams leaves the socket alone).
+class Stream:
+    """A streamed answer, as Streams writes it: the bytes the client has not taken yet, the choices not finished,
+    whether the last event is among the bytes, the socket (once its handler has sent the headers), since when the
+    client's buffer has been full; `done` once it is all sent or the client is gone (from then on Streams leaves
+    the socket alone)."""
+    open: int
     pending: bytearray = field(default_factory=bytearray)
     ended: bool = False
     sock: socket.socket | None = None
@@ -100,198 +66,22 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def _number(body: dict, name: str, low: float, high: float, integer: bool = False, default=None):
-    """body[name] as a number in [low, high] (JSON's true/false are not numbers), or default when absent/null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise APIError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, not {json.dumps(value)}",
-                       name, "invalid_type")
-    if not low <= value <= high or (not integer and not math.isfinite(value)):
-        raise APIError(400, f"'{name}' must be between {low} and {high}, not {value}", name, "invalid_value")
-    return value
+@dataclass(eq=False)
+class Job:
+    """A completion being answered: what the engine runs (openai_api.Completion: its requests, one per choice) and
+    how the answer goes back (a plain answer's end from the loop; a streamed one through its Stream)."""
+    completion: Completion
+    stream: Stream | None = None
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)   # a plain answer's end from the loop
+    submitted: float = field(default_factory=time.perf_counter)
+    last: float | None = None       # when its last tokens came, and how many it had then (for the latencies)
+    tokens: int = 0
+    unfinished: int = 0             # its requests the engine has not finished (the loop's count)
 
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is not None and not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be true or false, not {json.dumps(value)}", name, "invalid_type")
-    return bool(value)
-
-
-class Renderer:
-    """messages -> the template string and its pictures, as chat.py renders a conversation: a user message's
-    pictures each open a `### Image:` block before its instruction (its text parts, joined by newlines; two user
-    messages in a row are one), an assistant message is the answer to the instruction before it, a system message
-    takes the place of the header line."""
-
-    def __init__(self, tokenizer, transform, media_dir: str | None, max_pictures: int):
-        self.tokenizer, self.transform = tokenizer, transform
-        self.media_dir, self.max_pictures = media_dir, max_pictures
-
-    def __call__(self, messages) -> tuple[str, list[torch.Tensor]]:
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list of messages", "messages", "invalid_value")
-        header, rounds = HEADER, []        # rounds: [pictures, question, answer or None]
-        self.pictures = 0
-        for i, m in enumerate(messages):
-            where = f"messages[{i}]"
-            if not isinstance(m, dict):
-                raise APIError(400, f"{where} must be an object with 'role' and 'content'", where, "invalid_type")
-            role = m.get("role")
-            texts, pictures = self.content(m.get("content"), f"{where}.content", pictures_ok=role == "user")
-            if role == "system":
-                if i:
-                    raise APIError(400, f"{where}: a system message must come first", f"{where}.role", "invalid_value")
-                header = "\n".join(texts)
-            elif role == "user":
-                if rounds and rounds[-1][2] is None:          # a second user message in a row: the same turn
-                    rounds[-1][0] += pictures
-                    rounds[-1][1] = "\n".join(filter(None, [rounds[-1][1], *texts]))
-                else:
-                    rounds.append([pictures, "\n".join(texts), None])
-            elif role == "assistant":
-                if not rounds or rounds[-1][2] is not None:
-                    raise APIError(400, f"{where}: an assistant message must answer a user message",
-                                   f"{where}.role", "invalid_value")
-                rounds[-1][2] = "\n".join(texts)
-            else:
-                raise APIError(400, f"{where}: unknown role {json.dumps(role)} (system, user or assistant)",
-                               f"{where}.role", "invalid_value")
-        if not rounds or rounds[-1][2] is not None:
-            raise APIError(400, "the last message must be the user's (the one to answer)", "messages",
-                           "invalid_value")
-        parts, pixels = [Conversation(None, [])], []
-        for pictures, question, answer in rounds:
-            for picture in pictures:
-                if parts[-1].turns or parts[-1].image is not None:
-                    parts.append(Conversation(None, []))
-                parts[-1].image = f"picture {len(pixels) + 1}"
-                pixels.append(picture)
-            parts[-1].turns.append(Turn(question, answer or ""))
-        return layout(parts, open_last=True, header=header)[0], pixels
-
-    def content(self, content, where: str, pictures_ok: bool) -> tuple[list[str], list[torch.Tensor]]:
-        """A message's texts and decoded pictures."""
-        if isinstance(content, str):
-            return [self.text(content, where)], []
-        if not isinstance(content, list):
-            raise APIError(400, f"{where} must be a string or a list of parts", where, "invalid_type")
-        texts, pictures = [], []
-        for j, part in enumerate(content):
-            here = f"{where}[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(self.text(part.get("text"), f"{here}.text"))
-            elif kind == "image_url":
-                if not pictures_ok:
-                    raise APIError(400, f"{here}: only user messages may hold pictures", f"{here}.type",
-                                   "invalid_value")
-                self.pictures += 1
-                if self.pictures > self.max_pictures:     # counted before they are decoded
-                    raise APIError(400, f"more than {self.max_pictures} pictures: the context holds at most "
-                                        f"{self.max_pictures}", "messages", "too_many_images")
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                pictures.append(self.picture(url, f"{here}.image_url"))
-            else:
-                raise APIError(400, f"{here}: unknown part type {json.dumps(kind)} (text or image_url)",
-                               f"{here}.type", "invalid_value")
-        return texts, pictures
-
-    def text(self, text, where: str) -> str:
-        if not isinstance(text, str):
-            raise APIError(400, f"{where} must be a string", where, "invalid_type")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:      # JSON can spell a lone surrogate ("\\ud800"); it is no character
-            raise APIError(400, f"{where}: a lone surrogate at character {e.start}", where, "invalid_value") from None
-        special = [s for s in self.tokenizer.special if s in text]
-        if special:
-            raise APIError(400, f"{where} contains {special[0]}, which the model reads as a control token "
-                                f"(pictures come as image_url parts)", where, "invalid_value")
-        return text
-
-    def picture(self, url, where: str) -> torch.Tensor:
-        """A data: URL (or, under --allowed-local-media-path, a local file) -> the transformed picture."""
-        if not isinstance(url, str):
-            raise APIError(400, f"{where} must hold a URL string", where, "invalid_type")
-        if url.startswith("data:"):
-            meta, _, payload = url.partition(",")
-            if not meta.endswith(";base64"):
-                raise APIError(400, f"{where}: a data: URL must be base64 (data:image/png;base64,...)", where,
-                               "invalid_image_url")
-            try:
-                source = io.BytesIO(base64.b64decode(payload, validate=True))
-            except (binascii.Error, ValueError):
-                raise APIError(400, f"{where}: the data: URL is not valid base64", where, "invalid_image_url") from None
-        elif url.startswith(("http://", "https://")):
-            raise APIError(400, f"{where}: remote picture URLs are not fetched (this server reaches no other host); "
-                                f"send the picture itself as a data: URL", where, "invalid_image_url")
-        else:
-            source = self.local_file(url.removeprefix("file://"), where)
-        try:
-            return self.transform(load_image(source, max_pixels=MAX_PIXELS))
-        except DataError as e:
-            raise APIError(400, f"{where}: {e}", where, "invalid_image") from None
-
-    def local_file(self, path: str, where: str) -> str:
-        if self.media_dir is None:
-            raise APIError(400, f"{where}: local files are read only under --allowed-local-media-path; send the "
-                                f"picture as a data: URL", where, "invalid_image_url")
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, self.media_dir]) != self.media_dir or not os.path.isfile(real):
-            raise APIError(400, f"{where}: no such picture under --allowed-local-media-path", where,
-                           "invalid_image_url")
-        return real
-
-
-def make_job(body, renderer: Renderer, engine: Engine, model_name: str) -> Job:
-    """A request body -> a Job, or the APIError that names what is wrong with it."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", None, "invalid_type")
-    if body.get("model") not in (None, model_name):
-        raise APIError(404, f"the model {json.dumps(body['model'])} does not exist (this server has "
-                            f"{json.dumps(model_name)})", "model", "model_not_found")
-    if _number(body, "n", 1, 1 << 31, integer=True, default=1) != 1:
-        raise APIError(400, "only n = 1 is supported", "n", "invalid_value")
-    for name in ("logprobs", "tools", "functions", "response_format"):
-        if body.get(name) not in (None, False, [], {"type": "text"}):
-            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if _number(body, name, -2, 2, default=0) != 0:
-            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    stream = _flag(body, "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop",
-                       "invalid_value")
-    temperature = _number(body, "temperature", 0, 2, default=1.0)
-    sampling = Sampling(temperature=temperature, greedy=temperature == 0,
-                        top_p=_number(body, "top_p", 0, 1, default=1.0) or 1e-9,
-                        top_k=_number(body, "top_k", 0, 1 << 31, integer=True, default=0),
-                        seed=_number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True))
-    max_tokens = None
-    for name in ("max_completion_tokens", "max_tokens"):
-        max_tokens = max_tokens or _number(body, name, 1, 1 << 31, integer=True)
-    text, pictures = renderer(body.get("messages"))
-    ids = renderer.tokenizer.encode(text)
-    room = engine.max_len - len(ids)
-    if room < (max_tokens or 1):
-        raise APIError(400, f"this model's context holds {engine.max_len} tokens; the messages take {len(ids)}"
-                            + (f" and max_tokens asks for {max_tokens} more" if max_tokens else ""),
-                       "messages", "context_length_exceeded")
-    # The answer ends before a control token's string, should the model spell one: the conversation comes back
-    # as text next time, and there it would become a control token.
-    request = Request(ids, pictures, max_tokens or room, sampling,
-                      stop=tuple(stop) + tuple(renderer.tokenizer.special))
-    return Job(request, text, model_name, stream, _flag(options, "include_usage"), _flag(body, "return_prompt"))
+    def __post_init__(self):
+        self.unfinished = len(self.completion.requests)
+        if self.completion.stream:
+            self.stream = Stream(self.unfinished)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,12 +172,20 @@ class Loop(threading.Thread):
                 self.send([e for e in map(self.deliver, outputs) if e is not None])
 
     def submit(self, job: Job):
+        requests = job.completion.requests
         try:
-            self.engine.submit(job.request)
+            for r in requests:
+                self.engine.submit(r)
         except ValueError as e:
+            self.cancel(job)
             self.send([self.finish(job, APIError(400, str(e), "messages", "invalid_value"))])
             return
-        self.jobs[job.request] = job
+        self.jobs.update((r, job) for r in requests)
+
+    def cancel(self, job: Job):
+        """End the job's requests at the engine's next step (from any thread)."""
+        for r in job.completion.requests:
+            self.engine.cancel(r)
 
     def send(self, events: list[tuple[Job, object]]):
         """Each job's event: the streamed answers' all together to Streams (a step wakes one thread, not one per
@@ -404,23 +202,27 @@ class Loop(threading.Thread):
         job = self.jobs.get(out.request)
         if job is None:
             return None
-        now, r = time.perf_counter(), out.request
-        if len(r.tokens) > job.tokens:
+        now, r, requests = time.perf_counter(), out.request, job.completion.requests
+        tokens = sum(len(x.tokens) for x in requests)
+        if tokens > job.tokens:
             if job.last is None:
                 self.ttft.observe(now - job.submitted)
             else:
-                self.itl.observe((now - job.last) / (len(r.tokens) - job.tokens))
-            job.last, job.tokens = now, len(r.tokens)
-        if not out.finished:
-            return (job, out) if job.stream else None
-        del self.jobs[r]
-        self.counts["prompt_tokens"] += len(r.ids)
-        self.counts["cached_tokens"] += r.cached
-        self.counts["generation_tokens"] += len(r.tokens)
-        self.counts["requests_finished"] += 1
-        # A request cancelled at shutdown: its client hears why (one that went away hears nothing)
-        return self.finish(job, APIError(503, "the server stopped before the answer was finished", None,
-                                         "shutting_down") if r.finish_reason == "cancelled" else out)
+                self.itl.observe((now - job.last) / (tokens - job.tokens))
+            job.last, job.tokens = now, tokens
+        if out.finished:
+            del self.jobs[r]
+            job.unfinished -= 1
+            self.counts["generation_tokens"] += len(r.tokens)
+        if not job.unfinished:
+            self.counts["prompt_tokens"] += len(r.ids)       # the prompt once, whatever n is
+            self.counts["cached_tokens"] += requests[0].cached
+            self.counts["requests_finished"] += 1
+            # A request cancelled at shutdown: its client hears why (one that went away hears nothing)
+            cancelled = any(x.finish_reason == "cancelled" for x in requests)
+            return self.finish(job, APIError(503, "the server stopped before the answer was finished", None,
+                                             "shutting_down") if cancelled else out)
+        return (job, out) if job.stream else None
 
     def finish(self, job: Job, last) -> tuple[Job, object]:
         with self.lock:
@@ -430,7 +232,7 @@ class Loop(threading.Thread):
     def fail_all(self, error: Exception):
         print(f"error in an engine step: {type(error).__name__}: {error}; the requests running were failed",
               file=sys.stderr, flush=True)
-        jobs, self.jobs = list(self.jobs.values()), {}
+        jobs, self.jobs = list(dict.fromkeys(self.jobs.values())), {}
         self.engine.reset()
         self.send([self.finish(job, APIError(500, f"the model failed: {type(error).__name__}", None, "server_error"))
                    for job in jobs])
@@ -454,16 +256,16 @@ class Loop(threading.Thread):
 
 class Streams(threading.Thread):
     """The one thread that writes every streamed answer, so that an engine step wakes one thread and not one per
-    client: on 2 CPU cores, 16 threads woken for every token slowed the engine's 16-row step from ~9 ms to 11-12.5
-    (what they do is little; being woken is not). It writes without blocking: a client that reads slowly keeps its
-    bytes here until it takes them, and one that has taken nothing for `stall` seconds is let go (its handler then
-    cancels the request)."""
+    client: threads woken for every token slow the engine's step on a few cores (what they do is little; being
+    woken is not). It writes without blocking: a client that reads slowly keeps its bytes here until it takes them,
+    and one that has taken nothing for `stall` seconds is let go (its handler then cancels the request)."""
     stall = 30.0
 
-    def __init__(self):
+    def __init__(self, tokenizer):
         super().__init__(name="streams", daemon=True)
+        self.tokenizer = tokenizer
         self.incoming: queue.SimpleQueue[list[tuple[Job, object]] | None] = queue.SimpleQueue()
-        self.unsent: set[Job] = set()
+        self.unsent: set[Stream] = set()
 
     def put(self, events: list[tuple[Job, object]] | None):
         """(job, Output or APIError) pairs; (job, None) when its handler hands over the socket; None: the server
@@ -479,63 +281,50 @@ class Streams(threading.Thread):
             if events is None:
                 break
             for job, event in events:
-                if not job.done.is_set():
+                if not job.stream.done.is_set():
                     if event is not None:
-                        job.pending += self.encode(job, event)
-                    self.unsent.add(job)
-            for job in list(self.unsent):
-                self.write(job)
-        for job in self.unsent:      # the server has stopped: what its clients have not taken is dropped
-            job.done.set()
+                        job.stream.pending += self.encode(job, event)
+                    self.unsent.add(job.stream)
+            for stream in list(self.unsent):
+                self.write(stream)
+        for stream in self.unsent:      # the server has stopped: what its clients have not taken is dropped
+            stream.done.set()
 
     def encode(self, job: Job, event) -> bytes:
+        stream, c = job.stream, job.completion
         if isinstance(event, APIError):
-            job.ended = True
-            return sse(event.body()) + b"data: [DONE]\n\n"
-        r, data = event.request, b""
-        if event.text:
-            data += sse(chunk(job, {"content": event.text}))
-        if event.finished:
-            job.ended = True
-            data += sse(chunk(job, {}, r.finish_reason))
-            if job.include_usage:
-                data += sse(chunk(job, None, usage=usage(r)))
-            data += b"data: [DONE]\n\n"
+            stream.ended = True
+            return sse(event.body()) + sse("[DONE]")
+        data = b"".join(map(sse, openai_api.chunks(c, event, self.tokenizer)))
+        stream.open -= event.finished
+        if not stream.open:
+            stream.ended = True
+            data += b"".join(map(sse, openai_api.last_chunks(c))) + sse("[DONE]")
         return data
 
-    def write(self, job: Job):
-        """Send what the client takes now. The job is done when all is sent after its last event, when the client
-        has gone away, or when it has taken nothing for `stall` seconds."""
-        if job.done.is_set():    # its handler failed before it handed over the socket
-            return self.unsent.discard(job)
-        if job.sock is None:     # its handler is still sending the headers
+    def write(self, stream: Stream):
+        """Send what the client takes now. The stream is done when all is sent after its last event, when the
+        client has gone away, or when it has taken nothing for `stall` seconds."""
+        if stream.done.is_set():    # its handler failed before it handed over the socket
+            return self.unsent.discard(stream)
+        if stream.sock is None:     # its handler is still sending the headers
             return
         try:
-            if job.pending:
-                del job.pending[:job.sock.send(job.pending)]
-            job.blocked = None
-        except BlockingIOError:  # the client's buffer is full: it has not read what it was sent
-            job.blocked = job.blocked or time.monotonic()
-            if time.monotonic() - job.blocked < self.stall:
+            if stream.pending:
+                del stream.pending[:stream.sock.send(stream.pending)]
+            stream.blocked = None
+        except BlockingIOError:     # the client's buffer is full: it has not read what it was sent
+            stream.blocked = stream.blocked or time.monotonic()
+            if time.monotonic() - stream.blocked < self.stall:
                 return
-            job.ended, job.pending = True, bytearray()
-        except OSError:          # the client has gone away
-            job.ended, job.pending = True, bytearray()
-        if job.pending:
+            stream.ended, stream.pending = True, bytearray()
+        except OSError:             # the client has gone away
+            stream.ended, stream.pending = True, bytearray()
+        if stream.pending:
             return
-        self.unsent.discard(job)
-        if job.ended:
-            job.done.set()
-
-
-def sse(body: dict) -> bytes:
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-def chunk(job: Job, delta: dict | None, finish: str | None = None, **extra) -> dict:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-    return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
-            "choices": choices, **extra}
+        self.unsent.discard(stream)
+        if stream.ended:
+            stream.done.set()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -633,13 +422,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(APIError(404, f"{name} is missing beside serve.py", None, "not_found"))
         if path == "/health":
             return self.reply({"status": "ok"})
-        if path in ("/v1/models", "/metrics") and not self.authorised():
+        models = path == "/v1/models" or path.startswith("/v1/models/")
+        if (models or path == "/metrics") and not self.authorised():
             return self.reply(APIError(401, "a wrong or missing API key (Authorization: Bearer KEY)", None,
                                        "invalid_api_key"))
-        if path == "/v1/models":
-            return self.reply({"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                          "created": self.server.started, "owned_by": "mmgpt",
-                                                          "max_model_len": self.server.loop.engine.max_len}]})
+        if models:
+            try:
+                return self.reply(openai_api.models(self.server.model, path.removeprefix("/v1/models").lstrip("/")))
+            except APIError as e:
+                return self.reply(e)
         if path == "/metrics":
             return self.reply(self.server.loop.metrics().encode(),
                               headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -662,7 +453,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(APIError(401, "a wrong or missing API key (Authorization: Bearer KEY)", None,
                                        "invalid_api_key"))
         try:
-            job = make_job(self.read_json(), self.server.renderer, self.server.loop.engine, self.server.model_name)
+            job = Job(openai_api.parse(self.read_json(), self.server.renderer, self.server.model))
             self.server.loop.offer(job)
         except APIError as e:
             return self.reply(e)
@@ -670,9 +461,10 @@ class Handler(BaseHTTPRequestHandler):
             self.done_reading()
         try:
             self.answer(job)
-        finally:   # whatever ended the answer (the client went away, a write failed): its slot is freed
-            self.server.loop.engine.cancel(job.request)
-            job.done.set()     # (a stream that failed before its socket was handed over: Streams drops it)
+        finally:   # whatever ended the answer (the client went away, a write failed): its slots are freed
+            self.server.loop.cancel(job)
+            if job.stream:
+                job.stream.done.set()   # (one that failed before its socket was handed over: Streams drops it)
 
     def read_json(self):
         length = self.headers.get("Content-Length")
@@ -718,38 +510,27 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def answer(self, job: Job):
-        r = job.request
         if not job.stream:
             out = self.next_event(job)
             if isinstance(out, APIError):
                 self.reply(out)
             elif out is not None:
-                body = {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                                     "finish_reason": r.finish_reason}],
-                        "usage": usage(r)}
-                self.reply(body | ({"prompt": job.prompt} if job.return_prompt else {}))
+                self.reply(openai_api.response(job.completion, self.server.renderer.tokenizer))
             return
         self.close_connection = True     # the stream ends when the connection closes (HTTP/1.0)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        self.wfile.write(sse(chunk(job, {"role": "assistant", "content": ""},
-                                   **({"prompt": job.prompt} if job.return_prompt else {}))))
+        self.wfile.write(b"".join(map(sse, openai_api.first_chunks(job.completion))))
         # The rest is Streams' to write, on the socket made non-blocking; this thread only watches for the client
         # going away, and returns (the connection is closed) once Streams is done with the socket.
         self.connection.setblocking(False)
-        job.sock = self.connection
+        job.stream.sock = self.connection
         self.server.loop.streams.put([(job, None)])
-        while not job.done.wait(0.25):
+        while not job.stream.done.wait(0.25):
             if self.client_gone():
-                self.server.loop.engine.cancel(job.request)
-
-
-def usage(r: Request) -> dict:
-    return {"prompt_tokens": len(r.ids), "completion_tokens": len(r.tokens), "total_tokens": len(r.ids) + len(r.tokens),
-            "prompt_tokens_details": {"cached_tokens": r.cached}}
+                self.server.loop.cancel(job)
 
 
 class Server(ThreadingHTTPServer):
@@ -761,11 +542,11 @@ class Server(ThreadingHTTPServer):
             + json.dumps(APIError(503, "too many connections; try again shortly", None, "too_many_connections")
                          .body()).encode())
 
-    def __init__(self, address, loop: Loop, renderer: Renderer, model_name: str, api_key: str | None = None,
+    def __init__(self, address, loop: Loop, renderer: Renderer, model: Model, api_key: str | None = None,
                  max_body: int = 20 << 20, body_timeout: float = 30.0, quiet: bool = False, max_connections: int = 256):
         super().__init__(address, Handler)
-        self.loop, self.renderer, self.model_name, self.api_key = loop, renderer, model_name, api_key
-        self.max_body, self.body_timeout, self.quiet, self.started = max_body, body_timeout, quiet, int(time.time())
+        self.loop, self.renderer, self.model, self.api_key = loop, renderer, model, api_key
+        self.max_body, self.body_timeout, self.quiet = max_body, body_timeout, quiet
         self.connections = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request, client_address):
@@ -785,10 +566,11 @@ class Server(ThreadingHTTPServer):
 
 
 def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, model_name: str = "mmgpt",
-          max_waiting: int = 64, **options) -> Server:
+          max_waiting: int = 64, cap_max_tokens: bool = True, **server_options) -> Server:
     """The server and its loop running in threads of this process (serve.py's main, bench.py and the tests); on the
-    fast path it listens, and returns, once the loop has compiled its steps."""
-    streams = Streams()
+    fast path it listens, and returns, once the loop has compiled its steps. cap_max_tokens: a max_tokens past what
+    the context has left is that many (else a 400)."""
+    streams = Streams(engine.tokenizer)
     streams.start()
     loop = Loop(engine, max_waiting, streams)
     loop.start()
@@ -796,9 +578,10 @@ def start(engine: Engine, transform, host: str = "127.0.0.1", port: int = 0, *, 
     if loop.failed:
         streams.put(None)
         raise loop.failed
-    media = options.pop("media_dir", None)
+    media = server_options.pop("media_dir", None)
     renderer = Renderer(engine.tokenizer, transform, media and os.path.realpath(media), engine.max_pictures)
-    server = Server((host, port), loop, renderer, model_name, **options)
+    model = Model(model_name, int(time.time()), engine.max_len, engine.cfg.vocab_size, cap_max_tokens)
+    server = Server((host, port), loop, renderer, model, **server_options)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 
@@ -812,7 +595,7 @@ def stop(server: Server, grace: float):
     while loop.is_alive() and time.monotonic() < deadline:
         loop.join(0.1)
     for job in list(loop.jobs.values()):
-        loop.engine.cancel(job.request)
+        loop.cancel(job)
     loop.join(10)
     loop.streams.put(None)
     server.server_close()
@@ -827,8 +610,7 @@ def loopback(host: str) -> bool:
 
 def cpu_threads() -> int:
     """The threads the model gets on a CPU: all cores but one. The HTTP threads (and, often, the clients) need a
-    core too, and OpenMP's workers stall when one of them is preempted: with the demo model on 2 cores, 16 streaming
-    clients got 1.6x the tokens/s with 1 thread than with 2 (bench.py --serve)."""
+    core too, and OpenMP's workers stall when one of them is preempted (bench.py --serve measures it)."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
@@ -848,6 +630,9 @@ def main(argv=None):
     s.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="pictures may also name local files under DIR (default: data: URLs only)")
     s.add_argument("--model-name", default="mmgpt", help="the model's name in the API (default: mmgpt)")
+    s.add_argument("--refuse-long-max-tokens", action="store_true",
+                   help="a max_tokens past what the context has left is a 400, as OpenAI's (default: capped to it, "
+                        "as the evaluation harnesses need)")
     s.add_argument("--device", help="default: cuda when there is one, else cpu")
     s.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="decoding compiled, with CUDA graphs (default: on with a GPU)")
@@ -871,6 +656,7 @@ def main(argv=None):
         print("compiling the decoding steps before serving: once per start, quicker once torch has them cached "
               "on disk (--no-fast: eager, nothing to compile)", file=sys.stderr, flush=True)
     server = start(engine, transform, args.host, args.port, model_name=name, max_waiting=args.max_waiting,
+                   cap_max_tokens=not args.refuse_long_max_tokens,
                    api_key=args.api_key, max_body=args.max_body, media_dir=args.allowed_local_media_path,
                    quiet=args.quiet, max_connections=args.max_connections)
     host, port = server.server_address[:2]

@@ -1,5 +1,5 @@
 """bench.py --tiny: the training and chat rows on a CPU, their figures consistent, and its op count the real one;
-bench.py --serve: serve.py's server under streaming clients, every answer checked."""
+bench.py --serve: serve.py's server under streaming clients, its rows; the answers its clients get, checked here."""
 import json
 import os
 import shutil
@@ -11,12 +11,15 @@ import torch
 
 import bench
 import chat
+import checkpoints
+import demo
 import lora
 import mmgpt
 import quantize
+import serve
 import train
 from conftest import tiny_release
-from engine import Engine
+from engine import Engine, Sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,25 +140,50 @@ def serve_bench(run, concurrencies):
     return results
 
 
-def test_bench_serve_rows_and_answers(served_run, capsys):
-    """The rows of `bench.py --serve` (chat.py's way, then the server at each concurrency) count every answer and
-    token, and the run checked each streamed answer against chat.py's and each re-sent round against a cold server."""
+def test_bench_serve_rows(served_run, capsys):
+    """The rows of `bench.py --serve` (chat.py's way, then the server at each concurrency, then with logprobs and
+    with n = 1 and 4) count every answer and token; the costs and the re-sent rounds' times are there."""
     results = serve_bench(served_run, [1, 3])
     rows = results["serve"]
-    assert [(r["clients"], r["answers"]) for r in rows] == [("chat.py", 8), ("1", 8), ("3", 6)]
+    assert [(r["clients"], r["answers"]) for r in rows] == [("chat.py", 8), ("1", 8), ("3", 6), ("3, logprobs", 6),
+                                                            ("1, n=1", 8), ("1, n=4", 8)]
     for r in rows:
         assert r["tokens_per_s"] > 0 and 0 < r["ttft_ms"][0] <= r["ttft_ms"][1] and 0 < r["itl_ms"][0] <= r["itl_ms"][1]
     assert set(results["resend_ttft_ms"]) == {"first round", "sent again", "sent again, cold"}
+    assert results["logprobs"]["off"] == rows[2]["tokens_per_s"] and set(results["n"]) == {1, 4}
     out = capsys.readouterr().out
-    assert "answers: each of the 14 streamed equals chat.py's for its picture and question (greedy); each of the 8 " \
-           "conversations sent again got the answer a server that had cached nothing gave" in out
+    assert "logprobs with the top 5:" in out and "x the time of n = 1 per request" in out
 
 
-def test_bench_serve_stops_at_an_answer_that_differs(served_run, monkeypatch):
-    """A served answer that is not chat.py's for the same picture and question ends the benchmark, naming it."""
-    ask = chat.Chat.ask
-    monkeypatch.setattr(chat.Chat, "ask", lambda self, question, on_text: ask(
-        self, question, lambda text: on_text(text and text + "!")))
-    wrong = r"question 0 \(1 streaming at once\): the server answered '.+' where '.+!.*' was expected"
-    with pytest.raises(SystemExit, match=wrong):
-        serve_bench(served_run, [1])
+def test_the_answers_bench_serve_times_are_chat_pys_and_a_cold_servers(served_run):
+    """The answers bench.py --serve times, got by its own clients (bench.wave, bench.resend): each streamed answer,
+    3 clients at once, is chat.py's for the same picture and question (greedy); each conversation sent again with one
+    more turn gets the answer a server that has cached nothing gives."""
+    flags = bench.argparse.ArgumentParser()
+    checkpoints.add_weight_args(flags)
+    model, tokenizer, transform = checkpoints.load_model(flags.parse_args(["--ckpt", served_run]), "cpu")
+    pictures = sorted(os.path.join(served_run, "samples", f) for f in os.listdir(os.path.join(served_run, "samples")))
+    questions = [q for qs in demo.QUESTIONS.values() for q in qs]
+    no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
+    body = lambda i: bench.serving_body(i, pictures, questions, 6)
+
+    def chat_py(i: int) -> str:
+        picture, question = bench.serving_case(i, pictures, questions)
+        c = chat.Chat(Engine(model, tokenizer, **no_end), transform, 6, Sampling(greedy=True))
+        c.add_picture(pictures[picture])
+        c.ask(questions[question])
+        return c.parts[-1].turns[-1].answer
+
+    def on_a_server(options, job, *args):
+        server = serve.start(Engine(model, tokenizer, slots=3, **options), transform, quiet=True)
+        try:
+            return job(server.server_address[1], *args)
+        finally:
+            serve.stop(server, grace=0)
+
+    answers, _ = on_a_server(no_end, bench.wave, [[body(2 * k + j) for j in range(2)] for k in range(3)])
+    assert [a["text"] for x in answers for a in x] == [chat_py(i) for i in range(6)]
+    rounds = on_a_server({}, bench.resend, [body(100 + i) for i in range(3)], questions[:3])
+    for one, two, again in rounds:
+        ((cold,),), _ = on_a_server({}, bench.wave, [[again]])
+        assert two["text"] == cold["text"] and two["tokens"] == cold["tokens"]

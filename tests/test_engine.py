@@ -2,13 +2,14 @@
 every step, and against the same request decoded alone: batched, joined mid-answer, cancelled, sampled with a
 seed, reusing a slot's prefix, compiled."""
 import copy
+import dataclasses
 import threading
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import engine as engine_lib
+import sampling
 from conftest import PROMPTS, batch_input, full_forward_greedy, tiny_model
 from engine import Detokenizer, Engine, Request, Sampling
 
@@ -154,7 +155,7 @@ def test_sampler_draws_from_the_filtered_softmax():
 
     def draw(temperature=1.0, top_k=6, top_p=1.0, greedy=False, banned=banned):
         full = lambda v, dtype=torch.float: torch.full((n,), v, dtype=dtype)
-        return engine_lib.sample(logits, banned, full(temperature), full(top_k, torch.long), full(top_p),
+        return sampling.sample(logits, banned, full(temperature), full(top_k, torch.long), full(top_p),
                                  full(greedy, torch.bool), torch.arange(n), full(3, torch.long))
 
     for t in (1.0, 0.5):
@@ -246,8 +247,9 @@ def test_a_later_picture_recomputes_what_the_masking_rule_changes(tokenizer, att
 
 
 def test_stop_strings_and_banned_tokens(tokenizer):
-    """Generation ends before the token that would complete a stop string; banned ids are never drawn even when
-    they are by far the most likely; EOS ends an answer and is not part of it."""
+    """Generation ends at the token that would complete a stop string (not part of the answer) and the text before
+    the stop string's first character; banned ids are never drawn even when they are by far the most likely; EOS
+    ends an answer and is not part of it."""
     model = tiny_model(tokenizer)
     prompts, images = batch_input(tokenizer)
     (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 10)])
@@ -255,7 +257,7 @@ def test_stop_strings_and_banned_tokens(tokenizer):
     (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 10, stop=(stop,))])
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert stop in tokenizer.decode(free.tokens[:len(cut.tokens) + 1])
-    assert cut.tokens == free.tokens[:len(cut.tokens)] and cut.text == tokenizer.decode(cut.tokens)
+    assert cut.tokens == free.tokens[:len(cut.tokens)] and cut.text == free.text[:free.text.index(stop)]
     bias = torch.zeros(model.cfg.vocab_size)
     bias[tokenizer.never_generate] = 100.0      # every banned id is by far the most likely one
     biased_head(model, bias)
@@ -448,3 +450,102 @@ def test_the_fast_path_runs_in_a_thread_of_its_own(tokenizer):
     thread.start()
     thread.join()
     assert not failed and got == [want] * 10
+
+
+def streamed(engine, request) -> list[str]:
+    """The text each step let out."""
+    engine.submit(request)
+    pieces = []
+    while engine.busy:
+        pieces += [out.text for out in engine.step() if out.request is request]
+    return pieces
+
+
+def test_stop_strings_end_the_text_at_their_first_character_and_stream_nothing_taken_back(tokenizer):
+    """A stop string that spans two tokens, one inside a token, several at once: the answer is the text before the
+    first character of the first to appear (as OpenAI's); what comes out step by step is a prefix of it at every
+    step (a tail that could begin a stop string waits until it cannot), and joined it is the answer."""
+    model = tiny_model(tokenizer)
+    prompts, _ = batch_input(tokenizer)
+    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 24)])
+    text = free.text
+    ends = [len(tokenizer.decode(free.tokens[:i + 1])) for i in range(24)]     # where each token's text ends
+    # the last character of a token and the first of the next; what lies strictly inside a token of 3 characters
+    # or more (each where it first appears in the answer)
+    k, spanning = next((k, s) for k, e in enumerate(ends[:-1]) if text.find(s := text[e - 1:e + 1]) == e - 1)
+    inside = next(s for a, b in zip(ends, ends[1:]) if b - a >= 3 and text.find(s := text[a + 1:b - 1]) == a + 1)
+    for stop in ((spanning,), (inside,), ("zzz", spanning, "qq", inside)):
+        out = streamed(Engine(model, tokenizer, eos_id=-1), greedy(prompts[2], None, 24, stop=stop))
+        want = text[:min(text.index(s) for s in stop if s in text)]
+        assert "".join(out) == want
+        assert all(want.startswith("".join(out[:i])) for i in range(len(out)))
+    # the request ends at the token that completes the stop string: its tokens are those before it
+    (cut,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 24, stop=(spanning,))])
+    assert cut.finish_reason == "stop" and cut.tokens == free.tokens[:k + 1] and cut.text == text[:ends[k] - 1]
+    # a tail that could begin a stop string but does not is let out in the end
+    (held,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 24, stop=(text[-1] + "\x00",))])
+    assert held.text == text and held.finish_reason == "length"
+
+
+def test_logprobs_are_the_full_forwards_log_softmax_alone_or_batched_and_cost_nothing_unasked(tokenizer):
+    """Greedy: each token's logprob is a full forward's log-softmax at its position; the top alternatives are the
+    most likely of the ids that can be generated, sorted, the chosen one first. Batched beside other requests they
+    are what they are alone; a request that does not ask gets none (and its batch does not compute them)."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    ask = lambda i: greedy(prompts[i], images[i], 6, top_logprobs=3)
+    e_banned = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
+    e_banned[tokenizer.never_generate] = True
+    (alone_,) = Engine(model, tokenizer, eos_id=-1).generate([ask(0)])
+    with torch.no_grad():
+        for k, lp in enumerate(alone_.logprobs):
+            logp = model(images[0][None], torch.tensor([prompts[0] + alone_.tokens[:k]]))[0, -1].float().log_softmax(-1)
+            assert lp.token == alone_.tokens[k] and abs(lp.logprob - logp[lp.token].item()) < 1e-4
+            ids, values = zip(*lp.top)
+            assert list(values) == sorted(values, reverse=True) and ids[0] == lp.token    # greedy: the most likely
+            assert list(ids) == logp.masked_fill(e_banned, -float("inf")).topk(3).indices.tolist()
+    e = Engine(model, tokenizer, slots=4, eos_id=-1)
+    calls = []
+    logprobs = e.runner.logprobs
+    e.runner.logprobs = lambda *a: calls.append(1) or logprobs(*a)
+    plain = e.generate([greedy(prompts[1], images[1], 6), greedy(prompts[2], None, 6)])
+    assert not calls and all(r.logprobs == [] for r in plain)
+    done = e.generate([greedy(prompts[1], images[1], 6), ask(0), greedy(prompts[3], images[3], 6, top_logprobs=0)])
+    for a, b in zip(done[1].logprobs, alone_.logprobs, strict=True):     # (the same up to float rounding)
+        assert a.token == b.token and [i for i, _ in a.top] == [i for i, _ in b.top]
+        assert abs(a.logprob - b.logprob) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a.top, b.top))
+    assert done[0].logprobs == [] and len(done[2].logprobs) == 6 and all(lp.top == [] for lp in done[2].logprobs)
+
+
+def test_logit_bias_forces_and_bans_ids(tokenizer):
+    model = tiny_model(tokenizer)
+    prompts, _ = batch_input(tokenizer)
+    (free,) = Engine(model, tokenizer, eos_id=-1).generate([greedy(prompts[2], None, 6)])
+    word = tokenizer.encode(" cat", bos=False)[-1]
+    e = Engine(model, tokenizer, slots=2, eos_id=-1)
+    forced, banned = e.generate([greedy(prompts[2], None, 6, logit_bias={word: 100}),
+                                 greedy(prompts[2], None, 6, logit_bias={t: -100 for t in set(free.tokens)})])
+    assert forced.tokens == [word] * 6 and not set(banned.tokens) & set(free.tokens)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        e.submit(greedy(prompts[2], None, 6, logit_bias={model.cfg.vocab_size: 1}))
+
+
+def test_requests_sharing_a_prompt_prefill_it_once(tokenizer):
+    """n answers to one prompt (serve.py's n): the first request prefills, the others copy its slot's keys/values
+    and draw their first tokens from its logits; each answer equals that request run alone (greedy and seeded),
+    with pictures and without. One fewer slot than requests: the last waits and prefills on its own."""
+    model = tiny_model(tokenizer)
+    prompts, images = batch_input(tokenizer)
+    for ids, pics in ((prompts[0], images[0]), (prompts[2], None)):
+        pics = [] if pics is None else list(pics)
+        make = lambda seed: Request(list(ids), pics, 8, Sampling(temperature=0.9, seed=seed))
+        want = [Engine(model, tokenizer, eos_id=-1).generate([make(s)])[0].tokens for s in range(4)]
+        for slots in (4, 3):
+            e = Engine(model, tokenizer, slots=slots, eos_id=-1)
+            fed = []
+            prefill = e.runner.prefill
+            e.runner.prefill = lambda chunks: fed.append(sum(len(c.ids) for c in chunks)) or prefill(chunks)
+            first = make(0)
+            done = e.generate([first] + [dataclasses.replace(make(s), shares=first) for s in range(1, 4)])
+            assert [r.tokens for r in done] == want and len(set(map(tuple, want))) > 1
+            assert sum(fed) == len(ids) if slots == 4 else len(ids) < sum(fed) < 2 * len(ids)   # (a prefix reused)

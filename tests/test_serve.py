@@ -19,6 +19,7 @@ import time
 import zlib
 from contextlib import contextmanager
 
+import httpx
 import openai
 import pytest
 import torch
@@ -26,9 +27,11 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 import chat
+import openai_api
 import serve
 from conftest import tiny_release
 from engine import Engine, Sampling
+from openai_schema import validate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,17 +270,24 @@ def bad_inputs(files) -> list[tuple]:
          "last message"),
         ({"messages": [{"role": "user", "content": "what is <image> here"}]}, 400, "messages[0].content",
          "invalid_value", "control token"),
-        ({"messages": good, "n": 2}, 400, "n", "invalid_value", "n = 1"),
+        ({"messages": good, "n": 17}, 400, "n", "invalid_value", "between 1 and 16"),
         ({"messages": good, "max_tokens": -3}, 400, "max_tokens", "invalid_value", "between 1"),
         ({"messages": good, "max_tokens": "many"}, 400, "max_tokens", "invalid_type", "an integer"),
         ({"messages": good, "max_tokens": 10 ** 12}, 400, "max_tokens", "invalid_value", "between 1"),
-        ({"messages": good, "max_tokens": 1000}, 400, "messages", "context_length_exceeded", "max_tokens"),
+        ({"messages": good, "logit_bias": {"99999": 1}}, 400, "logit_bias", "invalid_value", "not a token id"),
+        ({"messages": good, "logit_bias": {"5": 101}}, 400, "logit_bias", "invalid_value", "from -100 to 100"),
+        ({"messages": good, "logit_bias": [5]}, 400, "logit_bias", "invalid_type", "an object"),
         ({"messages": good, "temperature": 1e9}, 400, "temperature", "invalid_value", "between 0 and 2"),
         ({"messages": good, "temperature": True}, 400, "temperature", "invalid_type", "a number"),
         ({"messages": good, "top_p": -1}, 400, "top_p", "invalid_value", "between 0 and 1"),
         ({"messages": good, "stream": "yes"}, 400, "stream", "invalid_type", "true or false"),
         ({"messages": good, "stop": ["a"] * 5}, 400, "stop", "invalid_value", "at most 4"),
-        ({"messages": good, "logprobs": True}, 400, "logprobs", "unsupported_parameter", "not supported"),
+        ({"messages": good, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value", "needs 'logprobs'"),
+        ({"messages": good, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value",
+         "between 0 and 20"),
+        ({"messages": good, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter", "not supported"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": data_url(png), "detail": "huge"}}]}]}, 400, p + ".detail", "invalid_value", "auto, low or high"),
         ({"messages": good, "model": "gpt-4"}, 404, "model", "model_not_found", "does not exist"),
         ({"messages": pic("data:image/png;base64,@@not base64@@")}, 400, p, "invalid_image_url", "not valid base64"),
         ({"messages": pic(data_url(b"these bytes are no picture"))}, 400, p, "invalid_image",
@@ -579,3 +589,189 @@ def test_serve_py_prints_its_address_warns_without_a_key_and_stops_on_sigterm(fi
         assert "warning: listening on 0.0.0.0 without --api-key" in err and "stopping" in err
     finally:
         p.kill()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OpenAI's chat API to the letter: its schema, stop strings, logprobs, n, the evaluation harnesses, another client
+
+def events(server, body: dict, headers: dict | None = None) -> list[dict]:
+    """A streamed answer read with httpx and this reader of server-sent events (not the openai package): every
+    chunk valid against OpenAI's schema, the stream ended by `data: [DONE]`."""
+    with httpx.stream("POST", f"http://127.0.0.1:{port(server)}/v1/chat/completions", json=body | {"stream": True},
+                      headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert data[-1] == "[DONE]" and all(line.startswith("{") for line in data[:-1])
+    chunks = [json.loads(line) for line in data[:-1]]
+    for c in chunks:
+        validate(c, "CreateChatCompletionStreamResponse")
+    return chunks
+
+
+def joined(chunks: list[dict]) -> dict[int, dict]:
+    """Per choice index: its text, finish_reason and logprobs content, as a client puts the chunks together."""
+    out = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            got = out.setdefault(ch["index"], {"text": "", "finish_reason": None, "logprobs": []})
+            got["text"] += ch["delta"].get("content") or ""
+            got["finish_reason"] = ch["finish_reason"] or got["finish_reason"]
+            got["logprobs"] += (ch.get("logprobs") or {}).get("content") or []
+    return out
+
+
+def answer(server, body: dict) -> dict:
+    """A plain answer read with httpx, valid against OpenAI's schema."""
+    r = httpx.post(f"http://127.0.0.1:{port(server)}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    validate(r.json(), "CreateChatCompletionResponse")
+    return r.json()
+
+
+def test_every_body_is_valid_against_openais_schema(files):
+    """Plain, streamed (every chunk, then data: [DONE]), n = 3, logprobs on, /v1/models, /v1/models/{id}, and every
+    4xx: each body valid against the published schema (tests/openai_schemas.json, its commit named there)."""
+    base = {"messages": [user(Q1, files["pic1"])], "max_tokens": 4, "temperature": 0}
+    with running(files, slots=4) as server:
+        for extra in ({}, {"n": 3}, {"logprobs": True, "top_logprobs": 3}, {"n": 2, "logprobs": True, "seed": 1,
+                                                                            "temperature": 0.8}):
+            body = answer(server, base | extra)
+            assert all(ch["message"]["refusal"] is None for ch in body["choices"])
+            assert [ch["index"] for ch in body["choices"]] == list(range(extra.get("n", 1)))
+            assert all((ch["logprobs"] is None) != ("logprobs" in extra) for ch in body["choices"])
+            chunks = events(server, base | extra | {"stream_options": {"include_usage": True}})
+            assert {i: (x["text"], x["finish_reason"]) for i, x in joined(chunks).items()} == \
+                {ch["index"]: (ch["message"]["content"], ch["finish_reason"]) for ch in body["choices"]}
+            assert [chunks[-1]["usage"][k] for k in ("prompt_tokens", "completion_tokens")] == \
+                [body["usage"][k] for k in ("prompt_tokens", "completion_tokens")]
+        models = httpx.get(f"http://127.0.0.1:{port(server)}/v1/models").json()
+        validate(models, "ListModelsResponse")
+        card = client(server).models.retrieve("mmgpt")
+        assert card.id == "mmgpt" and card.object == "model"
+        r = httpx.get(f"http://127.0.0.1:{port(server)}/v1/models/mmgpt")
+        validate(r.json(), "Model")
+        r = httpx.get(f"http://127.0.0.1:{port(server)}/v1/models/gpt-4")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        validate(r.json(), "ErrorResponse")
+        for body, status, *_ in bad_inputs(files):
+            got_status, _, got = post(server, body)
+            assert got_status == status
+            validate(got, "ErrorResponse")
+            assert got["error"]["type"] == "invalid_request_error"
+
+
+def test_stop_strings_end_the_answer_at_their_first_character_streamed_or_not(files):
+    """Stop strings found in a free answer's tokens: one spanning two tokens, one inside a token, several at once.
+    Plain and streamed answers are the text before the first one's first character; the streamed text, read chunk by
+    chunk, never shows what the final answer lacks."""
+    base = {"messages": [user(Q2)], "max_tokens": 24, "temperature": 0}
+    tokenizer = files["tokenizer"]
+    with running(files, slots=2, eos_id=-1) as server:
+        text = answer(server, base)["choices"][0]["message"]["content"]
+        (free,) = Engine(files["model"], tokenizer, eos_id=-1).generate(
+            openai_api.parse(base, server.renderer, server.model).requests)
+        assert free.text == text
+        ends = [len(tokenizer.decode(free.tokens[:i + 1])) for i in range(24)]     # where each token's text ends
+        ends = ends[:next((i for i in range(24) if "\ufffd" in tokenizer.decode(free.tokens[:i + 1])), 24)]
+        # the last character of a token and the first of the next; what lies strictly inside a token of 3 characters
+        # or more (each where it first appears in the answer)
+        spanning = next(s for e in ends[1:-1] if text.find(s := text[e - 1:e + 1]) == e - 1)
+        inside = next(s for a, b in zip(ends, ends[1:]) if b - a >= 3 and text.find(s := text[a + 1:b - 1]) == a + 1)
+        for stop in ([spanning], inside, ["@@", inside, spanning]):
+            want = text[:min(text.index(s) for s in ([stop] if isinstance(stop, str) else stop) if s in text)]
+            plain = answer(server, base | {"stop": stop})["choices"][0]
+            assert (plain["message"]["content"], plain["finish_reason"]) == (want, "stop")
+            chunks = events(server, base | {"stop": stop})
+            assert joined(chunks)[0]["text"] == want and joined(chunks)[0]["finish_reason"] == "stop"
+            seen = ""
+            for c in chunks:
+                seen += "".join(ch["delta"].get("content") or "" for ch in c["choices"])
+                assert want.startswith(seen)
+
+
+def test_n_answers_share_one_prefill_and_each_is_its_own_request(files):
+    """n = 4 greedy: four equal answers, the one n = 1 gives; n = 4 seeded: the same again, and choice i is the
+    request sent alone with seed + i. The prompt is prefilled once (its tokens fed once) and counted once in
+    usage; streamed, each chunk names its choice and the choices' texts are the plain answer's."""
+    base = {"messages": [user(Q1, files["pic1"])], "max_tokens": 6}
+    with running(files, slots=4, eos_id=-1) as server:
+        prefill, fed = server.loop.engine.runner.prefill, []
+        server.loop.engine.runner.prefill = lambda chunks: fed.append(sum(len(c.ids) for c in chunks)) or \
+            prefill(chunks)
+        four = answer(server, base | {"temperature": 0, "n": 4})     # on slots that hold nothing yet
+        one = answer(server, base | {"temperature": 0})
+        assert fed == [four["usage"]["prompt_tokens"], 1] and one["usage"]["prompt_tokens"] == fed[0]   # one prefill
+        assert [c["message"]["content"] for c in four["choices"]] == [one["choices"][0]["message"]["content"]] * 4
+        assert four["usage"]["completion_tokens"] == 4 * one["usage"]["completion_tokens"]
+        seeded = base | {"temperature": 1.0, "n": 4, "seed": 11}
+        got = [c["message"]["content"] for c in answer(server, seeded)["choices"]]
+        assert [c["message"]["content"] for c in answer(server, seeded)["choices"]] == got and len(set(got)) > 1
+        alone = [answer(server, base | {"temperature": 1.0, "seed": 11 + i})["choices"][0]["message"]["content"]
+                 for i in range(4)]
+        assert got == alone
+        streamed = joined(events(server, seeded))
+        assert [streamed[i]["text"] for i in range(4)] == got
+
+
+def test_logprobs_streamed_equal_plain_and_name_the_most_likely(files):
+    """Greedy: each token's top alternatives are sorted and the chosen token is the first of them; the streamed
+    chunks carry the same logprobs as the plain answer; the tokens' bytes spell the answer (where they make whole
+    characters: the answer of a random model has byte tokens that do not)."""
+    body = {"messages": [user(Q1, files["pic1"])], "max_tokens": 8, "temperature": 0, "logprobs": True,
+            "top_logprobs": 5}
+    with running(files, slots=2, eos_id=-1) as server:
+        plain = answer(server, body)["choices"][0]
+        content = plain["logprobs"]["content"]
+        assert len(content) == 8
+        for t in content:
+            top = [x["logprob"] for x in t["top_logprobs"]]
+            assert len(top) == 5 and top == sorted(top, reverse=True) and t["top_logprobs"][0]["token"] == t["token"]
+            assert t["logprob"] == top[0] <= 0
+        spelled = b"".join(bytes(t["bytes"]) for t in content).decode("utf-8", "replace")
+        assert spelled.replace("\ufffd", "").strip() == plain["message"]["content"].replace("\ufffd", "").strip()
+        streamed = joined(events(server, body))[0]["logprobs"]     # (the prompt reused: the same up to rounding)
+        assert [(t["token"], t["bytes"], [x["token"] for x in t["top_logprobs"]]) for t in streamed] == \
+            [(t["token"], t["bytes"], [x["token"] for x in t["top_logprobs"]]) for t in content]
+        assert all(abs(a["logprob"] - b["logprob"]) < 1e-4 for a, b in zip(streamed, content))
+
+
+def test_the_harnesses_requests_as_they_send_them(files):
+    """lmms-eval's openai_compatible (the openai package, OPENAI_API_KEY, one user message: the text then a PNG
+    data URL, max_tokens 1024, temperature 0, 64 at once) and VLMEvalKit's OpenAIWrapper (a POST to the full URL,
+    an sk- key, JPEG pictures with detail "low", n 1, max_tokens 2048): every answer is the one the same question
+    gets alone, max_tokens capped to the context left."""
+    png = open(files["pic1"], "rb").read()
+    jpeg = io.BytesIO()
+    Image.open(files["pic1"]).convert("RGB").save(jpeg, "JPEG")
+    questions = [f"{Q1} {'and more ' * (i % 4)}" for i in range(64)]
+    lmms_eval = lambda q: {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": q}, {"type": "image_url", "image_url": {"url": data_url(png)}}]}],
+        "model": "mmgpt", "max_tokens": 1024, "temperature": 0}
+    vlmevalkit = lambda q: {"model": "mmgpt", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": q}, {"type": "image_url", "image_url": {
+            "url": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(), "detail": "low"}}]}],
+        "max_tokens": 2048, "n": 1, "temperature": 0}
+    key = "sk-mmgpt-test"
+    with running(files, slots=8, eos_id=-1, api_key=key, max_waiting=64) as server:
+        api = client(server, key)
+        alone = {q: api.chat.completions.create(**lmms_eval(q)).choices[0].message.content for q in questions[:4]}
+        got = [None] * 64
+
+        def ask(i):
+            got[i] = api.chat.completions.create(**lmms_eval(questions[i]))
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert [g.choices[0].message.content for g in got] == [alone[q] for q in questions[:4]] * 16
+        assert all(g.choices[0].finish_reason == "length" and g.usage.prompt_tokens + g.usage.completion_tokens == 256
+                   for g in got)
+        url = f"http://127.0.0.1:{port(server)}/v1/chat/completions"
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        r = httpx.post(url, headers=headers, content=json.dumps(vlmevalkit(questions[0])), timeout=120)
+        assert r.status_code == 200
+        validate(r.json(), "CreateChatCompletionResponse")
+        want = api.chat.completions.create(**vlmevalkit(questions[0]))
+        assert r.json()["choices"][0]["message"]["content"] == want.choices[0].message.content
+        assert want.usage.prompt_tokens + want.usage.completion_tokens == 256     # 2048 capped to the context left
