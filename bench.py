@@ -41,6 +41,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
+import fake_release
 import lora
 import mmgpt
 import options
@@ -679,7 +680,7 @@ def bench_chatting(model, device, args, results):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The release on a machine without a GPU (--release DIR): release-shaped files (fake_release.py) loaded as chat.py
-# loads them, in bf16, int8 and int4, each in a child process whose anonymous memory is sampled from outside
+# loads them, in bf16, int8 and int4, each in a child process of its own (its peak memory is the load's alone)
 
 RELEASE_PROMPT = 43         # prompt tokens of the first round (the template, a picture, a short question)
 
@@ -699,22 +700,22 @@ def gemm_rate(dtype: torch.dtype, rows: int = 1024) -> float:
 
 
 def rss_anon(pid: int) -> int:
-    """Anonymous resident memory of a process: what the kernel cannot drop (mapped file pages can be)."""
+    """Anonymous resident memory of a process: what the kernel cannot drop (a mapped file's pages it can)."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 def release_flags(directory: str, form: str, group_size: int) -> list[str]:
-    c = os.path.join(directory, "checkpoints")
+    """chat.py's flags for the files fake_release.py wrote in directory (its 7b preset, or its small one)."""
+    f = fake_release.files(directory, "small" if os.path.exists(os.path.join(directory, "vision.json")) else "7b")
     form_flags = {"bf16": ["--dtype", "bf16"], "int8": ["--int8"], "int4": ["--int4", "--group-size", str(group_size)]}
-    return ["--llama", os.path.join(c, "llama-7b_hf"), "--openflamingo", os.path.join(c, "OpenFlamingo-9B",
-            "checkpoint.pt"), "--lora", os.path.join(c, "mmgpt-lora-v0-release.pt"), "--vision-weights",
-            os.path.join(directory, "ViT-L-14.pt")] + form_flags[form]
+    return ["--llama", f["llama"], "--openflamingo", f["openflamingo"], "--lora", f["lora"], "--vision", f["vision"],
+            "--vision-weights", f["vision_weights"]] + form_flags[form]
 
 
 def bench_release(directory: str, forms: list[str], group_size: int, results: dict):
-    """One child per form (bf16 / int8 / int4: the programs' loader), its RssAnon sampled every 20 ms; the
-    machine's read bandwidth and GEMM rates measured in the same run, before the children."""
+    """One child per form (bf16 / int8 / int4: the programs' loader); the machine's read bandwidth and GEMM rates
+    measured in the same run, before the children."""
     import subprocess
     import sys
     bandwidth = read_bandwidth()
@@ -724,21 +725,14 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
           f"{gemm['bf16'] / 1e9:.0f} bf16 (1,024 x 4,096 by 4,096 x 11,008)", flush=True)
     for form in forms:
         out = os.path.join(directory, f"bench-{form}.json")
-        child = subprocess.Popen([sys.executable, __file__, "--release", directory, "--release-child", form,
-                                  "--group-size", str(group_size), "--json", out])
-        peak = 0
-        while child.poll() is None:
-            try:
-                peak = max(peak, rss_anon(child.pid))
-            except (OSError, StopIteration):
-                pass
-            time.sleep(0.02)
+        child = subprocess.run([sys.executable, __file__, "--release", directory, "--release-child", form,
+                                "--group-size", str(group_size), "--json", out])
         if child.returncode:
             print(f"{form}: the child failed (exit {child.returncode})", flush=True)
             continue
         with open(out) as f:
             row = json.load(f)
-        row |= {"peak_anon_gb": peak / 1e9, "peak_over_weights": peak / row["held_bytes"],
+        row |= {"peak_over_weights": row["load_peak_anon_bytes"] / row["held_bytes"],
                 "ceiling_tokens_per_s": bandwidth / row["bytes_per_token"]}
         row["of_ceiling"] = row["decode_tokens_per_s"] / row["ceiling_tokens_per_s"]
         row["vit_of_gemm"] = row["vit_flop"] / row["vit_s"] / gemm["fp32"]
@@ -748,7 +742,7 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
     print(f"\n{'form':<6}{'load s':>8}{'peak GB':>9}{'x held':>8}{'decode tok/s':>14}{'ceiling':>9}{'of it':>7}"
           f"{'ViT s':>7}{'prompt tok/s':>14}{'1st token s':>13}{'re-sent s':>11}{'x4 tok/s':>10}{'x8 tok/s':>10}")
     for r in results["release"]:
-        print(f"{r['form']:<6}{r['load_s']:>8.1f}{r['peak_anon_gb']:>9.2f}{r['peak_over_weights']:>8.2f}"
+        print(f"{r['form']:<6}{r['load_s']:>8.1f}{r['load_peak_anon_bytes'] / 1e9:>9.2f}{r['peak_over_weights']:>8.2f}"
               f"{r['decode_tokens_per_s']:>14.2f}{r['ceiling_tokens_per_s']:>9.2f}{r['of_ceiling']:>7.0%}"
               f"{r['vit_s']:>7.2f}{r['prompt_tokens_per_s']:>14.1f}{r['first_token_s']:>13.1f}"
               f"{r['resent_first_token_s']:>11.2f}{fmt(r.get('engine_4'), '.2f'):>10}{fmt(r.get('engine_8'), '.2f'):>10}")
@@ -768,10 +762,22 @@ def release_child(directory: str, form: str, group_size: int, concurrencies=(4, 
     parser = argparse.ArgumentParser()
     options.add_weight_args(parser)
     args = parser.parse_args(release_flags(directory, form, group_size))
+    before, peak, loading = rss_anon(os.getpid()), [0], threading.Event()
+
+    def sample():       # the loader's anonymous memory, every 10 ms (the loading threads let this one run)
+        while not loading.wait(0.01):
+            peak[0] = max(peak[0], rss_anon(os.getpid()))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     t0 = time.perf_counter()
     model, tokenizer, transform, memory = options.load_model(args, "cpu")
-    row = {"form": form, "group_size": group_size if form == "int4" else None, "load_s": time.perf_counter() - t0,
+    load_s = time.perf_counter() - t0
+    loading.set()
+    sampler.join()
+    row = {"form": form, "group_size": group_size if form == "int4" else None, "load_s": load_s,
            "held_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+           "load_peak_anon_bytes": max(peak[0], rss_anon(os.getpid())) - before,
            "bytes_per_token": decode_bytes(model)}
     cpu, cfg = torch.device("cpu"), model.cfg
     size = cfg.vision["vision_cfg"]["image_size"]

@@ -235,13 +235,20 @@ def write_tokenizer(path: str, vocab: int):
     os.remove(prefix + ".vocab")
 
 
+def files(out: str, preset: str = "7b") -> dict:
+    """The paths of the release's files under `out`, as chat.py's flags name them."""
+    p = PRESETS[preset]
+    paths = {k: os.path.join(out, v) for k, v in checkpoints.RELEASE.items()}
+    paths["vision_weights"] = os.path.join(out, "ViT-L-14.pt" if p["vision"] else "vit.pt")
+    paths["vision"] = p["vision"] or os.path.join(out, "vision.json")
+    return paths
+
+
 def write(out: str, preset: str = "7b") -> dict:
     """Every file of the release under `out`; returns the paths as chat.py's flags name them."""
     p = PRESETS[preset]
     model = model_on_meta(preset, p["vocab"])
-    paths = {k: os.path.join(out, v) for k, v in checkpoints.RELEASE.items()}
-    paths["vision_weights"] = os.path.join(out, "ViT-L-14.pt" if p["vision"] else "vit.pt")
-    paths["vision"] = p["vision"] or os.path.join(out, "vision.json")
+    paths = files(out, preset)
     steps = [("tokenizer.model", lambda: write_tokenizer(os.path.join(paths["llama"], "tokenizer.model"), p["vocab"])),
              ("LLaMA", lambda: write_llama(model, paths["llama"], p["vocab"], p["shard_bytes"])),
              ("OpenFlamingo", lambda: write_openflamingo(model, paths["openflamingo"])),
