@@ -699,6 +699,25 @@ def gemm_rate(dtype: torch.dtype, rows: int = 1024) -> float:
     return 2 * rows * 4096 * 11008 / seconds
 
 
+def layer_errors(seed: int = 0) -> dict:
+    """Relative error of each form's layer output against bf16's, on LLaMA-7B's layer shapes: weights drawn as
+    N(0, 0.02) (random ones: real weights have heavier tails), inputs N(0, 1), 8 rows."""
+    g = torch.Generator().manual_seed(seed)
+    errors = {}
+    for out_features, in_features in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)):
+        linear = torch.nn.Linear(in_features, out_features, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.02)
+        linear.to(torch.bfloat16)
+        x = torch.randn(8, in_features, generator=g)
+        want = x @ linear.weight.float().T
+        for form, group_size in [("int8", 0)] + [("int4", gs) for gs in quantize.GROUP_SIZES]:
+            got = x @ quantize.quantize_linear(linear, form, group_size or 128).unpacked(0, out_features, torch.float32).T
+            name = form if form == "int8" else f"int4/{group_size}"
+            errors.setdefault(name, []).append(((got - want).norm() / want.norm()).item())
+    return {k: max(v) for k, v in errors.items()}
+
+
 def rss_anon(pid: int) -> int:
     """Anonymous resident memory of a process: what the kernel cannot drop (a mapped file's pages it can)."""
     with open(f"/proc/{pid}/status") as f:
@@ -720,9 +739,12 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
     import sys
     bandwidth = read_bandwidth()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
-    results |= {"read_gb_s": bandwidth / 1e9, "gemm_gflop_s": {k: v / 1e9 for k, v in gemm.items()}, "release": []}
+    results |= {"read_gb_s": bandwidth / 1e9, "gemm_gflop_s": {k: v / 1e9 for k, v in gemm.items()}, "release": [],
+                "layer_error": layer_errors()}
     print(f"CPU: reads {bandwidth / 1e9:.1f} GB/s; GEMM {gemm['fp32'] / 1e9:.0f} GFLOP/s fp32, "
           f"{gemm['bf16'] / 1e9:.0f} bf16 (1,024 x 4,096 by 4,096 x 11,008)", flush=True)
+    print("layer output error against bf16 (relative, the worst of LLaMA-7B's 4 layer shapes): " +
+          ", ".join(f"{k} {v:.2%}" for k, v in results["layer_error"].items()), flush=True)
     for form in forms:
         out = os.path.join(directory, f"bench-{form}.json")
         child = subprocess.run([sys.executable, __file__, "--release", directory, "--release-child", form,

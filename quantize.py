@@ -10,11 +10,11 @@ never trains). The ViT, the perceiver, the embeddings and norms stay as they are
   bf16   (a CPU only) the weight as it is, for the two ways it is multiplied below
 
 How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed:
-  one row (a decode step)  a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
+  a few rows (decoding)    a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
                            32-bit words, split into bytes / nibbles, turned into fp32 and summed against the row in
-                           registers, so the weights cross the memory bus once, in their packed size. bf16 uses
-                           oneDNN's bf16 matrix-vector product, which reads at the memory's speed already.
-  several rows (prefill)   blocks of rows are unpacked into an fp32 buffer that stays in the cache, and each block
+                           registers, so the weights cross the memory bus once a row, in their packed size. bf16
+                           uses oneDNN's bf16 matrix-vector product.
+  many rows (prefill)      blocks of rows are unpacked into an fp32 buffer that stays in the cache, and each block
                            is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no bf16 arithmetic, and its fp32 GEMM
                            runs several times faster than a bf16 one.
 On a GPU the weights are unpacked in the matmul's dtype and multiplied by F.linear; compiled (chat.py's fast path),
@@ -82,6 +82,7 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 128) -> nn.
 
 class PackedLinear(nn.Module):
     """y = x @ W.T (+ bias) with W held packed: subclasses say how to unpack rows and how to multiply one row."""
+    one_row_max = 16    # up to this many rows, the one-row kernel row by row beats unpacking the layer to fp32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -93,8 +94,8 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if x.device.type != "cpu":
             y = F.linear(rows, self.unpacked(0, self.out_features, x.dtype))
-        elif rows.shape[0] == 1 and self.fused:
-            y = self.one_row(rows.float()).to(x.dtype)
+        elif rows.shape[0] <= self.one_row_max and self.fused:
+            y = torch.cat([self.one_row(row) for row in rows.float().split(1)]).to(x.dtype)
         else:
             y = self.blocks(rows.float()).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -121,6 +122,7 @@ class PackedLinear(nn.Module):
 
 class Bf16Linear(PackedLinear):
     """The weight in bf16 as it is: one row by oneDNN's bf16 matrix-vector product, several in fp32 blocks."""
+    one_row_max = 1     # converting bf16 to fp32 is cheap: two rows already go faster in blocks
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight, bias)
