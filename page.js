@@ -509,6 +509,8 @@ async function answer() {
       reply.fitted = true;
       await stream(body, controller.signal, read);
     }
+    // A server that caps max new tokens to the room left (serve.py's default) cuts the answer short of them.
+    if (reply.finish === 'length' && reply.usage?.completion_tokens < body.max_tokens) reply.fitted = true;
   } catch (e) {
     if (e.name === 'AbortError') reply.finish = 'stopped';
     else if (reply.prompt !== null && reply.text) {   // it broke off mid-answer: keep what was written

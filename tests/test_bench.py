@@ -11,10 +11,10 @@ import torch
 
 import bench
 import chat
-import checkpoints
 import demo
 import lora
 import mmgpt
+import options
 import quantize
 import serve
 import train
@@ -160,8 +160,8 @@ def test_the_answers_bench_serve_times_are_chat_pys_and_a_cold_servers(served_ru
     3 clients at once, is chat.py's for the same picture and question (greedy); each conversation sent again with one
     more turn gets the answer a server that has cached nothing gives."""
     flags = bench.argparse.ArgumentParser()
-    checkpoints.add_weight_args(flags)
-    model, tokenizer, transform = checkpoints.load_model(flags.parse_args(["--ckpt", served_run]), "cpu")
+    options.add_weight_args(flags)
+    model, tokenizer, transform, _ = options.load_model(flags.parse_args(["--ckpt", served_run]), "cpu")
     pictures = sorted(os.path.join(served_run, "samples", f) for f in os.listdir(os.path.join(served_run, "samples")))
     questions = [q for qs in demo.QUESTIONS.values() for q in qs]
     no_end = dict(eos_id=-1, banned=[*tokenizer.never_generate, tokenizer.eos_id])
