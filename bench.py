@@ -32,6 +32,8 @@ import http.client
 import json
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -735,8 +737,6 @@ def release_flags(directory: str, form: str, group_size: int) -> list[str]:
 def bench_release(directory: str, forms: list[str], group_size: int, results: dict):
     """One child per form (bf16 / int8 / int4: the programs' loader); the machine's read bandwidth and GEMM rates
     measured in the same run, before the children."""
-    import subprocess
-    import sys
     bandwidth = read_bandwidth()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     results |= {"read_gb_s": bandwidth / 1e9, "gemm_gflop_s": {k: v / 1e9 for k, v in gemm.items()}, "release": [],
