@@ -550,16 +550,18 @@ def main():
                                                       "wrote in DIR, loaded in each of --forms")
     ap.add_argument("--forms", default="bf16,int8,int4", help="with --release: bf16, int8, int4")
     ap.add_argument("--group-size", type=int, default=128, help="with --release: int4's group size")
+    ap.add_argument("--keep-converted", action="store_true", help="with --release: keep each form's converted file")
     ap.add_argument("--release-child", metavar="FORM", help=argparse.SUPPRESS)   # one form, in its own process
+    ap.add_argument("--release-stage", choices=("files", "converted"), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     if args.release:
         results = {"device": "cpu", "threads": torch.get_num_threads()}
         if args.release_child:
-            results = release_child(args.release, args.release_child, args.group_size)
+            results = release_child(args.release, args.release_child, args.group_size, args.release_stage)
         else:
-            bench_release(args.release, args.forms.split(","), args.group_size, results)
+            bench_release(args.release, args.forms.split(","), args.group_size, results, args.keep_converted)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
@@ -720,7 +722,7 @@ def layer_errors(seed: int = 0) -> dict:
     return {k: max(v) for k, v in errors.items()}
 
 
-def rss_anon(pid: int) -> int:
+def rss_anon(pid: int | str) -> int:
     """Anonymous resident memory of a process: what the kernel cannot drop (a mapped file's pages it can)."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
@@ -734,9 +736,10 @@ def release_flags(directory: str, form: str, group_size: int) -> list[str]:
             "--vision-weights", f["vision_weights"]] + form_flags[form]
 
 
-def bench_release(directory: str, forms: list[str], group_size: int, results: dict):
-    """One child per form (bf16 / int8 / int4: the programs' loader); the machine's read bandwidth and GEMM rates
-    measured in the same run, before the children."""
+def bench_release(directory: str, forms: list[str], group_size: int, results: dict, keep: bool = False):
+    """Per form (bf16 / int8 / int4), two children: one loads the release's files as the programs do and converts
+    them (convert.py's file), one maps the converted file and times decoding. The machine's read bandwidth and GEMM
+    rates are measured in the same run, before the children. keep: leave the converted files in directory."""
     bandwidth = read_bandwidth()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     results |= {"read_gb_s": bandwidth / 1e9, "gemm_gflop_s": {k: v / 1e9 for k, v in gemm.items()}, "release": [],
@@ -746,14 +749,20 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
     print("layer output error against bf16 (relative, the worst of LLaMA-7B's 4 layer shapes): " +
           ", ".join(f"{k} {v:.2%}" for k, v in results["layer_error"].items()), flush=True)
     for form in forms:
-        out = os.path.join(directory, f"bench-{form}.json")
-        child = subprocess.run([sys.executable, __file__, "--release", directory, "--release-child", form,
-                                "--group-size", str(group_size), "--json", out])
-        if child.returncode:
-            print(f"{form}: the child failed (exit {child.returncode})", flush=True)
+        converted, row = os.path.join(directory, f"converted-{form}.pt"), {}
+        for stage in ("files", "converted"):
+            out = os.path.join(directory, f"bench-{form}-{stage}.json")
+            child = subprocess.run([sys.executable, __file__, "--release", directory, "--release-child", form,
+                                    "--release-stage", stage, "--group-size", str(group_size), "--json", out])
+            if child.returncode:
+                print(f"{form}, {stage}: the child failed (exit {child.returncode})", flush=True)
+                break
+            with open(out) as f:
+                row |= json.load(f)
+        if not keep and os.path.exists(converted):
+            os.remove(converted)
+        if "decode_tokens_per_s" not in row:
             continue
-        with open(out) as f:
-            row = json.load(f)
         row |= {"peak_over_weights": row["load_peak_anon_bytes"] / row["held_bytes"],
                 "ceiling_tokens_per_s": bandwidth / row["bytes_per_token"]}
         row["of_ceiling"] = row["decode_tokens_per_s"] / row["ceiling_tokens_per_s"]
@@ -761,10 +770,12 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
         row["prefill_of_gemm"] = row["prefill_flop"] / row["prefill_s"] / gemm["fp32"]
         results["release"].append(row)
         print(f"release {row}", flush=True)
-    print(f"\n{'form':<6}{'load s':>8}{'peak GB':>9}{'x held':>8}{'decode tok/s':>14}{'ceiling':>9}{'of it':>7}"
-          f"{'ViT s':>7}{'prompt tok/s':>14}{'1st token s':>13}{'re-sent s':>11}{'x4 tok/s':>10}{'x8 tok/s':>10}")
+    print(f"\n{'form':<6}{'load s':>8}{'peak GB':>9}{'x held':>8}{'write s':>9}{'map s':>7}{'anon GB':>9}"
+          f"{'decode tok/s':>14}{'ceiling':>9}{'of it':>7}{'ViT s':>7}{'prompt tok/s':>14}{'1st token s':>13}"
+          f"{'re-sent s':>11}{'x4 tok/s':>10}{'x8 tok/s':>10}")
     for r in results["release"]:
         print(f"{r['form']:<6}{r['load_s']:>8.1f}{r['load_peak_anon_bytes'] / 1e9:>9.2f}{r['peak_over_weights']:>8.2f}"
+              f"{r['write_s']:>9.1f}{r['map_s']:>7.2f}{r['map_peak_anon_bytes'] / 1e9:>9.2f}"
               f"{r['decode_tokens_per_s']:>14.2f}{r['ceiling_tokens_per_s']:>9.2f}{r['of_ceiling']:>7.0%}"
               f"{r['vit_s']:>7.2f}{r['prompt_tokens_per_s']:>14.1f}{r['first_token_s']:>13.1f}"
               f"{r['resent_first_token_s']:>11.2f}{fmt(r.get('engine_4'), '.2f'):>10}{fmt(r.get('engine_8'), '.2f'):>10}")
@@ -777,13 +788,12 @@ def token_weights(model) -> int:
                if quantize.is_quantized(n) and hasattr(m, "in_features") and not n.endswith("to_kv"))
 
 
-def release_child(directory: str, form: str, group_size: int, concurrencies=(4, 8)) -> dict:
-    """In the child: load as chat.py does, then time chat.py's path (an engine of one slot): the picture alone,
-    the first round's first token, decoding at batch 1, a re-sent round's first token; then the engine decoding
-    4 and 8 requests at once."""
+def loaded(flags: list[str]):
+    """options.load_model on these flags, timed, its peak of anonymous memory above the interpreter's sampled:
+    (model, tokenizer, seconds, peak bytes)."""
     parser = argparse.ArgumentParser()
     options.add_weight_args(parser)
-    args = parser.parse_args(release_flags(directory, form, group_size))
+    args = parser.parse_args(flags)
     before, peak, loading = rss_anon(os.getpid()), [0], threading.Event()
 
     def sample():       # the loader's anonymous memory, every 10 ms (the loading threads let this one run)
@@ -793,37 +803,59 @@ def release_child(directory: str, form: str, group_size: int, concurrencies=(4, 
     sampler = threading.Thread(target=sample)
     sampler.start()
     t0 = time.perf_counter()
-    model, tokenizer, transform, memory = options.load_model(args, "cpu")
-    load_s = time.perf_counter() - t0
+    model, tokenizer, _, _ = options.load_model(args, "cpu")
+    seconds = time.perf_counter() - t0
     loading.set()
     sampler.join()
-    row = {"form": form, "group_size": group_size if form == "int4" else None, "load_s": load_s,
-           "held_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
-           "load_peak_anon_bytes": max(peak[0], rss_anon(os.getpid())) - before,
-           "bytes_per_token": decode_bytes(model)}
-    cpu, cfg = torch.device("cpu"), model.cfg
+    return model, tokenizer, seconds, max(peak[0], rss_anon(os.getpid())) - before
+
+
+def release_child(directory: str, form: str, group_size: int, stage: str) -> dict:
+    """In a child, one stage of a form: "files" loads the release's files as chat.py does and writes the converted
+    file (convert.py's); "converted" maps that file and times chat.py's path on it (release_speed)."""
+    converted = os.path.join(directory, f"converted-{form}.pt")
+    if stage == "converted":
+        model, _, seconds, peak = loaded(["--ckpt", converted])
+        return {"map_s": seconds, "map_peak_anon_bytes": peak} | release_speed(model)
+    model, tokenizer, seconds, peak = loaded(release_flags(directory, form, group_size))
+    t0 = time.perf_counter()
+    checkpoints.save_converted(model, tokenizer, form, group_size, converted)
+    return {"form": form, "group_size": group_size if form == "int4" else None, "load_s": seconds,
+            "held_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+            "load_peak_anon_bytes": peak, "bytes_per_token": decode_bytes(model),
+            "write_s": time.perf_counter() - t0, "converted_bytes": os.path.getsize(converted)}
+
+
+def release_speed(model, concurrencies=(4, 8)) -> dict:
+    """chat.py's path (an engine of one slot): the picture alone, the first round's first token, decoding at batch
+    1, a re-sent round's first token; then the engine decoding 4 and 8 requests at once."""
+    row, cpu, cfg = {}, torch.device("cpu"), model.cfg
     size = cfg.vision["vision_cfg"]["image_size"]
     picture = torch.randn(1, 1, 3, size, size)
+    t0 = time.perf_counter()
+    engine = Engine(model, Tokenizer(), slots=max(concurrencies), max_len=256)
+    ask = lambda n: requests(cfg, cpu, 1, RELEASE_PROMPT, n, torch.float32)[0]
+    engine.generate([ask(2)])                           # compiles the one-row kernels of every shape, maps the pages
+    engine.reset()
+    row["first_use_s"] = time.perf_counter() - t0
     with torch.no_grad():
         row["vit_s"] = timed(lambda: model.encode_images(picture), cpu, repeat=2, warmup=1)
     patches = (size // cfg.vision["vision_cfg"]["patch_size"]) ** 2 + 1
     row["vit_flop"] = 2 * (patches * count(model.vision.parameters())
                            + cfg.perceiver_latents * count(model.perceiver.parameters()))
-
-    engine = Engine(model, Tokenizer(), slots=max(concurrencies), max_len=256)
-    ask = lambda n: requests(cfg, cpu, 1, RELEASE_PROMPT, n, torch.float32)[0]
-    engine.generate([ask(2)])                                    # compiles the one-row kernels of every shape
-    engine.reset()
     first = ask(17)
     t0 = time.perf_counter()
     engine.submit(first)
     while not first.tokens:
         engine.step()
     row["first_token_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    steps = []          # a token per step: the median step, as this machine's neighbours come and go
     while engine.busy:
+        t0 = time.perf_counter()
         engine.step()
-    row["decode_tokens_per_s"] = (len(first.tokens) - 1) / (time.perf_counter() - t0)
+        steps.append(time.perf_counter() - t0)
+    row["decode_tokens_per_s"] = 1 / sorted(steps)[len(steps) // 2]
+    row["decode_mean_tokens_per_s"] = len(steps) / sum(steps)
     row["prefill_s"] = row["first_token_s"] - row["vit_s"]
     row["prompt_tokens_per_s"] = RELEASE_PROMPT / row["prefill_s"]
     row["prefill_flop"] = 2 * RELEASE_PROMPT * token_weights(model)

@@ -8,6 +8,7 @@ Read top-down:
   plan, fill, load                   MultiModal-GPT from the files users have, mapped and filled module by module
                                      (cast, LoRA merged, quantized as they arrive): (model, tokenizer, transform)
   save_*, RELEASE, plan_run/load_run the same layouts written back; where the release lives; train.py's run folders
+  save_converted, fill_converted     convert.py's files: the decoding model as held, mapped back and used in place
 """
 import ctypes
 import json
@@ -17,7 +18,7 @@ import os
 import pickle
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 import torch
@@ -297,9 +298,10 @@ class LoRAWeights:
     settings: dict         # this project's files: how the run was set up (what it was trained on, etc.)
 
 
-def read_lora(path: str) -> LoRAWeights:
-    """This project's lora.pt, or the MultiModal-GPT release (peft keys under `module.`, a pickled tuning_config)."""
-    ckpt = read_checkpoint(path)
+def read_lora(path: str, ckpt=None) -> LoRAWeights:
+    """This project's lora.pt, or the MultiModal-GPT release (peft keys under `module.`, a pickled tuning_config);
+    ckpt: the file already read."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     if isinstance(ckpt, dict) and ckpt.get("format") == "mmgpt-lora":
         try:
             s = ckpt["settings"]
@@ -435,6 +437,7 @@ class Plan:
     lora: str | None
     lora_weights: LoRAWeights | None
     lora_names: list
+    converted: dict | None = None    # a convert.py file's form and weights (mapped): fill_converted places them
 
 
 def plan(llama=None, openflamingo=None, lora=None, vision="ViT-L-14", vision_weights="openai",
@@ -473,6 +476,8 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
     """The model of a plan, its weights in `dtype` (LoRA in fp32) on `device`; merge: LoRA folded into the weights
     (a model that only decodes); quantize_to: quantize.MODES, the decoder's linear layers and lm_head quantized as
     they are filled (LoRA merged first). Returns (model, tokenizer, image_transform)."""
+    if p.converted:
+        return fill_converted(p, device)
     model = p.model
     sources = {}    # a parameter's name in files -> its tensors (mapped), in the order they are copied: later win
 
@@ -729,9 +734,13 @@ def save_lora(model: MMGPT, path: str, settings: dict, unfrozen=()):
 
 
 def plan_run(path: str) -> Plan:
-    """A train.py output folder (or its lora.pt): the plan of the base it was trained on, with its weights on top."""
+    """A train.py output folder (or its lora.pt): the plan of the base it was trained on, with its weights on top;
+    or a file convert.py wrote (plan_converted)."""
     file = os.path.join(path, "lora.pt") if os.path.isdir(path) else path
-    weights = read_lora(file)   # read once: its settings name the base, its tensors go on top of it
+    obj = read_checkpoint(file)
+    if isinstance(obj, dict) and obj.get("format") == CONVERTED:
+        return plan_converted(obj, file)
+    weights = read_lora(file, obj)   # read once: its settings name the base, its tensors go on top of it
     settings = weights.settings
     if not settings:
         raise CheckpointError(f"{file}: not a train.py output (it names no base model); "
@@ -748,3 +757,65 @@ def plan_run(path: str) -> Plan:
 def load_run(path: str, device="cpu", dtype=torch.float32):
     """A train.py output folder (or its lora.pt) loaded: (model, tokenizer, image_transform), LoRA apart."""
     return fill(plan_run(path), device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Converted files (convert.py): the model as a decoding program holds it on a CPU (LoRA merged; the decoder's linear
+# layers in bf16, int8 or 4-bit as quantize.py packs them; the ViT and perceiver as decoding_forms keeps them), with
+# its config and tokenizer, in one torch file. Loading maps it (torch.load(mmap=True)) and uses every tensor in place:
+# nothing is read, cast or quantized, the weights stay pages of the file in the kernel's page cache (shared, dropped
+# and read back under pressure, never counted as the process's own), and a load costs what mapping a file costs.
+
+CONVERTED = "mmgpt converted"
+
+
+def save_converted(model: MMGPT, tokenizer: Tokenizer, layers: str, group_size: int, path: str):
+    """Write a model that fill(merge=True) made on a CPU, its decoder's layers held as quantize.py's `layers` form
+    (bf16, int8, int4 with group_size), atomically."""
+    form = {"dtype": model.embed_tokens.weight.dtype, "layers": layers, "group_size": group_size}
+    atomic_save({"format": CONVERTED, "config": asdict(model.cfg), "form": form,
+                 "tokenizer": tokenizer.sp.serialized_model_proto(), "weights": model.state_dict()}, path)
+
+
+def is_converted(path: str) -> bool:
+    """Whether path is a file convert.py wrote (one that cannot be read is not)."""
+    try:
+        obj = read_checkpoint(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and obj.get("format") == CONVERTED
+
+
+def plan_converted(obj: dict, path: str) -> Plan:
+    """A convert.py file read (mapped): its config, tokenizer and the model laid out on the meta device in the
+    file's form."""
+    try:
+        form, weights = obj["form"], obj["weights"]
+        cfg = Config(**obj["config"])
+        tokenizer = Tokenizer(obj["tokenizer"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: a convert.py file with a bad header (convert it again): "
+                              f"{first_line(e)}") from None
+    tokenizer.picture_tokens = cfg.picture_tokens
+    model = build(cfg, "meta")
+    quantize.quantize(model, form["layers"], form["group_size"])
+    return Plan(cfg, model, tokenizer, cfg.vision, None, None, None, None, None, None, None, [],
+                converted={"path": path, "form": form, "weights": weights})
+
+
+def fill_converted(p: Plan, device="cpu"):
+    """The converted file's tensors put in place of the meta model's (on a CPU the mapped tensors themselves; on a
+    GPU copied there). Returns (model, tokenizer, image_transform)."""
+    model, path = p.model, p.converted["path"]
+    try:
+        model.load_state_dict(p.converted["weights"], assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not match its own config (convert it again): {first_line(e)}") from None
+    model.rope_cos, model.rope_sin = rope_tables(p.cfg, device)
+    model.to(device).requires_grad_(False)
+    return model.eval(), p.tokenizer, image_transform_for(p.vision_cfg)
+
+
+def converted_bytes(p: Plan) -> int:
+    """The bytes a converted file's weights take once placed."""
+    return sum(t.nbytes for t in p.converted["weights"].values())

@@ -29,7 +29,7 @@ GiB = 1 << 30
 
 def add_weight_args(group):
     """The flags find_weights, load_model and cache_slots read."""
-    group.add_argument("--ckpt", help="a train.py output folder (or its lora.pt)")
+    group.add_argument("--ckpt", help="a train.py output folder (or its lora.pt), or a file convert.py wrote")
     group.add_argument("--llama", help="HF LLaMA directory (config.json, weights, tokenizer.model)")
     group.add_argument("--openflamingo", help="OpenFlamingo checkpoint.pt")
     group.add_argument("--lora", help="the MultiModal-GPT LoRA release .pt, or a train.py lora.pt")
@@ -190,12 +190,14 @@ def check_memory(p: "checkpoints.Plan", args, device: str, dtype: torch.dtype, q
     slot = slot_bytes(p.cfg, p.cfg.max_seq_len, dtype)
 
     def need(mode):
-        w = weights_bytes(p.model, device, dtype, mode, args.group_size)
+        w = checkpoints.converted_bytes(p) if p.converted else \
+            weights_bytes(p.model, device, dtype, mode, args.group_size)
         return w, w + slot + margin_of(w)
 
     weights, needed = need(quantize_to)
     if needed > budget:
-        smaller = quantize.MODES[quantize.MODES.index(quantize_to) + 1:] if quantize_to else quantize.MODES
+        smaller = () if p.converted else \
+            quantize.MODES[quantize.MODES.index(quantize_to) + 1:] if quantize_to else quantize.MODES
         sizes = {m: need(m)[1] for m in smaller}     # quantize.MODES: from the largest form to the smallest
         fits = [f"--{m} ({n / GiB:.1f} GiB)" for m, n in sizes.items() if n <= budget]
         others = [f"--{m} needs {n / GiB:.1f} GiB" for m, n in sizes.items()]
@@ -207,7 +209,8 @@ def check_memory(p: "checkpoints.Plan", args, device: str, dtype: torch.dtype, q
             f"{margin_of(weights) / GiB:.1f} GiB of margin) and {budget / GiB:.1f} GiB is available ({available / GiB:.1f} GiB, {where}, x "
             f"--memory-fraction {args.memory_fraction:g}). "
             + (f"Fits: {', '.join(fits)}." if fits else
-               f"Nothing fits: {', '.join(others) or 'no smaller form'}; free memory, or use a machine with more."))
+               f"{p.converted['path']} is converted: convert.py --int8 or --int4 writes a smaller form." if p.converted
+               else f"Nothing fits: {', '.join(others) or 'no smaller form'}; free memory, or use a machine with more."))
     return Memory(budget, weights, margin_of(weights))
 
 
@@ -224,7 +227,10 @@ def load_model(args, device: str):
             p = checkpoints.plan_run(weights["run"])
         else:
             p = checkpoints.plan(**weights, vision=args.vision, vision_weights=args.vision_weights)
-        dtype, why = dtype_of(args, device, sum(t.numel() for t in p.model.parameters()))
+        if p.converted:
+            dtype, quantize_to, why = converted_form(p, args)
+        else:
+            dtype, why = dtype_of(args, device, sum(t.numel() for t in p.model.parameters()))
         print(why, file=sys.stderr, flush=True)
         memory = check_memory(p, args, device, dtype, quantize_to)
         model, tokenizer, transform = checkpoints.fill(p, device, dtype, merge=True, quantize_to=quantize_to,
@@ -232,6 +238,19 @@ def load_model(args, device: str):
     except (OSError, ValueError) as e:   # FileNotFoundError, CheckpointError (a ValueError), ...
         raise SystemExit(f"error: {e}") from None
     return model, tokenizer, transform, memory
+
+
+def converted_form(p: "checkpoints.Plan", args) -> tuple[torch.dtype, str, str]:
+    """(dtype, the layers' form, why) of a convert.py file: as it holds them; a flag asking for another form exits."""
+    form, path = p.converted["form"], p.converted["path"]
+    layers = form["layers"] + (f" (group {form['group_size']})" if form["layers"] == "int4" else "")
+    dtype = {v: k for k, v in DTYPES.items()}[form["dtype"]]
+    asked = "int8" if args.int8 else "int4" if getattr(args, "int4", False) else None
+    if (args.dtype and args.dtype != dtype) or (asked and asked != form["layers"]):
+        raise SystemExit(f"error: {path} holds the decoder's linear layers in {layers}, its other weights in {dtype} "
+                         f"(convert.py): drop --dtype / --int8 / --int4, or convert again for another form")
+    return form["dtype"], form["layers"], (f"weights as {path} holds them (convert.py): the decoder's linear layers in "
+                                           f"{layers}, its other weights in {dtype}")
 
 
 def cache_slots(model, memory: Memory, slots: int, what: str = "") -> tuple[int, int]:

@@ -9,14 +9,15 @@ never trains). The ViT, the perceiver, the embeddings and norms stay as they are
   int4   one scale per group of `group_size` inputs: W = (q - 8) * s, q in 0..15, s = max|W_group| / 7
   bf16   (a CPU only) the weight as it is, for the two ways it is multiplied below
 
-How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed:
+How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed for one row:
   a few rows (decoding)    a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
-                           32-bit words, split into bytes / nibbles, turned into fp32 and summed against the row in
-                           registers, so the weights cross the memory bus once a row, in their packed size. bf16
-                           uses oneDNN's bf16 matrix-vector product.
-  many rows (prefill)      blocks of rows are unpacked into an fp32 buffer that stays in the cache, and each block
-                           is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no bf16 arithmetic, and its fp32 GEMM
-                           runs several times faster than a bf16 one.
+                           32-bit words, split into bytes / nibbles (bf16: its 16 bits), turned into fp32 and summed
+                           against the row in registers, so the weights cross the memory bus once a row, in their
+                           packed size.
+  many rows (prefill)      int8 with bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows' inputs
+                           permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
+                           stays in the cache, and each block is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no
+                           bf16 arithmetic, and its fp32 GEMM runs several times faster than a bf16 one.
 On a GPU the weights are unpacked in the matmul's dtype and multiplied by F.linear; compiled (chat.py's fast path),
 inductor fuses the unpacking into the matmul's loads.
 
@@ -94,12 +95,19 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if x.device.type != "cpu":
             y = F.linear(rows, self.unpacked(0, self.out_features, x.dtype))
-        elif rows.shape[0] <= self.one_row_max and self.fused:
-            y = torch.cat([self.one_row(row) for row in rows.float().split(1)]).to(x.dtype)
         else:
-            y = self.blocks(rows.float()).to(x.dtype)
+            y = self.cpu_product(rows).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def cpu_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in) @ W.T on a CPU: up to one_row_max rows one at a time through the one-row kernel, more in
+        blocks."""
+        if len(rows) == 1 and self.fused:
+            return self.one_row(rows.float())
+        if len(rows) <= self.one_row_max and self.fused:
+            return torch.cat([self.one_row(row) for row in rows.float().split(1)])
+        return self.blocks(rows.float())
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) fp32 @ W.T, BLOCK_ROWS rows of W at a time unpacked to fp32, each block small enough to stay in
@@ -121,8 +129,9 @@ class PackedLinear(nn.Module):
 
 
 class Bf16Linear(PackedLinear):
-    """The weight in bf16 as it is: one row by oneDNN's bf16 matrix-vector product, several in fp32 blocks."""
-    one_row_max = 1     # converting bf16 to fp32 is cheap: two rows already go faster in blocks
+    """The weight in bf16 as it is: one row by a compiled kernel (faster than oneDNN's bf16 matrix-vector product on
+    an AVX2 CPU, and exact in fp32), several in fp32 blocks."""
+    one_row_max = 3     # converting bf16 to fp32 is cheap: four rows already go as fast in blocks
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight, bias)
@@ -137,7 +146,7 @@ class Bf16Linear(PackedLinear):
         return buffer.view(end - start, self.in_features).copy_(self.weight[start:end])
 
     def one_row(self, x):
-        return F.linear(x.to(torch.bfloat16), self.weight).float()
+        return _compiled(_bf16_row)(x[0], self.weight)
 
 
 class Int8Linear(PackedLinear):
@@ -148,6 +157,10 @@ class Int8Linear(PackedLinear):
         self.register_buffer("codes", torch.empty(self.out_features, _ceil(self.in_features, 4) // 4,
                                                   dtype=torch.int32, device=weight.device))
         self.register_buffer("scales", torch.empty(self.out_features, dtype=weight.dtype, device=weight.device))
+        if not weight.is_meta:      # laid out on the meta device (checkpoints.plan_converted), it holds no values
+            self.pack(weight)
+
+    def pack(self, weight):
         for start in range(0, self.out_features, QUANTIZE_ROWS):     # a few MB of temporaries at a time
             w = weight[start:start + QUANTIZE_ROWS].detach().float()
             scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127      # an all-zero row stays zero, not NaN
@@ -155,6 +168,18 @@ class Int8Linear(PackedLinear):
             q = F.pad(q, (0, self.codes.shape[1] * 4 - self.in_features)).view(len(w), 4, -1)
             self.codes[start:start + len(w)] = q[:, 0] | q[:, 1] << 8 | q[:, 2] << 16 | q[:, 3] << 24
             self.scales[start:start + len(w)] = scales
+
+    def cpu_product(self, rows):
+        """Several bf16 rows (a prefill, a batch): PyTorch's int8 x bf16 kernel reads the codes as they are packed,
+        once, if the rows' inputs come in the packed order (input b * in/4 + j at 4j + b): several times faster
+        than unpacking blocks to fp32. One row, or fp32 rows (for which that kernel is slow): the base's ways."""
+        if rows.dtype != torch.bfloat16 or len(rows) == 1 or self.in_features % 4:
+            return super().cpu_product(rows)
+        if len(rows) % 4 == 1 and self.fused:   # that kernel takes rows 4 at a time: a lone last row costs a pass
+            return torch.cat([self.cpu_product(rows[:-1]), self.one_row(rows[-1:].float()).to(rows.dtype)])
+        packed_order = rows.view(len(rows), 4, -1).transpose(1, 2).reshape(len(rows), -1)
+        return torch.ops.aten._weight_int8pack_mm(packed_order, self.codes.view(torch.int8),
+                                                  self.scales.to(torch.bfloat16))
 
     @staticmethod
     def unpack(codes, scales, in_features: int, dtype):
@@ -180,6 +205,12 @@ class Int4Linear(PackedLinear):
                                                   device=weight.device))
         self.register_buffer("scales", torch.empty(self.out_features, padded // group_size, dtype=weight.dtype,
                                                    device=weight.device))
+        if not weight.is_meta:      # laid out on the meta device (checkpoints.plan_converted), it holds no values
+            self.pack(weight)
+
+    def pack(self, weight):
+        group_size, block = self.group_size, self.codes.shape[2] * 8
+        padded = self.codes.shape[1] * block
         for start in range(0, self.out_features, QUANTIZE_ROWS):     # a few MB of temporaries at a time
             w = F.pad(weight[start:start + QUANTIZE_ROWS].detach().float(), (0, padded - self.in_features))
             w = w.view(len(w), -1, group_size)
@@ -204,6 +235,10 @@ class Int4Linear(PackedLinear):
 # The one-row kernels, written so that inductor fuses each into one loop over the packed words. The codes come in
 # viewed as float32 and are bit-cast back inside: inductor's vector loads of int32 go through a stack copy, its
 # float loads do not.
+
+def _bf16_row(x, weight):
+    return (weight.float() * x).sum(-1)[None]
+
 
 def _int8_row(x, codes, scales):
     words = codes.view(torch.int32)                          # (out, in/4)
@@ -231,7 +266,10 @@ _thread = threading.local()
 
 def _compiled(fn, dynamic: bool = False):
     """fn compiled once per process; for exact shapes unless dynamic (a 7B model has ~9 layer shapes: more than
-    Dynamo's default 8 graphs per function, a per-thread setting, raised in each thread that multiplies)."""
+    Dynamo's default 8 graphs per function, a per-thread setting, raised in each thread that multiplies). Inside
+    a compiled region (the engine's fast path) fn itself, traced into that region's graph."""
+    if torch.compiler.is_compiling():
+        return fn
     if not getattr(_thread, "ready", False):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _thread.ready = True

@@ -14,8 +14,9 @@ class Tokenizer:
     """
     ADDED = ("<|endofchunk|>", "<image>", "<PAD>")
 
-    def __init__(self, model_file: str):
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+    def __init__(self, model: str | bytes):
+        """model: a tokenizer.model file, or its bytes (a convert.py file holds them)."""
+        self.sp = spm.SentencePieceProcessor(**{"model_proto" if isinstance(model, bytes) else "model_file": model})
         n = self.sp.vocab_size()
         self.eoc_id, self.image_id, self.pad_id = n, n + 1, n + 2
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()

@@ -261,8 +261,8 @@ def test_stop_strings_and_banned_tokens(tokenizer):
     bias = torch.zeros(model.cfg.vocab_size)
     bias[tokenizer.never_generate] = 100.0      # every banned id is by far the most likely one
     biased_head(model, bias)
-    for sampling in (Sampling(greedy=True), Sampling(top_k=5, seed=0), Sampling(temperature=0.8, top_p=0.9, seed=1)):
-        (r,) = Engine(model, tokenizer, eos_id=-1).generate([Request(prompts[2], [], 12, sampling)])
+    for how in (Sampling(greedy=True), Sampling(top_k=5, seed=0), Sampling(temperature=0.8, top_p=0.9, seed=1)):
+        (r,) = Engine(model, tokenizer, eos_id=-1).generate([Request(prompts[2], [], 12, how)])
         assert len(r.tokens) == 12 and not set(r.tokens) & set(tokenizer.never_generate)
     bias[tokenizer.eos_id] = 50.0
     biased_head(model, bias)

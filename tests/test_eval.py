@@ -7,7 +7,6 @@ import re
 from contextlib import nullcontext
 
 import pytest
-import torch
 from PIL import Image
 
 import conversation
@@ -393,7 +392,7 @@ def test_main_names_the_answer_processor(base, tmp_path, capsys, monkeypatch):
             "--max-new-tokens", "2", *flags]
     for processor, accuracy in (("openflamingo", 50.0), ("evalai", 100.0)):
         out = tmp_path / processor
-        summary = eval.main([*args, "--answer-processor", processor, "--out", str(out)])
+        eval.main([*args, "--answer-processor", processor, "--out", str(out)])
         assert capsys.readouterr().out.startswith(
             f"vqav2, 2 items, 0-shot (paper), answers {processor}: accuracy {accuracy:.4g} (yes/no {accuracy:.4g})")
         saved = json.load(open(out / "summary.json"))

@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 import checkpoints
 import lora
-import mmgpt
 from conftest import TINY_VISION, tiny_model, write_release, write_vision
 from fake_release import fake_mmengine
 

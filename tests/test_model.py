@@ -1,12 +1,11 @@
 """The model's numerical contracts: LoRA, gates, language-only path, media masking, loss, checkpointing. (Cached
 decoding: test_engine.py.)"""
 
-import pytest
 import torch
 
 import lora
 import mmgpt
-from conftest import full_forward_greedy, tiny_model
+from conftest import tiny_model
 from perceiver import GatedCrossAttentionBlock, make_picture_mask, media_index
 
 TEXT = "hello <image> the cat sat on <image> a mat red dog and a blue square"

@@ -46,8 +46,7 @@ def test_each_group_is_rounded_to_its_own_scale(group_size):
 @pytest.mark.parametrize("mode,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("bf16", 0)])
 def test_packed_products_equal_the_unpacked_weights(mode, group_size):
     """A layer big enough for the compiled one-row kernel (a decode step, and row by row up to one_row_max rows) and
-    the unpacked blocks (a prefill): each equals x @ W.T with W the layer's own unpacked weights, to fp32 rounding
-    (bf16's one row: oneDNN's bf16 product, its input and output rounded to bf16)."""
+    the unpacked blocks (a prefill): each equals x @ W.T with W the layer's own unpacked weights, to fp32 rounding."""
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(1100, 1000)
     with torch.no_grad():
@@ -56,10 +55,7 @@ def test_packed_products_equal_the_unpacked_weights(mode, group_size):
     assert m.fused
     w = m.unpacked(0, 1000, torch.float32)
     one, several = torch.randn(1, 1100, generator=g), torch.randn(2, m.one_row_max, 1100, generator=g)
-    one_tol = dict(atol=2e-2, rtol=8e-3) if mode == "bf16" else dict(atol=2e-5, rtol=1e-5)
-    if mode == "bf16":
-        one = one.bfloat16().float()
-    torch.testing.assert_close(m(one), one @ w.T + lin.bias, **one_tol)
+    torch.testing.assert_close(m(one), one @ w.T + lin.bias, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(m(several), several @ w.T + lin.bias, atol=2e-5, rtol=1e-5)
     if m.one_row_max > 1:
         few = torch.randn(m.one_row_max, 1100, generator=g)
@@ -67,6 +63,28 @@ def test_packed_products_equal_the_unpacked_weights(mode, group_size):
         torch.testing.assert_close(m(few), few @ w.T + lin.bias, atol=2e-5, rtol=1e-5)
     assert quantize.linear_bytes(1000, 1100, mode, group_size or 128, 4) == sum(
         t.numel() * t.element_size() for n, t in m.named_buffers() if n != "bias")
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (3, 3)])
+def test_int8_several_bf16_rows_go_through_pytorchs_kernel_in_the_packed_order(shape):
+    """A bf16 model's prefill through _weight_int8pack_mm: its rows permuted to the codes' packed order give x @ W.T
+    to bf16's rounding (a wrong order would be off by the size of the product itself), and the same as the one-row
+    kernel row by row; 9 rows = 8 through that kernel (4 at a time) + the last through the one-row kernel."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1024, 1024, generator=g) * 0.05
+    m = quantize.Int8Linear(w.bfloat16(), torch.randn(1024, generator=g).bfloat16())
+    assert m.fused
+    deq = m.unpacked(0, 1024, torch.float32)
+    x = torch.randn(*shape, 1024, generator=g).bfloat16()
+    got = m(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (*shape, 1024)
+    want = x.float() @ deq.T + m.bias.float()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+    rows = torch.cat([m(row) for row in x.reshape(-1, 1, 1024)]).view(*shape, 1024)
+    torch.testing.assert_close(got, rows, atol=2e-2, rtol=1e-2)
+    assert ((got.float() - want).norm() / want.norm()) < 5e-3
+    if x[..., 0].numel() % 4 == 1:
+        assert torch.equal(got.view(-1, 1024)[-1], rows.view(-1, 1024)[-1])
 
 
 def test_the_decoder_is_quantized_and_its_logits_barely_move(tokenizer):
@@ -111,3 +129,19 @@ def test_4bit_cached_decoding_equals_its_full_forward(tokenizer, group_size):
     cached = one_at_a_time(model, tokenizer, prompts, images, eos_id=-1, n=4)
     for p, im, got in zip(prompts, images, cached):
         assert got == full_forward_greedy(model, p, None if im is None else im[None], 4, tokenizer.never_generate)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
+def test_the_fast_path_traces_the_one_row_kernels_into_its_step(tokenizer, mode, monkeypatch):
+    """chat.py --fast on a CPU: the engine's compiled step (traced here with aot_eager) takes each layer's fused
+    one-row kernel into its own graph, and answers as the same layers do eagerly."""
+    prompts, images = batch_input(tokenizer)
+    requests = lambda: [Request(p, [] if im is None else list(im), 5, Sampling(greedy=True))
+                        for p, im in zip(prompts[:3], images[:3])]
+    eager = quantize.quantize(lora_model(tokenizer).eval(), mode, 32)
+    monkeypatch.setattr(quantize, "FUSED_MIN_WEIGHTS", 0)       # the tiny model's layers take the fused kernels
+    fast = quantize.quantize(lora_model(tokenizer).eval(), mode, 32)
+    assert all(m.fused for m in fast.modules() if isinstance(m, quantize.PackedLinear))
+    want = [r.tokens for r in Engine(eager, tokenizer, slots=2, eos_id=-1).generate(requests())]
+    got = Engine(fast, tokenizer, slots=2, eos_id=-1, fast=True, backend="aot_eager").generate(requests())
+    assert [r.tokens for r in got] == want

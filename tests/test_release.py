@@ -1,7 +1,7 @@
 """Loading the release's files (fake_release.py --preset small: its exact layout, a few hundred MB): bit for bit
 what copying the files into a built model gives, in the memory of the weights alone (anonymous memory, measured in a
 subprocess), quantized layer by layer; the memory check that refuses before a weight is read; the cache sized to
-the memory the weights leave; the default dtype."""
+the memory the weights leave; the default dtype; convert.py's file, mapped back as it was written."""
 import argparse
 import copy
 import os
@@ -12,13 +12,14 @@ import time
 import pytest
 import torch
 
+import bench
 import checkpoints
 import fake_release
 import lora
 import mmgpt
 import options
 import quantize
-from conftest import ROOT
+from conftest import ROOT, full_forward_greedy
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,19 @@ def release(tmp_path_factory):
     return fake_release.write(str(tmp_path_factory.mktemp("release")), "small")
 
 
-def flags(release, *extra):
+def command_line(release) -> list[str]:
+    return ["--llama", release["llama"], "--openflamingo", release["openflamingo"], "--lora", release["lora"],
+            "--vision", release["vision"], "--vision-weights", release["vision_weights"]]
+
+
+def parsed(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     options.add_weight_args(ap)
-    return ap.parse_args(["--llama", release["llama"], "--openflamingo", release["openflamingo"], "--lora",
-                          release["lora"], "--vision", release["vision"], "--vision-weights",
-                          release["vision_weights"], *extra])
+    return ap.parse_args(argv)
+
+
+def flags(release, *extra):
+    return parsed(command_line(release) + list(extra))
 
 
 def copied(release, dtype):
@@ -83,25 +91,29 @@ def test_streamed_load_equals_copying_into_a_built_model(release):
 # Run in a process of its own: its anonymous memory (what the kernel cannot drop, unlike the mapped files' pages)
 # is sampled from outside while it loads.
 LOADER = """
-import sys, time
+import sys
 import open_clip, tqdm, torch
 import checkpoints, options, quantize
-def anon():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
-print(anon(), flush=True)
+from bench import rss_anon
+print(rss_anon("self"), flush=True)
 sys.stdin.readline()
-p = checkpoints.plan(*sys.argv[1:6])
-mode = sys.argv[6] if sys.argv[6] != "none" else None
-weights = options.weights_bytes(p.model, "cpu", torch.bfloat16, mode, 128)
-model = checkpoints.fill(p, "cpu", torch.bfloat16, merge=True, quantize_to=mode)[0]
-print(weights, anon(), flush=True)
+if sys.argv[1] == "converted":
+    p = checkpoints.plan_run(sys.argv[2])
+    weights = checkpoints.converted_bytes(p)
+    model = checkpoints.fill(p)[0]
+else:
+    p = checkpoints.plan(*sys.argv[2:7])
+    mode = sys.argv[1] if sys.argv[1] != "none" else None
+    weights = options.weights_bytes(p.model, "cpu", torch.bfloat16, mode, 128)
+    model = checkpoints.fill(p, "cpu", torch.bfloat16, merge=True, quantize_to=mode)[0]
+print(weights, rss_anon("self"), flush=True)
 """
 
 
-def anon_peak(release, mode: str) -> tuple[int, int, int]:
-    """(anonymous memory before loading, its peak while loading, the loaded weights' bytes)."""
-    files = [release[k] for k in ("llama", "openflamingo", "lora", "vision", "vision_weights")]
-    child = subprocess.Popen([sys.executable, "-c", LOADER, *files, mode], cwd=ROOT, stdin=subprocess.PIPE,
+def anon_peak(mode: str, *files: str) -> tuple[int, int, int]:
+    """(anonymous memory before loading, its peak while loading, the loaded weights' bytes): the release's files
+    loaded in `mode` (none, int8, int4), or a converted file (mode "converted")."""
+    child = subprocess.Popen([sys.executable, "-c", LOADER, mode, *files], cwd=ROOT, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     base = int(child.stdout.readline())
     child.stdin.write("go\n")
@@ -109,8 +121,7 @@ def anon_peak(release, mode: str) -> tuple[int, int, int]:
     peak = 0
     while child.poll() is None:
         try:
-            with open(f"/proc/{child.pid}/status") as f:
-                peak = max(peak, next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")))
+            peak = max(peak, bench.rss_anon(child.pid))
         except (OSError, StopIteration):
             break
         time.sleep(0.002)
@@ -122,7 +133,8 @@ def anon_peak(release, mode: str) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_loading_takes_the_memory_of_the_weights(release, mode):
-    base, peak, weights = anon_peak(release, mode)
+    base, peak, weights = anon_peak(mode, *(release[k] for k in ("llama", "openflamingo", "lora", "vision",
+                                                                 "vision_weights")))
     bf16 = options.weights_bytes(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
                                                   release["vision"], release["vision_weights"]).model,
                                  "cpu", torch.bfloat16, None, 128)
@@ -192,3 +204,64 @@ def test_default_dtype_follows_the_size():
     assert options.dtype_of(args, "cuda", 30_000_000)[0] == torch.bfloat16
     args.dtype = "fp16"
     assert options.dtype_of(args, "cpu", seven_b) == (torch.float16, "dtype fp16 (--dtype)")
+
+
+def mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """The address ranges this process maps from path (/proc/self/maps)."""
+    real, ranges = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == real:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def ckpt(path, *extra):
+    return parsed(["--ckpt", path, *extra])
+
+
+@pytest.mark.parametrize("form", [["--dtype", "bf16"], ["--int8"], ["--int4", "--group-size", "64"]])
+def test_a_converted_file_maps_back_the_model_it_was_made_from(release, tmp_path, form, capsys):
+    """convert.py (its command line) writes the model as the programs hold it; --ckpt maps it back: the same tensors
+    bit for bit, each one a view of the file's pages (nothing read into the process's memory), the same greedy
+    answer to a picture and a question."""
+    out = str(tmp_path / "converted.pt")
+    subprocess.run([sys.executable, "convert.py", out, *command_line(release), *form], cwd=ROOT, check=True)
+    made, tokenizer, _, _ = options.load_model(flags(release, *form), "cpu")
+    mapped, mapped_tokenizer, _, memory = options.load_model(ckpt(out), "cpu")
+    assert f"weights as {out} holds them (convert.py)" in capsys.readouterr().err
+    want, got = made.state_dict(), mapped.state_dict()
+    assert got.keys() == want.keys()
+    assert all(t.dtype == want[k].dtype and torch.equal(t, want[k]) for k, t in got.items())
+    ranges = mapped_ranges(out)
+    assert all(any(a <= t.data_ptr() < b for a, b in ranges) for t in got.values())
+    assert memory.weights == sum(t.nbytes for t in got.values())
+    text = "<image>User: what is the red square? GPT:"
+    assert mapped_tokenizer.encode(text) == tokenizer.encode(text)
+    size = made.cfg.vision["vision_cfg"]["image_size"]
+    picture = torch.randn(1, 1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    answers = [full_forward_greedy(m, tokenizer.encode(text), picture, 4, []) for m in (made, mapped)]
+    assert answers[0] == answers[1] and len(answers[0]) == 4
+
+
+def test_a_converted_file_takes_no_memory_of_its_own_and_keeps_its_form(release, tmp_path):
+    """Mapped, a converted file's weights are the page cache's, not the process's: its anonymous memory grows by a
+    sliver of them (RoPE's tables, the interpreter). Flags asking for another form, converting a converted file, a
+    truncated one: each a one-line error naming the file."""
+    out = str(tmp_path / "int8.pt")
+    subprocess.run([sys.executable, "convert.py", out, *command_line(release), "--int8"], cwd=ROOT, check=True)
+    base, peak, weights = anon_peak("converted", out)
+    assert weights > 100e6 and peak - base < 0.1 * weights, (peak - base) / weights
+    held = "holds the decoder's linear layers in int8, its other weights in fp32"
+    with pytest.raises(SystemExit, match=f"{out} {held} \\(convert.py\\): drop --dtype / --int8 / --int4, or convert"):
+        options.load_model(ckpt(out, "--int4"), "cpu")
+    run = subprocess.run([sys.executable, "convert.py", str(tmp_path / "again.pt"), "--ckpt", out], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and f"error: {out} is converted already" in run.stderr
+    assert not os.path.exists(tmp_path / "again.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(out, "rb").read()[: os.path.getsize(out) // 2])
+    with pytest.raises(SystemExit, match=f"error: {truncated}: not a readable torch file"):
+        options.load_model(ckpt(str(truncated)), "cpu")
