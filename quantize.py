@@ -111,12 +111,15 @@ class PackedLinear(nn.Module):
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) fp32 @ W.T, BLOCK_ROWS rows of W at a time unpacked to fp32, each block small enough to stay in
-        the cache between its unpacking and its GEMM."""
+        the cache between its unpacking and its GEMM. Over 8 rows, x is padded with zero rows to a multiple of 8,
+        the row counts MKL's GEMM runs fastest on (docs/speed.md); fewer rows would lose more than they gain."""
+        rows = len(x)
+        x = F.pad(x, (0, 0, 0, -rows % 8 if rows > 8 else 0))
         out = torch.empty(self.out_features, x.shape[0])
         for start in range(0, self.out_features, BLOCK_ROWS):
             end = min(start + BLOCK_ROWS, self.out_features)
             torch.mm(self.fp32_rows(start, end), x.T, out=out[start:end])
-        return out.T
+        return out.T[:rows]
 
     def fp32_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows start:end of W in fp32, on a CPU (the unpacking compiled: eager, it is a dozen passes)."""
@@ -194,6 +197,7 @@ class Int8Linear(PackedLinear):
 
 class Int4Linear(PackedLinear):
     """4-bit codes with one scale per group of `group_size` inputs (scales in the original weight's dtype)."""
+    one_row_max = 11    # splitting nibbles costs more than bytes: from 12 rows on, blocks go as fast
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128):
         super().__init__(weight, bias)

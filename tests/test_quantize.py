@@ -46,7 +46,8 @@ def test_each_group_is_rounded_to_its_own_scale(group_size):
 @pytest.mark.parametrize("mode,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("bf16", 0)])
 def test_packed_products_equal_the_unpacked_weights(mode, group_size):
     """A layer big enough for the compiled one-row kernel (a decode step, and row by row up to one_row_max rows) and
-    the unpacked blocks (a prefill): each equals x @ W.T with W the layer's own unpacked weights, to fp32 rounding."""
+    the unpacked blocks (a prefill, its rows padded to a multiple of 8): each equals x @ W.T with W the layer's own
+    unpacked weights, to fp32 rounding."""
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(1100, 1000)
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_packed_products_equal_the_unpacked_weights(mode, group_size):
     m = quantize.quantize_linear(lin, mode, group_size or 128)
     assert m.fused
     w = m.unpacked(0, 1000, torch.float32)
-    one, several = torch.randn(1, 1100, generator=g), torch.randn(2, m.one_row_max, 1100, generator=g)
+    one, several = torch.randn(1, 1100, generator=g), torch.randn(3, m.one_row_max + 1, 1100, generator=g)
     torch.testing.assert_close(m(one), one @ w.T + lin.bias, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(m(several), several @ w.T + lin.bias, atol=2e-5, rtol=1e-5)
     if m.one_row_max > 1:
