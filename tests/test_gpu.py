@@ -112,10 +112,11 @@ def test_gpu_warm_up_in_the_stepping_thread_then_traffic_compiles_nothing(tokeni
     torch._dynamo.reset()
 
 
-def test_gpu_int8_fast_engine_equals_int8_eager(tokenizer):
-    """chat.py --int8 on CUDA: the compiled path (CUDA graphs, the int8 -> bf16 conversion inside the compiled
-    matmuls) gives the int8 eager path's greedy ids."""
-    eager, fast = (quantize.quantize(bf16_model(tokenizer)) for _ in range(2))
+@pytest.mark.parametrize("mode", quantize.MODES)
+def test_gpu_quantized_fast_engine_equals_its_eager(tokenizer, mode):
+    """chat.py --int8 / --int4 on CUDA: the compiled path (CUDA graphs, the codes' conversion to bf16 inside the
+    compiled matmuls) gives the same form's eager greedy ids."""
+    eager, fast = (quantize.quantize(bf16_model(tokenizer), mode) for _ in range(2))
     prompts, images = batch_input(tokenizer)
     images = on_gpu(images)
     assert answers(Engine(fast, tokenizer, eos_id=-1, fast=True), prompts, images) == \
