@@ -13,7 +13,7 @@ How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 wei
   a few rows (decoding)    a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
                            32-bit words, split into bytes / nibbles (bf16: its 16 bits), turned into fp32 and summed
                            against the row in registers, so the weights cross the memory bus once a row, in their
-                           packed size.
+                           packed size; a row too long for the L1 cache meets 8 rows of W per load.
   many rows (prefill)      int8 with bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows' inputs
                            permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
                            stays in the cache, and each block is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no
@@ -39,6 +39,9 @@ GROUP_SIZES = (32, 64, 128)
 BLOCK_ROWS = 256            # rows unpacked at a time for a several-row product: 4 MB of fp32 at 4,096 inputs
 QUANTIZE_ROWS = 512         # rows quantized at a time (bounds the temporaries while loading)
 FUSED_MIN_WEIGHTS = 1 << 20  # smaller layers are unpacked eagerly: compiling kernels for them is not worth it
+LONG_INPUTS = 8192          # an fp32 row longer than this overflows a 32 KB L1 cache: the one-row kernels then take
+                            # TOGETHER rows of W at a time, so that each load of the row serves them all
+TOGETHER = 8
 
 
 def is_quantized(name: str) -> bool:
@@ -89,6 +92,8 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.fused = self.out_features * self.in_features >= FUSED_MIN_WEIGHTS
+        long = self.in_features > LONG_INPUTS and self.out_features % TOGETHER == 0
+        self.together = TOGETHER if long else 1
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,7 @@ class Bf16Linear(PackedLinear):
         return buffer.view(end - start, self.in_features).copy_(self.weight[start:end])
 
     def one_row(self, x):
-        return _compiled(_bf16_row)(x[0], self.weight)
+        return _compiled(_bf16_row)(x[0], self.weight, self.together)
 
 
 class Int8Linear(PackedLinear):
@@ -192,7 +197,7 @@ class Int8Linear(PackedLinear):
     def one_row(self, x):
         """x (1, in_features) fp32 -> (1, out_features) fp32, on a CPU."""
         x = F.pad(x, (0, self.codes.shape[1] * 4 - self.in_features))
-        return _compiled(_int8_row)(x, self.codes.view(torch.float32), self.scales)
+        return _compiled(_int8_row)(x, self.codes.view(torch.float32), self.scales, self.together)
 
 
 class Int4Linear(PackedLinear):
@@ -240,15 +245,17 @@ class Int4Linear(PackedLinear):
 # viewed as float32 and are bit-cast back inside: inductor's vector loads of int32 go through a stack copy, its
 # float loads do not.
 
-def _bf16_row(x, weight):
-    return (weight.float() * x).sum(-1)[None]
+def _bf16_row(x, weight, together: int):
+    w = weight.view(-1, together, weight.shape[1])           # w[:, i]: every together-th row from i
+    return torch.stack([(w[:, i].float() * x).sum(-1) for i in range(together)], -1).flatten()[None]
 
 
-def _int8_row(x, codes, scales):
-    words = codes.view(torch.int32)                          # (out, in/4)
+def _int8_row(x, codes, scales, together: int):
+    words = codes.view(torch.int32).view(-1, together, codes.shape[1])    # (out/together, together, in/4)
     xs = x.view(4, -1)                                       # xs[b] meets byte b of every word
-    acc = sum(((words << (24 - 8 * b)) >> 24).float() * xs[b] for b in range(4))
-    return (acc.sum(-1) * scales.float())[None]
+    acc = [sum(((words[:, i] << (24 - 8 * b)) >> 24).float() * xs[b] for b in range(4)).sum(-1)
+           for i in range(together)]
+    return (torch.stack(acc, -1).flatten() * scales.float())[None]
 
 
 def _int4_row(x, codes, scales, groups: int):
