@@ -11,9 +11,9 @@ never trains). The ViT, the perceiver, the embeddings and norms stay as they are
 
 How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed for one row:
   a few rows (decoding)    a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
-                           32-bit words, split into bytes / nibbles (bf16: its 16 bits), turned into fp32 and summed
-                           against the row in registers, so the weights cross the memory bus once a row, in their
-                           packed size; a row too long for the L1 cache meets 8 rows of W per load.
+                           32-bit words, each byte / nibble (bf16: each half) masked in place, turned into fp32 and
+                           summed against the row in registers, so the weights cross the memory bus once a row, in
+                           their packed size; a row too long for the L1 cache meets several rows of W per load.
   many rows (prefill)      int8 with bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows' inputs
                            permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
                            stays in the cache, and each block is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no
@@ -40,8 +40,7 @@ BLOCK_ROWS = 256            # rows unpacked at a time for a several-row product:
 QUANTIZE_ROWS = 512         # rows quantized at a time (bounds the temporaries while loading)
 FUSED_MIN_WEIGHTS = 1 << 20  # smaller layers are unpacked eagerly: compiling kernels for them is not worth it
 LONG_INPUTS = 8192          # an fp32 row longer than this overflows a 32 KB L1 cache: the one-row kernels then take
-                            # TOGETHER rows of W at a time, so that each load of the row serves them all
-TOGETHER = 8
+                            # several rows of W at a time (`together`), so that each load of the row serves them all
 
 
 def is_quantized(name: str) -> bool:
@@ -87,13 +86,14 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 128) -> nn.
 class PackedLinear(nn.Module):
     """y = x @ W.T (+ bias) with W held packed: subclasses say how to unpack rows and how to multiply one row."""
     one_row_max = 16    # up to this many rows, the one-row kernel row by row beats unpacking the layer to fp32
+    together_long = 8   # rows of W a long row meets per load (their sums and the row's pieces fill AVX2's registers)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.fused = self.out_features * self.in_features >= FUSED_MIN_WEIGHTS
-        long = self.in_features > LONG_INPUTS and self.out_features % TOGETHER == 0
-        self.together = TOGETHER if long else 1
+        long = self.in_features > LONG_INPUTS and self.out_features % self.together_long == 0
+        self.together = self.together_long if long else 1
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,7 @@ class Bf16Linear(PackedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight, bias)
         self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+        self.fused = self.fused and self.in_features % 4 == 0     # its kernel reads W as 32-bit words, in halves
 
     def unpacked(self, start, end, dtype):
         return self.weight[start:end].to(dtype)
@@ -154,7 +155,9 @@ class Bf16Linear(PackedLinear):
         return buffer.view(end - start, self.in_features).copy_(self.weight[start:end])
 
     def one_row(self, x):
-        return _compiled(_bf16_row)(x[0], self.weight, self.together)
+        x, pieces = x[0], 2 if self.in_features > LONG_INPUTS else 1
+        return _compiled(_bf16_row)(x[0::2].contiguous(), x[1::2].contiguous(), self.weight.view(torch.float32),
+                                    self.together, pieces)
 
 
 class Int8Linear(PackedLinear):
@@ -196,13 +199,15 @@ class Int8Linear(PackedLinear):
 
     def one_row(self, x):
         """x (1, in_features) fp32 -> (1, out_features) fp32, on a CPU."""
-        x = F.pad(x, (0, self.codes.shape[1] * 4 - self.in_features))
-        return _compiled(_int8_row)(x, self.codes.view(torch.float32), self.scales, self.together)
+        x = F.pad(x[0], (0, self.codes.shape[1] * 4 - self.in_features)).view(4, -1)    # x[b] meets byte b
+        xs, offset = x * _BYTE_PLACES[:, None], 128 * x[:3].sum()
+        return _compiled(_int8_row)(xs, offset, self.codes.view(torch.float32), self.scales, self.together)
 
 
 class Int4Linear(PackedLinear):
     """4-bit codes with one scale per group of `group_size` inputs (scales in the original weight's dtype)."""
     one_row_max = 11    # splitting nibbles costs more than bytes: from 12 rows on, blocks go as fast
+    together_long = 4   # with the row's 8 nibble planes, 8 sums would spill out of the registers
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 128):
         super().__init__(weight, bias)
@@ -235,40 +240,66 @@ class Int4Linear(PackedLinear):
         return ((q.to(dtype) - 8) * scales[..., None].to(dtype)).flatten(1)[:, :in_features]
 
     def one_row(self, x):
-        x = F.pad(x, (0, self.codes.shape[1] * self.codes.shape[2] * 8 - self.in_features))
+        blocks, n = self.codes.shape[1:]
+        x = F.pad(x[0], (0, blocks * n * 8 - self.in_features)).view(blocks, 8, n)
         groups = max(self.group_size, 64) // self.group_size
-        return _compiled(_int4_row)(x, self.codes.view(torch.float32), self.scales, groups)
+        xs = (x * _NIBBLE_PLACES[:, None]).transpose(0, 1).reshape(8, -1)              # xs[b] meets nibble b
+        group_sums = x.view(blocks, groups, -1).sum(-1).flatten()
+        return _compiled(_int4_row)(xs, group_sums, self.codes.view(torch.float32), self.scales, groups,
+                                    self.together)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The one-row kernels, written so that inductor fuses each into one loop over the packed words. The codes come in
-# viewed as float32 and are bit-cast back inside: inductor's vector loads of int32 go through a stack copy, its
-# float loads do not.
+# The one-row kernels, written so that inductor fuses each into one loop over the packed words, with one accumulator
+# per output row and few instructions per word (on two cores they are what bounds decoding, not the memory):
+#  - the codes come in viewed as float32 and are bit-cast back inside (inductor's vector loads of int32 go through a
+#    stack copy, its float loads do not);
+#  - a byte or nibble is masked in place, not shifted down: w & (255 << 8b) is the byte times 2^8b, an exact float,
+#    so x comes in divided by 2^8b (one_row, once a call) and each code costs a mask, a conversion and a multiply-add;
+#  - codes are summed as unsigned (int8: bytes 0-2 flipped to q + 128 by one xor; int4: q + 8) and the offset times
+#    the sum of x is taken off once a row;
+#  - one reduction runs at most 4,096 values (longer, inductor sums in slow cascaded chunks for accuracy).
 
-def _bf16_row(x, weight, together: int):
-    w = weight.view(-1, together, weight.shape[1])           # w[:, i]: every together-th row from i
-    return torch.stack([(w[:, i].float() * x).sum(-1) for i in range(together)], -1).flatten()[None]
-
-
-def _int8_row(x, codes, scales, together: int):
-    words = codes.view(torch.int32).view(-1, together, codes.shape[1])    # (out/together, together, in/4)
-    xs = x.view(4, -1)                                       # xs[b] meets byte b of every word
-    acc = [sum(((words[:, i] << (24 - 8 * b)) >> 24).float() * xs[b] for b in range(4)).sum(-1)
-           for i in range(together)]
-    return (torch.stack(acc, -1).flatten() * scales.float())[None]
+_BYTE_PLACES = torch.tensor([2.0 ** (-8 * b) for b in range(4)])           # what x is divided by to meet byte b
+_NIBBLE_PLACES = torch.tensor([2.0 ** (-4 * b) for b in range(7)] + [1.0])  # ... nibble b (the top one shifted)
 
 
-def _int4_row(x, codes, scales, groups: int):
-    words = codes.view(torch.int32)                          # (out, blocks, block/8)
-    xs = x.view(words.shape[1], 8, words.shape[2])           # xs[:, b] meets nibble b of every word
+def _bf16_row(x_even, x_odd, words, together: int, pieces: int):
+    """A 32-bit word of W holds two bf16 weights: input 2j in its low half, 2j + 1 in its high half. A long row is
+    summed in `pieces` reductions."""
+    w = words.view(torch.int32).view(-1, together, pieces, words.shape[1] // pieces)
+    x_even, x_odd = x_even.view(pieces, -1), x_odd.view(pieces, -1)
+    rows = [((w[:, i] << 16).view(torch.float32) * x_even + (w[:, i] & -65536).view(torch.float32) * x_odd)
+            .sum(-1).sum(-1) for i in range(together)]
+    return torch.stack(rows, -1).flatten()[None]
+
+
+def _int8_row(xs, offset, codes, scales, together: int):
+    words = codes.view(torch.int32).view(-1, together, codes.shape[1]) ^ 0x808080
+    masks = (255, 255 << 8, 255 << 16, -1 << 24)             # the top byte, kept signed, is q itself
+    rows = [sum((words[:, i] & mask).float() * xs[b] for b, mask in enumerate(masks)).sum(-1) for i in range(together)]
+    return ((torch.stack(rows, -1).flatten() - offset) * scales.float())[None]
+
+
+def _int4_row(xs, group_sums, codes, scales, groups: int, together: int):
+    _, blocks, n = codes.shape
+    words = codes.view(torch.int32).view(-1, together, blocks * n)     # a row's words, block after block
+    s = scales.float().view(-1, together, blocks, groups)
     planes = 8 // groups                                     # nibble planes per group
-    sums = []
-    for g in range(groups):
-        b = range(g * planes, (g + 1) * planes)
-        dot = sum(((words >> (4 * i)) & 15).float() * xs[:, i] for i in b).sum(-1)
-        sums.append(dot - 8 * xs[:, g * planes:(g + 1) * planes].sum((-1, -2)))     # codes are q + 8
-    per_group = torch.stack(sums, -1).flatten(1)             # (out, groups of the row)
-    return (per_group * scales.float()).sum(-1)[None]
+    rows = []
+    for i in range(together):
+        per_word = 0
+        for g in range(groups):                              # the group's scale, repeated over its block's words
+            scale = s[:, i, :, g, None].expand(-1, -1, n).reshape(-1, blocks * n)
+            dot = sum(_nibble(words[:, i], b) * xs[b] for b in range(g * planes, (g + 1) * planes))
+            per_word = per_word + dot * scale
+        rows.append(per_word.sum(-1))
+    return (torch.stack(rows, -1).flatten() - 8 * (scales.float() * group_sums).sum(-1))[None]     # codes are q + 8
+
+
+def _nibble(words, b: int):
+    """Nibble b of each word, times 2^4b (the top one shifted down: masked, it would come out signed)."""
+    return (words & (15 << 4 * b)).float() if b < 7 else ((words >> 28) & 15).float()
 
 
 _compiled_fns: dict = {}

@@ -66,16 +66,16 @@ def test_packed_products_equal_the_unpacked_weights(mode, group_size):
         t.numel() * t.element_size() for n, t in m.named_buffers() if n != "bias")
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_long_rows_meet_several_weight_rows_at_once(mode):
-    """Inputs longer than LONG_INPUTS (LLaMA's down projection: 11,008): the one-row kernel takes TOGETHER rows of W
+    """Inputs longer than LONG_INPUTS (LLaMA's down projection: 11,008): the one-row kernel takes several rows of W
     per load of the row, and each output lands in its place: x @ W.T as for short rows."""
     g = torch.Generator().manual_seed(3)
     lin = nn.Linear(quantize.LONG_INPUTS + 8, 128)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(128, quantize.LONG_INPUTS + 8, generator=g) * 0.05)
     m = quantize.quantize_linear(lin, mode)
-    assert m.fused and m.together == quantize.TOGETHER > 1
+    assert m.fused and m.together == m.together_long > 1
     w = m.unpacked(0, 128, torch.float32)
     x = torch.randn(1, quantize.LONG_INPUTS + 8, generator=g)
     torch.testing.assert_close(m(x), x @ w.T + lin.bias, atol=1e-4, rtol=1e-5)
