@@ -242,7 +242,7 @@ class Int4Linear(PackedLinear):
     def one_row(self, x):
         blocks, n = self.codes.shape[1:]
         x = F.pad(x[0], (0, blocks * n * 8 - self.in_features)).view(blocks, 8, n)
-        groups = max(self.group_size, 64) // self.group_size
+        groups = self.scales.shape[1] // blocks                 # scales per block
         xs = (x * _NIBBLE_PLACES[:, None]).transpose(0, 1).reshape(8, -1)              # xs[b] meets nibble b
         group_sums = x.view(blocks, groups, -1).sum(-1).flatten()
         return _compiled(_int4_row)(xs, group_sums, self.codes.view(torch.float32), self.scales, groups,
