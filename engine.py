@@ -349,7 +349,10 @@ class Runner:
         inputs = [c.inputs for c in chunks if c.inputs is not None]
         if inputs:      # prefix fusion (rows without <image> in their chunk have none: masked_scatter skips them)
             return self.prefill_step(self.model, step, ids, None, None, last, torch.cat(inputs))
-        return self.prefill_step(self.model, step, ids, pictures.bool() if most else None, index if most else None,
+        # No token of the chunks sees a picture (by the default rule, a round after the last one): the blocks run
+        # their FFW only, as a decode step's do, and no cross-attention product is paid for rows it would zero.
+        seen = most and any(any(c.index) for c in chunks)
+        return self.prefill_step(self.model, step, ids, pictures.bool() if most else None, index if seen else None,
                                  last)
 
     def decode(self, rows: list) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 import sampling
 from conftest import PROMPTS, batch_input, full_forward_greedy, tiny_model
 from engine import Detokenizer, Engine, Request, Sampling
+from perceiver import GatedCrossAttentionBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,8 +205,13 @@ def test_prefix_reuse_equals_a_fresh_prefill(tokenizer):
     (first,) = e.generate([greedy(ids, pics, 6)])
     round2 = ids + first.tokens + tokenizer.encode("and what colour is it", bos=False)
     seen = capture_logits(e)
+    attended = []       # round 2's tokens come after the picture: by the default rule none sees it
+    hooks = [b.attn.register_forward_hook(lambda *_: attended.append(1)) for b in model.modules()
+             if isinstance(b, GatedCrossAttentionBlock)]
     (second,) = e.generate([greedy(round2, pics, 6)])
+    [h.remove() for h in hooks]
     assert second.cached == len(ids) + 5    # everything that was fed in round 1
+    assert not attended     # so its prefill, as its decode steps, runs the blocks' FFW only
     fresh = Engine(model, tokenizer, slots=1, eos_id=-1)
     fresh_seen = capture_logits(fresh)
     (want,) = fresh.generate([greedy(round2, pics, 6)])
