@@ -258,7 +258,8 @@ class Int4Linear(PackedLinear):
 #    so x comes in divided by 2^8b (one_row, once a call) and each code costs a mask, a conversion and a multiply-add;
 #  - codes are summed as unsigned (int8: bytes 0-2 flipped to q + 128 by one xor; int4: q + 8) and the offset times
 #    the sum of x is taken off once a row;
-#  - one reduction runs at most 4,096 values (longer, inductor sums in slow cascaded chunks for accuracy).
+#  - one reduction runs at most 4,096 values (longer, inductor sums in slow cascaded chunks for accuracy);
+#  - a word's products are summed in pairs (_tree_sum), not in one chain of dependent adds.
 
 _BYTE_PLACES = torch.tensor([2.0 ** (-8 * b) for b in range(4)])           # what x is divided by to meet byte b
 _NIBBLE_PLACES = torch.tensor([2.0 ** (-4 * b) for b in range(7)] + [1.0])  # ... nibble b (the top one shifted)
@@ -277,7 +278,8 @@ def _bf16_row(x_even, x_odd, words, together: int, pieces: int):
 def _int8_row(xs, offset, codes, scales, together: int):
     words = codes.view(torch.int32).view(-1, together, codes.shape[1]) ^ 0x808080
     masks = (255, 255 << 8, 255 << 16, -1 << 24)             # the top byte, kept signed, is q itself
-    rows = [sum((words[:, i] & mask).float() * xs[b] for b, mask in enumerate(masks)).sum(-1) for i in range(together)]
+    rows = [_tree_sum([(words[:, i] & mask).float() * xs[b] for b, mask in enumerate(masks)]).sum(-1)
+            for i in range(together)]
     return ((torch.stack(rows, -1).flatten() - offset) * scales.float())[None]
 
 
@@ -291,10 +293,18 @@ def _int4_row(xs, group_sums, codes, scales, groups: int, together: int):
         per_word = 0
         for g in range(groups):                              # the group's scale, repeated over its block's words
             scale = s[:, i, :, g, None].expand(-1, -1, n).reshape(-1, blocks * n)
-            dot = sum(_nibble(words[:, i], b) * xs[b] for b in range(g * planes, (g + 1) * planes))
+            dot = _tree_sum([_nibble(words[:, i], b) * xs[b] for b in range(g * planes, (g + 1) * planes)])
             per_word = per_word + dot * scale
         rows.append(per_word.sum(-1))
     return (torch.stack(rows, -1).flatten() - 8 * (scales.float() * group_sums).sum(-1))[None]     # codes are q + 8
+
+
+def _tree_sum(terms: list):
+    """The terms summed in pairs: a left-to-right sum is one chain of dependent adds (8 long for the nibbles), whose
+    latency, not the adds, would bound the loop."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
 
 
 def _nibble(words, b: int):
@@ -316,7 +326,10 @@ def _compiled(fn, dynamic: bool = False):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _thread.ready = True
     if fn not in _compiled_fns:
-        _compiled_fns[fn] = torch.compile(fn, dynamic=dynamic)
+        # A product and the sum it goes into may become one multiply-add (inductor's default keeps them apart: more
+        # instructions, in kernels that their instructions bound)
+        _compiled_fns[fn] = torch.compile(fn, dynamic=dynamic,
+                                          options={"cpp.enable_floating_point_contract_flag": "fast"})
     return _compiled_fns[fn]
 
 
