@@ -349,9 +349,10 @@ class Runner:
         inputs = [c.inputs for c in chunks if c.inputs is not None]
         if inputs:      # prefix fusion (rows without <image> in their chunk have none: masked_scatter skips them)
             return self.prefill_step(self.model, step, ids, None, None, last, torch.cat(inputs))
-        # No token of the chunks sees a picture (by the default rule, a round after the last one): the blocks run
-        # their FFW only, as a decode step's do, and no cross-attention product is paid for rows it would zero.
-        seen = most and any(any(c.index) for c in chunks)
+        # No token of the chunks sees a picture (by the default rule, a round after the last one): eagerly, the
+        # blocks run their FFW only, as a decode step's do, with no product for rows the attention would zero. The
+        # fast path keeps the one graph it compiled at warm_up for both (its products are cheap on a GPU).
+        seen = most and (self.fast or any(any(c.index) for c in chunks))
         return self.prefill_step(self.model, step, ids, pictures.bool() if most else None, index if seen else None,
                                  last)
 
