@@ -290,12 +290,12 @@ def _int4_row(xs, group_sums, codes, scales, groups: int, together: int):
     planes = 8 // groups                                     # nibble planes per group
     rows = []
     for i in range(together):
-        per_word = 0
+        per_group = []
         for g in range(groups):                              # the group's scale, repeated over its block's words
             scale = s[:, i, :, g, None].expand(-1, -1, n).reshape(-1, blocks * n)
             dot = _tree_sum([_nibble(words[:, i], b) * xs[b] for b in range(g * planes, (g + 1) * planes)])
-            per_word = per_word + dot * scale
-        rows.append(per_word.sum(-1))
+            per_group.append(dot * scale)
+        rows.append(_tree_sum(per_group).sum(-1))
     return (torch.stack(rows, -1).flatten() - 8 * (scales.float() * group_sums).sum(-1))[None]     # codes are q + 8
 
 

@@ -209,7 +209,8 @@ def test_prefix_reuse_equals_a_fresh_prefill(tokenizer):
     hooks = [b.attn.register_forward_hook(lambda *_: attended.append(1)) for b in model.modules()
              if isinstance(b, GatedCrossAttentionBlock)]
     (second,) = e.generate([greedy(round2, pics, 6)])
-    [h.remove() for h in hooks]
+    for h in hooks:
+        h.remove()
     assert second.cached == len(ids) + 5    # everything that was fed in round 1
     assert not attended     # so its prefill, as its decode steps, runs the blocks' FFW only
     fresh = Engine(model, tokenizer, slots=1, eos_id=-1)
