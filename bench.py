@@ -4,7 +4,7 @@
     python bench.py --tiny               # the "bench-tiny" preset (32 layers, small widths) on the CPU, in seconds
     python bench.py --train-only --cuda-graphs --json out.json
     python bench.py --serve runs/demo    # serve.py's server on the demo model, 1/4/16/32 clients that stream
-    python bench.py --release /work/release   # the release on a CPU: files written by fake_release.py, bf16/int8/int4
+    python bench.py --release /work/release   # the release on a CPU: files written by fake_release.py, fp16/bf16/int8/int4
 
 train: one iteration is what train.py runs for one optimizer step (train.train_iteration + train.optimizer_step,
 the same functions) with one micro-batch pair: V language-only then V vision-language samples of --seq tokens,
@@ -221,8 +221,14 @@ def decode_bytes(model) -> int:
     merged = {f"{n}.{f}" for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) and m.merged
               for f in ("lora_A", "lora_B")}
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return sum(t.numel() * t.element_size() for n, t in tensors if n.startswith(("layers.", "norm.", "lm_head."))
-               and not n.endswith(".mask") and n not in merged)
+    return packed_bytes(model) + sum(t.numel() * t.element_size() for n, t in tensors
+                                     if n.startswith(("layers.", "norm.", "lm_head.")) and not n.endswith(".mask")
+                                     and n not in merged)
+
+
+def packed_bytes(model) -> int:
+    """The bytes of the weights fbgemm holds packed (quantize.Fp16Linear: fp16), which are no tensor of the model."""
+    return sum(2 * m.out_features * m.in_features for m in model.modules() if isinstance(m, quantize.Fp16Linear))
 
 
 class Tokenizer:
@@ -548,7 +554,7 @@ def main():
                                                    "demo: runs/demo), streaming clients at --concurrency")
     ap.add_argument("--release", metavar="DIR", help="only the release on this CPU: the files fake_release.py "
                                                       "wrote in DIR, loaded in each of --forms")
-    ap.add_argument("--forms", default="bf16,int8,int4", help="with --release: bf16, int8, int4")
+    ap.add_argument("--forms", default="fp16,bf16,int8,int4", help="with --release: fp16, bf16, int8, int4")
     ap.add_argument("--group-size", type=int, default=128, help="with --release: int4's group size")
     ap.add_argument("--keep-converted", action="store_true", help="with --release: keep each form's converted file")
     ap.add_argument("--release-child", metavar="FORM", help=argparse.SUPPRESS)   # one form, in its own process
@@ -731,15 +737,17 @@ def rss_anon(pid: int | str) -> int:
 def release_flags(directory: str, form: str, group_size: int) -> list[str]:
     """chat.py's flags for the files fake_release.py wrote in directory (its 7b preset, or its small one)."""
     f = fake_release.files(directory, "small" if os.path.exists(os.path.join(directory, "vision.json")) else "7b")
-    form_flags = {"bf16": ["--dtype", "bf16"], "int8": ["--int8"], "int4": ["--int4", "--group-size", str(group_size)]}
+    form_flags = {"fp16": ["--dtype", "fp16"], "bf16": ["--dtype", "bf16"], "int8": ["--int8"],
+                  "int4": ["--int4", "--group-size", str(group_size)]}
     return ["--llama", f["llama"], "--openflamingo", f["openflamingo"], "--lora", f["lora"], "--vision", f["vision"],
             "--vision-weights", f["vision_weights"]] + form_flags[form]
 
 
 def bench_release(directory: str, forms: list[str], group_size: int, results: dict, keep: bool = False):
-    """Per form (bf16 / int8 / int4), two children: one loads the release's files as the programs do and converts
-    them (convert.py's file), one maps the converted file and times decoding. The machine's read bandwidth and GEMM
-    rates are measured in the same run, before the children. keep: leave the converted files in directory."""
+    """Per form (fp16 / bf16 / int8 / int4), two children: one loads the release's files as the programs do and
+    converts them (convert.py's file), one maps the converted file and times decoding; fp16, which has no file form,
+    one child that times decoding as loaded. The machine's read bandwidth and GEMM rates are measured in the same
+    run, before the children. keep: leave the converted files in directory."""
     bandwidth = read_bandwidth()
     gemm = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     results |= {"read_gb_s": bandwidth / 1e9, "gemm_gflop_s": {k: v / 1e9 for k, v in gemm.items()}, "release": [],
@@ -750,7 +758,7 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
           ", ".join(f"{k} {v:.2%}" for k, v in results["layer_error"].items()), flush=True)
     for form in forms:
         converted, row = os.path.join(directory, f"converted-{form}.pt"), {}
-        for stage in ("files", "converted"):
+        for stage in ("files",) if form == "fp16" else ("files", "converted"):
             out = os.path.join(directory, f"bench-{form}-{stage}.json")
             child = subprocess.run([sys.executable, __file__, "--release", directory, "--release-child", form,
                                     "--release-stage", stage, "--group-size", str(group_size), "--json", out])
@@ -775,7 +783,8 @@ def bench_release(directory: str, forms: list[str], group_size: int, results: di
           f"{'re-sent s':>11}{'x4 tok/s':>10}{'x8 tok/s':>10}")
     for r in results["release"]:
         print(f"{r['form']:<6}{r['load_s']:>8.1f}{r['load_peak_anon_bytes'] / 1e9:>9.2f}{r['peak_over_weights']:>8.2f}"
-              f"{r['write_s']:>9.1f}{r['map_s']:>7.2f}{r['map_peak_anon_bytes'] / 1e9:>9.2f}"
+              f"{fmt(r.get('write_s'), '.1f'):>9}{fmt(r.get('map_s'), '.2f'):>7}"
+              f"{fmt(r['map_peak_anon_bytes'] / 1e9 if 'map_s' in r else None, '.2f'):>9}"
               f"{r['decode_tokens_per_s']:>14.2f}{r['ceiling_tokens_per_s']:>9.2f}{r['of_ceiling']:>7.0%}"
               f"{r['vit_s']:>7.2f}{r['prompt_tokens_per_s']:>14.1f}{r['first_token_s']:>13.1f}"
               f"{r['resent_first_token_s']:>11.2f}{fmt(r.get('engine_4'), '.2f'):>10}{fmt(r.get('engine_8'), '.2f'):>10}")
@@ -818,12 +827,15 @@ def release_child(directory: str, form: str, group_size: int, stage: str) -> dic
         model, _, seconds, peak = loaded(["--ckpt", converted])
         return {"map_s": seconds, "map_peak_anon_bytes": peak} | release_speed(model)
     model, tokenizer, seconds, peak = loaded(release_flags(directory, form, group_size))
+    row = {"form": form, "group_size": group_size if form == "int4" else None, "load_s": seconds,
+           "held_bytes": packed_bytes(model) + sum(t.numel() * t.element_size()
+                                                   for t in [*model.parameters(), *model.buffers()]),
+           "load_peak_anon_bytes": peak, "bytes_per_token": decode_bytes(model)}
+    if form == "fp16":      # fbgemm's packing has no file form (convert.py): timed as loaded
+        return row | release_speed(model)
     t0 = time.perf_counter()
     checkpoints.save_converted(model, tokenizer, form, group_size, converted)
-    return {"form": form, "group_size": group_size if form == "int4" else None, "load_s": seconds,
-            "held_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
-            "load_peak_anon_bytes": peak, "bytes_per_token": decode_bytes(model),
-            "write_s": time.perf_counter() - t0, "converted_bytes": os.path.getsize(converted)}
+    return row | {"write_s": time.perf_counter() - t0, "converted_bytes": os.path.getsize(converted)}
 
 
 def release_speed(model, concurrencies=(4, 8)) -> dict:

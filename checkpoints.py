@@ -525,6 +525,8 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
                 setattr(model.get_submodule(parent), attr, module)
             if merge:
                 give_back_freed()
+        quantize.finish_packing(model)
+        give_back_freed()
     if model.rope_cos.is_meta:
         model.rope_cos, model.rope_sin = rope_tables(p.cfg, device)
     model.requires_grad_(False)
@@ -534,10 +536,11 @@ def fill(p: Plan, device="cpu", dtype=torch.float32, merge: bool = False, quanti
 def decoding_forms(device, dtype: torch.dtype, quantize_to: str | None) -> tuple[str | None, torch.dtype]:
     """How a model that only decodes holds its weights: (the decoder's linear layers' form for quantize.py, the ViT's
     and perceiver's dtype). On a CPU a bf16 model's layers are held as quantize.Bf16Linear (several rows multiplied in
-    fp32) and its ViT and perceiver in fp32: a CPU without bf16 arithmetic (AVX2) runs a bf16 GEMM several times
-    slower than an fp32 one, and those run on hundreds of positions at once."""
-    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
-        return quantize_to or "bf16", torch.float32
+    fp32), a fp16 model's as quantize.Fp16Linear (fbgemm's fp16 GEMM), and their ViT and perceiver in fp32: a CPU
+    without bf16 or fp16 arithmetic (AVX2) runs a GEMM in those several times slower than an fp32 one, and the ViT
+    and perceiver run on hundreds of positions at once."""
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return quantize_to or {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], torch.float32
     return quantize_to, dtype
 
 

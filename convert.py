@@ -24,8 +24,9 @@ def main(argv=None):
                                                       "held as chat.py holds it with the same flags)"))
     args = parser.parse_args(argv)
     if args.dtype not in (None, "bf16") and not (args.int8 or args.int4):
+        why = " (fbgemm packs fp16 layers in memory, at each load, in a layout no file holds)"
         raise SystemExit(f"error: --dtype {args.dtype} alone: a converted file holds the decoder's layers in bf16, "
-                         f"int8 (--int8) or 4 bits (--int4)")
+                         f"int8 (--int8) or 4 bits (--int4)" + (why if args.dtype == "fp16" else ""))
     if args.ckpt and checkpoints.is_converted(args.ckpt):
         raise SystemExit(f"error: {args.ckpt} is converted already: convert from the files it came from")
     args.device = "cpu"

@@ -36,8 +36,8 @@ def add_weight_args(group):
     group.add_argument("--vision", default="ViT-L-14", help="open_clip model name or model-config JSON")
     group.add_argument("--vision-weights", default="openai", help="open_clip pretrained tag or a CLIP weights file")
     group.add_argument("--dtype", choices=tuple(DTYPES),
-                       help="the weights' dtype (default: bf16 on a GPU; on a CPU bf16 for a large model, fp32 for "
-                            "a small one)")
+                       help="the weights' dtype (default: bf16 on a GPU; on a CPU fp32 for a small model, for a "
+                            "large one fp16 on x86 (fbgemm's kernels), else bf16)")
     q = group.add_mutually_exclusive_group()
     q.add_argument("--int8", action="store_true",
                    help="decoder weights in int8 (LoRA merged first; quantize.py): half the memory of bf16")
@@ -85,10 +85,14 @@ def device_of(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fast_of(args, device: str) -> bool:
+def fast_of(args, device: str, model: nn.Module | None = None) -> bool:
     """The fast path (compiled, CUDA graphs) is on by default on a GPU only: on a CPU compiling costs more than
-    it saves."""
-    return args.fast if args.fast is not None else device.startswith("cuda")
+    it saves. Asked for with a model of fbgemm's fp16 layers, it exits: their packed weights cannot be traced."""
+    fast = args.fast if args.fast is not None else device.startswith("cuda")
+    if fast and model is not None and any(isinstance(m, quantize.Fp16Linear) for m in model.modules()):
+        raise SystemExit("error: --fast compiles the decoder as one graph, which fbgemm's packed fp16 layers (--dtype "
+                         "fp16 on a CPU) cannot enter: --no-fast, or --dtype bf16")
+    return fast
 
 
 def train_dtype(device: str) -> torch.dtype:
@@ -97,14 +101,18 @@ def train_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-# Decoding reads every weight once per token: a model past a few hundred MB is bound by those bytes, and bf16 halves
-# them (on a CPU without bf16 instructions too: its GEMV still reads 24-33 GB/s). A small one is bound by the calls,
-# and fp32 skips the conversions bf16 costs on such a CPU.
+# Decoding reads every weight once per token: a model past a few hundred MB is bound by those bytes, and 16-bit
+# weights halve them (on a CPU without 16-bit arithmetic too, each converted to fp32 in registers). On an x86 CPU
+# fp16, as fbgemm's kernels multiply it (quantize.Fp16Linear), also runs a prompt and a batch at the fp32 GEMM's
+# rate. A small model is bound by the calls, and fp32 skips the conversions.
 SMALL_MODEL_BYTES = 1 << 30
 
 
 def dtype_of(args, device: str, parameters: int) -> tuple[torch.dtype, str]:
     """The weights' dtype and why (one line)."""
+    if args.dtype == "fp16" and not device.startswith("cuda") and not quantize.fbgemm_fp16():
+        raise SystemExit("error: --dtype fp16 on a CPU runs fbgemm's fp16 kernels, which this CPU or PyTorch build "
+                         "lacks (an x86 CPU with AVX2 has them): use --dtype bf16")
     if args.dtype:
         return DTYPES[args.dtype], f"dtype {args.dtype} (--dtype)"
     if device.startswith("cuda"):
@@ -113,8 +121,12 @@ def dtype_of(args, device: str, parameters: int) -> tuple[torch.dtype, str]:
     if parameters * 4 < SMALL_MODEL_BYTES:
         return torch.float32, (f"dtype fp32 (the default on a CPU for a small model, {gb:.2f} GB in fp32: its "
                                f"decoding is bound by calls, not bytes; --dtype to choose)")
-    return torch.bfloat16, (f"dtype bf16 (the default on a CPU for a large model, {gb:.1f} GB in fp32: decoding "
-                            f"reads every weight per token, and bf16 reads half the bytes; --dtype to choose)")
+    if args.int8 or getattr(args, "int4", False) or not quantize.fbgemm_fp16():
+        return torch.bfloat16, (f"dtype bf16 (the default on a CPU for a large model, {gb:.1f} GB in fp32: decoding "
+                                f"reads every weight per token, and bf16 reads half the bytes; --dtype to choose)")
+    return torch.float16, (f"dtype fp16 (the default on an x86 CPU for a large model, {gb:.1f} GB in fp32: decoding "
+                           f"reads every weight per token, fp16 reads half the bytes, and fbgemm's fp16 kernels run "
+                           f"prompts at the fp32 GEMM's rate; --dtype to choose)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +153,7 @@ def available_bytes(device: str) -> int:
 
 def weights_bytes(model: nn.Module, device: str, dtype: torch.dtype, quantize_to: str | None, group_size: int) -> int:
     """The bytes a model laid out on the meta device (checkpoints.plan) will hold once loaded: its weights in
-    `dtype` (checkpoints.decoding_forms: on a CPU a bf16 model's ViT and perceiver in fp32), LoRA in fp32 (merged,
+    `dtype` (checkpoints.decoding_forms: on a CPU a 16-bit model's ViT and perceiver in fp32), LoRA in fp32 (merged,
     still held, unless its layer is quantized), quantized layers as quantize.py holds them."""
     total = 0
     quantize_to, vision_dtype = checkpoints.decoding_forms(device, dtype, quantize_to)

@@ -1,4 +1,4 @@
-"""How the decoder's linear weights are held for decoding (chat.py / eval.py / serve.py): bf16, int8 or 4-bit.
+"""How the decoder's linear weights are held for decoding (chat.py / eval.py / serve.py): fp16, bf16, int8 or 4-bit.
 
 Why: decoding one token reads every weight once, so its speed is the bytes read (LLaMA-7B + the cross-attention
 blocks + lm_head: 15.5 GB in bf16, 7.8 in int8, ~4.1 in 4-bit). What is held this way: every linear layer of the
@@ -8,8 +8,11 @@ never trains). The ViT, the perceiver, the embeddings and norms stay as they are
   int8   one scale per output row: row i of W is round(W_i / s_i), s_i = max|W_i| / 127 (off by at most s_i / 2)
   int4   one scale per group of `group_size` inputs: W = (q - 8) * s, q in 0..15, s = max|W_group| / 7
   bf16   (a CPU only) the weight as it is, for the two ways it is multiplied below
+  fp16   (an x86 CPU only) the weight in fp16, packed at load for fbgemm's fp16 GEMM, which PyTorch carries
+         (Fp16Linear): for one row or many, it turns the weights into fp32 in registers, each read once a product
 
-How they are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed for one row:
+How the others are multiplied on a CPU, where no PyTorch kernel reads int8 or int4 weights at the memory's speed for
+one row:
   a few rows (decoding)    a fused kernel that torch.compile writes per layer shape: the codes are loaded as packed
                            32-bit words, each byte / nibble (bf16: each half) masked in place, turned into fp32 and
                            summed against the row in registers, so the weights cross the memory bus once a row, in
@@ -27,6 +30,7 @@ The packed layouts (both keep each output row's codes together, so a layer can b
         block's input b * block/8 + j, so each nibble plane is a contiguous run of inputs within one group
 """
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +54,7 @@ def is_quantized(name: str) -> bool:
 
 def linear_bytes(out_features: int, in_features: int, mode: str, group_size: int = 128, scale_bytes: int = 2) -> int:
     """Bytes a quantized linear layer's weight holds (codes + scales), for sizing memory before loading."""
-    if mode == "bf16":
+    if mode in ("bf16", "fp16"):
         return out_features * in_features * 2
     if mode == "int8":
         return out_features * (_ceil(in_features, 4) + scale_bytes)
@@ -66,6 +70,8 @@ def quantize_linear(linear: nn.Module, mode: str, group_size: int = 128) -> nn.M
         return Int4Linear(linear.weight, linear.bias, group_size)
     if mode == "bf16":
         return Bf16Linear(linear.weight, linear.bias)
+    if mode == "fp16":
+        return Fp16Linear(linear.weight, linear.bias)
     raise ValueError(f"quantization {mode!r}: one of {MODES}")
 
 
@@ -76,6 +82,7 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 128) -> nn.
         if isinstance(m, (nn.Linear, lora.LoRALinear)):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, quantize_linear(m, mode, group_size))
+    finish_packing(model)
     return model
 
 
@@ -158,6 +165,46 @@ class Bf16Linear(PackedLinear):
         x, pieces = x[0], 2 if self.in_features > LONG_INPUTS else 1
         return _compiled(_bf16_row)(x[0::2].contiguous(), x[1::2].contiguous(), self.weight.view(torch.float32),
                                     self.together, pieces)
+
+
+class Fp16Linear(nn.Module):
+    """The weight in fp16, packed for fbgemm's fp16 GEMM (PyTorch's quantized.linear_dynamic_fp16; an x86 CPU with
+    AVX2, see fbgemm_fp16): its micro-kernel turns the weights into fp32 in registers, so one row reads them at the
+    memory's speed and a few or many rows multiply at the fp32 GEMM's rate, with no pass that unpacks W and none
+    that repacks it per call, as MKL's GEMM does (docs/speed.md). fbgemm packs in a scalar loop, ~10 ns a weight:
+    in background threads while loading goes on (_pack_later)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._packed = _pack_later(weight)
+
+    @property
+    def packed(self):
+        """fbgemm's packed weight, waited for."""
+        if isinstance(self._packed, Future):
+            self._packed = self._packed.result()
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def fbgemm_fp16() -> bool:
+    """Whether Fp16Linear runs here: PyTorch's x86 builds carry fbgemm, whose kernels need AVX2."""
+    return ("fbgemm" in torch.backends.quantized.supported_engines
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def finish_packing(model: nn.Module):
+    """Wait for the Fp16Linear layers' packing (an error in it is raised here, while loading)."""
+    for m in model.modules():
+        if isinstance(m, Fp16Linear):
+            m.packed
 
 
 class Int8Linear(PackedLinear):
@@ -331,6 +378,23 @@ def _compiled(fn, dynamic: bool = False):
         _compiled_fns[fn] = torch.compile(fn, dynamic=dynamic,
                                           options={"cpp.enable_floating_point_contract_flag": "fast"})
     return _compiled_fns[fn]
+
+
+def _pack_later(weight: torch.Tensor) -> Future:
+    """fbgemm's packing of weight in a background thread, one per core PyTorch uses: loading reads and merges the
+    next layers meanwhile. At most twice that many wait, each holding its weight (a few layers' worth of memory)."""
+    global _packers, _waiting
+    if _packers is None:
+        threads = torch.get_num_threads()
+        _packers, _waiting = ThreadPoolExecutor(threads, "fbgemm-pack"), threading.BoundedSemaphore(2 * threads)
+    _waiting.acquire()
+    future = _packers.submit(lambda: torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), None))
+    future.add_done_callback(lambda _: _waiting.release())
+    return future
+
+
+_packers: ThreadPoolExecutor | None = None
+_waiting: threading.BoundedSemaphore | None = None
 
 
 def _scratch(n: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """bench.py --tiny: the training and chat rows on a CPU, their figures consistent, and its op count the real one;
 bench.py --serve: serve.py's server under streaming clients, its rows; the answers its clients get, checked here."""
+import copy
 import json
 import os
 import shutil
@@ -116,6 +117,8 @@ def test_decode_bytes_count_the_weights_a_token_reads():
     assert factors > 0 and bench.decode_bytes(model) == 4 * (decoder + factors)
     lora.merge(model)
     assert bench.decode_bytes(model) == 4 * decoder
+    if quantize.fbgemm_fp16():     # fbgemm's packed fp16 layers, which are no tensor of the model: 2 bytes a weight
+        assert bench.decode_bytes(quantize.quantize(copy.deepcopy(model).half(), "fp16")) == 2 * decoder
     quantize.quantize(model)
     int8 = bench.decode_bytes(model)
     assert decoder < int8 < 1.1 * decoder

@@ -118,6 +118,26 @@ def test_int8_chat_answers_as_the_quantized_model_does(files):
     assert isinstance(model.lm_head, quantize.Int8Linear) and model.lm_head.codes.dtype == torch.int32
 
 
+@pytest.mark.skipif(not quantize.fbgemm_fp16(), reason="fbgemm's fp16 kernels need an x86 CPU with AVX2")
+def test_fp16_chat_answers_as_fbgemms_layers_do(files):
+    """chat.py --dtype fp16 on a CPU: the decoder's layers packed for fbgemm's fp16 kernels (the ViT and perceiver in
+    fp32); each token of its greedy answer is that model's full forward's argmax, to fp16's rounding (the cache and
+    the full forward round in different places: a near tie may go either way)."""
+    r = run_chat(files["pic1"], "--ckpt", files["run"], "--dtype", "fp16", "--greedy", "--json", "--max-new-tokens",
+                 "12", "--prompt", Q1)
+    (a1,) = answers(r)
+    model = options.load_model(weight_args("--ckpt", files["run"], "--dtype", "fp16"), "cpu")[0]
+    assert isinstance(model.lm_head, quantize.Fp16Linear) and model.embed_tokens.weight.dtype == torch.float16
+    assert next(model.vision.parameters()).dtype == torch.float32
+    ids = files["tokenizer"].encode(conversation.prompt(conversation.Conversation(files["pic1"], turns((Q1, "")))))
+    images = files["transform"](conversation.load_image(files["pic1"]))[None, None]
+    with torch.no_grad():
+        logits = model(images, torch.tensor([ids + a1["ids"]]))[0, len(ids) - 1:-1].float()
+    assert len(a1["ids"]) == 12
+    chosen = logits.gather(1, torch.tensor(a1["ids"])[:, None])[:, 0]
+    assert ((logits.amax(1) - chosen) <= 2e-3 * logits.abs().amax(1)).all(), (logits.amax(1) - chosen).tolist()
+
+
 def test_piped_rounds_new_picture_and_bad_input(files):
     lines = [Q1, f"/image {files['pic1']}.missing", f"/image {files['broken']}", Q2, "what is <image> here?",
              f"/image {files['pic2']}", Q3]

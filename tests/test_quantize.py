@@ -1,14 +1,18 @@
-"""quantize.py: the decoder's weights held in int8, 4-bit or bf16 for decoding (chat.py / eval.py --int8 / --int4)."""
+"""quantize.py: the decoder's weights held in int8, 4-bit, bf16 or fbgemm's fp16 for decoding (chat.py, eval.py)."""
+import argparse
+
 import pytest
 import torch
 from torch import nn
 
 import lora
+import options
 import quantize
 from conftest import batch_input, full_forward_greedy, lora_model, one_at_a_time
 from engine import Engine, Request, Sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+fbgemm = pytest.mark.skipif(not quantize.fbgemm_fp16(), reason="fbgemm's fp16 kernels need an x86 CPU with AVX2")
 
 
 def test_each_row_is_rounded_to_its_own_scale():
@@ -124,10 +128,15 @@ def test_the_decoder_is_quantized_and_its_logits_barely_move(tokenizer):
     assert 0 < rel < 0.01
 
 
-def test_quantized_cached_decoding_equals_its_full_forward(tokenizer):
-    """The KV cache and the batched decoder run the int8 model as its full forward does."""
-    model = quantize.quantize(lora_model(tokenizer).eval())
+@pytest.mark.parametrize("mode", ["int8", pytest.param("fp16", marks=fbgemm)])
+def test_quantized_cached_decoding_equals_its_full_forward(tokenizer, mode):
+    """The KV cache and the batched decoder run the int8 model (fp16: fbgemm's layers, the rest of the model in fp16
+    as well, as a CPU loads --dtype fp16) as its full forward does."""
+    model = lora_model(tokenizer).eval()
+    model = quantize.quantize(model.half() if mode == "fp16" else model, mode)
     prompts, images = batch_input(tokenizer)
+    if mode == "fp16":
+        images = [None if im is None else im.half() for im in images]
     cached = one_at_a_time(model, tokenizer, prompts, images, eos_id=-1, n=6)
     for p, im, got in zip(prompts, images, cached):
         assert got == full_forward_greedy(model, p, None if im is None else im[None], 6, tokenizer.never_generate)
@@ -161,3 +170,29 @@ def test_the_fast_path_traces_the_one_row_kernels_into_its_step(tokenizer, mode,
     want = [r.tokens for r in Engine(eager, tokenizer, slots=2, eos_id=-1).generate(requests())]
     got = Engine(fast, tokenizer, slots=2, eos_id=-1, fast=True, backend="aot_eager").generate(requests())
     assert [r.tokens for r in got] == want
+
+
+@fbgemm
+@pytest.mark.parametrize("rows", [1, 9, 43])
+def test_fp16_layers_multiply_by_their_fp16_weights(rows):
+    """fbgemm's packed fp16 layer (a decode step, a re-sent round's few rows, a prompt): x @ W.T with W rounded to
+    fp16 once, to fp32 rounding, in the input's dtype; fbgemm's packing gives back exactly those fp16 weights."""
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(300, 1100, generator=g) * 0.05, torch.randn(300, generator=g)
+    m = quantize.Fp16Linear(w, b)
+    assert torch.equal(torch.ops.quantized.linear_unpack_fp16(m.packed)[0], w.half().float())
+    x = torch.randn(rows, 1100, generator=g)
+    torch.testing.assert_close(m(x), x @ w.half().float().T + b, atol=2e-5, rtol=1e-5)
+    assert m(x.half()).dtype == torch.float16 and m(x[None]).shape == (1, rows, 300)
+    assert quantize.linear_bytes(300, 1100, "fp16") == 2 * 300 * 1100
+
+
+@fbgemm
+def test_the_fast_path_refuses_fbgemms_layers(tokenizer):
+    """chat.py / serve.py --fast on a model of fbgemm's layers: one line saying why and what to pass, not a trace
+    from inside the compiler; without --fast on a CPU, eager as always."""
+    model = quantize.quantize(lora_model(tokenizer).eval().half(), "fp16")
+    with pytest.raises(SystemExit, match="--fast compiles the decoder as one graph, which fbgemm's packed fp16 layers"):
+        options.fast_of(argparse.Namespace(fast=True), "cpu", model)
+    assert options.fast_of(argparse.Namespace(fast=None), "cpu", model) is False
+    assert options.fast_of(argparse.Namespace(fast=True), "cpu", quantize.quantize(lora_model(tokenizer).eval()))

@@ -86,6 +86,22 @@ def test_streamed_load_equals_copying_into_a_built_model(release):
         assert isinstance(got.layers[0].mlp.down_proj, quantize.Int4Linear if form == "int4" else quantize.Bf16Linear)
         assert got.state_dict().keys() == want.keys()
         assert all(t.dtype == want[k].dtype and torch.equal(t, want[k]) for k, t in got.state_dict().items())
+    if quantize.fbgemm_fp16():    # fp16 on an x86 CPU: fbgemm packs the merged fp16 weights as they are
+        reference = copied(release, torch.float16)
+        lora.merge(reference)
+        got = checkpoints.fill(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
+                                                release["vision"], release["vision_weights"]), "cpu", torch.float16,
+                               merge=True)[0]
+        layers = {n: m for n, m in got.named_modules() if isinstance(m, quantize.Fp16Linear)}
+        linear = (torch.nn.Linear, lora.LoRALinear)
+        assert len(layers) == len([n for n, m in reference.named_modules()
+                                   if quantize.is_quantized(n) and isinstance(m, linear)]) > 10
+        for n, m in layers.items():
+            weight = reference.get_submodule(n).weight
+            assert torch.equal(torch.ops.quantized.linear_unpack_fp16(m.packed)[0], weight.float()), n
+        want = {k: t for k, t in reference.state_dict().items() if k.rpartition(".")[0] not in layers} | vision
+        assert got.state_dict().keys() == want.keys()
+        assert all(t.dtype == want[k].dtype and torch.equal(t, want[k]) for k, t in got.state_dict().items())
 
 
 # Run in a process of its own: its anonymous memory (what the kernel cannot drop, unlike the mapped files' pages)
@@ -103,16 +119,17 @@ if sys.argv[1] == "converted":
     model = checkpoints.fill(p)[0]
 else:
     p = checkpoints.plan(*sys.argv[2:7])
-    mode = sys.argv[1] if sys.argv[1] != "none" else None
-    weights = options.weights_bytes(p.model, "cpu", torch.bfloat16, mode, 128)
-    model = checkpoints.fill(p, "cpu", torch.bfloat16, merge=True, quantize_to=mode)[0]
+    mode = sys.argv[1] if sys.argv[1] not in ("none", "fp16") else None
+    dtype = torch.float16 if sys.argv[1] == "fp16" else torch.bfloat16
+    weights = options.weights_bytes(p.model, "cpu", dtype, mode, 128)
+    model = checkpoints.fill(p, "cpu", dtype, merge=True, quantize_to=mode)[0]
 print(weights, rss_anon("self"), flush=True)
 """
 
 
 def anon_peak(mode: str, *files: str) -> tuple[int, int, int]:
     """(anonymous memory before loading, its peak while loading, the loaded weights' bytes): the release's files
-    loaded in `mode` (none, int8, int4), or a converted file (mode "converted")."""
+    loaded in `mode` (none: bf16, fp16: fbgemm's packed layers, int8, int4), or a converted file (mode "converted")."""
     child = subprocess.Popen([sys.executable, "-c", LOADER, mode, *files], cwd=ROOT, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     base = int(child.stdout.readline())
@@ -131,14 +148,16 @@ def anon_peak(mode: str, *files: str) -> tuple[int, int, int]:
     return base, max(peak, end), weights
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["none", "int8", "int4",
+                                  pytest.param("fp16", marks=pytest.mark.skipif(not quantize.fbgemm_fp16(),
+                                                                                reason="no fbgemm"))])
 def test_loading_takes_the_memory_of_the_weights(release, mode):
     base, peak, weights = anon_peak(mode, *(release[k] for k in ("llama", "openflamingo", "lora", "vision",
                                                                  "vision_weights")))
     bf16 = options.weights_bytes(checkpoints.plan(release["llama"], release["openflamingo"], release["lora"],
                                                   release["vision"], release["vision_weights"]).model,
                                  "cpu", torch.bfloat16, None, 128)
-    assert weights < bf16 if mode != "none" else weights == bf16
+    assert weights < bf16 if mode in ("int8", "int4") else weights == bf16
     assert bf16 > 200e6         # large enough for the margin to be measured
     # The chosen form's bytes and the margin the issue allows loading bf16 (0.3 of its bytes): never a full bf16
     # copy beside the quantized one.
@@ -196,14 +215,25 @@ def test_the_cache_is_sized_to_the_memory_left(release, capsys):
         options.cache_slots(model, tight, 1)
 
 
-def test_default_dtype_follows_the_size():
-    args = argparse.Namespace(dtype=None)
+def test_default_dtype_follows_the_size_and_the_cpu(monkeypatch):
+    """On a CPU: fp32 for a small model; for a large one fp16 where fbgemm's kernels run (an x86 CPU with AVX2),
+    bf16 where they do not and beside --int8 / --int4 (whose several-row kernel takes bf16); bf16 on a GPU."""
+    args = argparse.Namespace(dtype=None, int8=False, int4=False)
     seven_b = sum(t.numel() for t in mmgpt.build(mmgpt.config("7b"), "meta").parameters())
-    assert options.dtype_of(args, "cpu", seven_b)[0] == torch.bfloat16
+    monkeypatch.setattr(quantize, "fbgemm_fp16", lambda: True)
+    dtype, why = options.dtype_of(args, "cpu", seven_b)
+    assert dtype == torch.float16 and why.startswith("dtype fp16 (the default on an x86 CPU for a large model, 32.9 GB")
     assert options.dtype_of(args, "cpu", 30_000_000)[0] == torch.float32
     assert options.dtype_of(args, "cuda", 30_000_000)[0] == torch.bfloat16
+    assert options.dtype_of(argparse.Namespace(dtype=None, int8=False, int4=True), "cpu", seven_b)[0] == torch.bfloat16
     args.dtype = "fp16"
     assert options.dtype_of(args, "cpu", seven_b) == (torch.float16, "dtype fp16 (--dtype)")
+    monkeypatch.setattr(quantize, "fbgemm_fp16", lambda: False)
+    with pytest.raises(SystemExit, match="--dtype fp16 on a CPU runs fbgemm's fp16 kernels, which this CPU or"):
+        options.dtype_of(args, "cpu", seven_b)
+    assert options.dtype_of(args, "cuda", seven_b)[0] == torch.float16
+    args.dtype = None
+    assert options.dtype_of(args, "cpu", seven_b)[0] == torch.bfloat16
 
 
 def mapped_ranges(path: str) -> list[tuple[int, int]]:
@@ -261,6 +291,11 @@ def test_a_converted_file_takes_no_memory_of_its_own_and_keeps_its_form(release,
                          capture_output=True, text=True)
     assert run.returncode == 1 and f"error: {out} is converted already" in run.stderr
     assert not os.path.exists(tmp_path / "again.pt")
+    run = subprocess.run([sys.executable, "convert.py", str(tmp_path / "fp16.pt"), "--ckpt", out, "--dtype", "fp16"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1 and "error: --dtype fp16 alone: a converted file holds the decoder's layers in bf16, " \
+        "int8 (--int8) or 4 bits (--int4) (fbgemm packs fp16 layers in memory, at each load" in run.stderr
+    assert not os.path.exists(tmp_path / "fp16.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(out, "rb").read()[: os.path.getsize(out) // 2])
     with pytest.raises(SystemExit, match=f"error: {truncated}: not a readable torch file"):
