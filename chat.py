@@ -243,7 +243,7 @@ def main(argv=None):
         device = options.device_of(args)
         model, tokenizer, image_transform, memory = options.load_model(args, device)
         slots, max_len = options.cache_slots(model, memory, 1)
-        fast = options.fast_of(args, device, model)
+        fast = options.fast_of(args, device)
         if fast:
             notice("warming up ...: the first answer compiles the decoder (and each new prompt length bucket compiles "
                    "once more); --no-fast skips it")

@@ -85,14 +85,10 @@ def device_of(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fast_of(args, device: str, model: nn.Module | None = None) -> bool:
+def fast_of(args, device: str) -> bool:
     """The fast path (compiled, CUDA graphs) is on by default on a GPU only: on a CPU compiling costs more than
-    it saves. Asked for with a model of fbgemm's fp16 layers, it exits: their packed weights cannot be traced."""
-    fast = args.fast if args.fast is not None else device.startswith("cuda")
-    if fast and model is not None and any(isinstance(m, quantize.Fp16Linear) for m in model.modules()):
-        raise SystemExit("error: --fast compiles the decoder as one graph, which fbgemm's packed fp16 layers (--dtype "
-                         "fp16 on a CPU) cannot enter: --no-fast, or --dtype bf16")
-    return fast
+    it saves."""
+    return args.fast if args.fast is not None else device.startswith("cuda")
 
 
 def train_dtype(device: str) -> torch.dtype:
@@ -244,6 +240,9 @@ def load_model(args, device: str):
         else:
             dtype, why = dtype_of(args, device, sum(t.numel() for t in p.model.parameters()))
         print(why, file=sys.stderr, flush=True)
+        if getattr(args, "fast", None) and checkpoints.decoding_forms(device, dtype, quantize_to)[0] == "fp16":
+            raise SystemExit("error: --fast compiles the decoder as one graph, which fbgemm's packed fp16 layers "
+                             "(fp16 on a CPU) cannot enter: --no-fast, or --dtype bf16")
         memory = check_memory(p, args, device, dtype, quantize_to)
         model, tokenizer, transform = checkpoints.fill(p, device, dtype, merge=True, quantize_to=quantize_to,
                                                        group_size=args.group_size, progress=True)

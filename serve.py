@@ -649,7 +649,7 @@ def main(argv=None):
         torch.set_num_threads(cpu_threads())
     model, tokenizer, transform, memory = options.load_model(args, device)
     slots, max_len = options.cache_slots(model, memory, args.slots, "--slots")
-    fast = options.fast_of(args, device, model)
+    fast = options.fast_of(args, device)
     engine = Engine(model, tokenizer, slots=slots, max_len=max_len, fast=fast)
     name = args.model_name
     if fast:

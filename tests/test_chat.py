@@ -136,6 +136,11 @@ def test_fp16_chat_answers_as_fbgemms_layers_do(files):
     assert len(a1["ids"]) == 12
     chosen = logits.gather(1, torch.tensor(a1["ids"])[:, None])[:, 0]
     assert ((logits.amax(1) - chosen) <= 2e-3 * logits.abs().amax(1)).all(), (logits.amax(1) - chosen).tolist()
+    # --fast compiles the decoder as one graph, which fbgemm's packed weights cannot enter: refused before loading.
+    r = run_chat(files["pic1"], "--ckpt", files["run"], "--dtype", "fp16", "--fast", "--prompt", Q1)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "dtype fp16 (--dtype)", "error: --fast compiles the decoder as one graph, which fbgemm's packed fp16 layers "
+        "(fp16 on a CPU) cannot enter: --no-fast, or --dtype bf16"]
 
 
 def test_piped_rounds_new_picture_and_bad_input(files):

@@ -1,12 +1,9 @@
 """quantize.py: the decoder's weights held in int8, 4-bit, bf16 or fbgemm's fp16 for decoding (chat.py, eval.py)."""
-import argparse
-
 import pytest
 import torch
 from torch import nn
 
 import lora
-import options
 import quantize
 from conftest import batch_input, full_forward_greedy, lora_model, one_at_a_time
 from engine import Engine, Request, Sampling
@@ -185,14 +182,3 @@ def test_fp16_layers_multiply_by_their_fp16_weights(rows):
     torch.testing.assert_close(m(x), x @ w.half().float().T + b, atol=2e-5, rtol=1e-5)
     assert m(x.half()).dtype == torch.float16 and m(x[None]).shape == (1, rows, 300)
     assert quantize.linear_bytes(300, 1100, "fp16") == 2 * 300 * 1100
-
-
-@fbgemm
-def test_the_fast_path_refuses_fbgemms_layers(tokenizer):
-    """chat.py / serve.py --fast on a model of fbgemm's layers: one line saying why and what to pass, not a trace
-    from inside the compiler; without --fast on a CPU, eager as always."""
-    model = quantize.quantize(lora_model(tokenizer).eval().half(), "fp16")
-    with pytest.raises(SystemExit, match="--fast compiles the decoder as one graph, which fbgemm's packed fp16 layers"):
-        options.fast_of(argparse.Namespace(fast=True), "cpu", model)
-    assert options.fast_of(argparse.Namespace(fast=None), "cpu", model) is False
-    assert options.fast_of(argparse.Namespace(fast=True), "cpu", quantize.quantize(lora_model(tokenizer).eval()))
