@@ -554,7 +554,8 @@ def main():
                                                    "demo: runs/demo), streaming clients at --concurrency")
     ap.add_argument("--release", metavar="DIR", help="only the release on this CPU: the files fake_release.py "
                                                       "wrote in DIR, loaded in each of --forms")
-    ap.add_argument("--forms", default="fp16,bf16,int8,int4", help="with --release: fp16, bf16, int8, int4")
+    ap.add_argument("--forms", default=("fp16," if quantize.fbgemm_fp16() else "") + "bf16,int8,int4",
+                    help="with --release: fp16 (where fbgemm runs: the default), bf16, int8, int4")
     ap.add_argument("--group-size", type=int, default=128, help="with --release: int4's group size")
     ap.add_argument("--keep-converted", action="store_true", help="with --release: keep each form's converted file")
     ap.add_argument("--release-child", metavar="FORM", help=argparse.SUPPRESS)   # one form, in its own process
