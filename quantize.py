@@ -171,8 +171,8 @@ class Fp16Linear(nn.Module):
     """The weight in fp16, packed for fbgemm's fp16 GEMM (PyTorch's quantized.linear_dynamic_fp16; an x86 CPU with
     AVX2, see fbgemm_fp16): its micro-kernel turns the weights into fp32 in registers, so one row reads them at the
     memory's speed and a few or many rows multiply at the fp32 GEMM's rate, with no pass that unpacks W and none
-    that repacks it per call, as MKL's GEMM does (docs/speed.md). fbgemm packs in a scalar loop, ~10 ns a weight:
-    in background threads while loading goes on (_pack_later)."""
+    that repacks it per call, as MKL's GEMM does. fbgemm packs in a slow scalar loop (docs/speed.md): in background
+    threads while loading goes on (_pack_later)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
