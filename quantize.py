@@ -19,7 +19,7 @@ one row:
                            their packed size; a row too long for the L1 cache meets several rows of W per load.
   many rows (prefill)      int8 with bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows' inputs
                            permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
-                           stays in the cache, and each block is multiplied by MKL's fp32 GEMM: an AVX2 CPU has no
+                           stays in the cache, and each block is multiplied by oneDNN's fp32 GEMM: an AVX2 CPU has no
                            bf16 arithmetic, and its fp32 GEMM runs several times faster than a bf16 one.
 On a GPU the weights are unpacked in the matmul's dtype and multiplied by F.linear; compiled (chat.py's fast path),
 inductor fuses the unpacking into the matmul's loads.
@@ -123,15 +123,12 @@ class PackedLinear(nn.Module):
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) fp32 @ W.T, BLOCK_ROWS rows of W at a time unpacked to fp32, each block small enough to stay in
-        the cache between its unpacking and its GEMM. Over 8 rows, x is padded with zero rows to a multiple of 8,
-        the row counts MKL's GEMM runs fastest on (docs/speed.md); fewer rows would lose more than they gain."""
-        rows = len(x)
-        x = F.pad(x, (0, 0, 0, -rows % 8 if rows > 8 else 0))
-        out = torch.empty(self.out_features, x.shape[0])
+        the cache between its unpacking and its product."""
+        out = torch.empty(len(x), self.out_features)
         for start in range(0, self.out_features, BLOCK_ROWS):
             end = min(start + BLOCK_ROWS, self.out_features)
-            torch.mm(self.fp32_rows(start, end), x.T, out=out[start:end])
-        return out.T[:rows]
+            out[:, start:end] = _fp32_product(x, self.fp32_rows(start, end))
+        return out
 
     def fp32_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows start:end of W in fp32, on a CPU (the unpacking compiled: eager, it is a dozen passes)."""
@@ -241,8 +238,11 @@ class Int8Linear(PackedLinear):
 
     @staticmethod
     def unpack(codes, scales, in_features: int, dtype):
-        q = torch.stack([(codes << (24 - 8 * b)) >> 24 for b in range(4)], dim=1)
-        return q.flatten(1)[:, :in_features].to(dtype) * scales[:, None].to(dtype)
+        """Each byte turned into dtype and scaled before the four are stacked: compiled, that is one pass that
+        writes W (stacking the integer bytes first costs a second pass, over an int32 copy)."""
+        s = scales[:, None].to(dtype)
+        q = torch.stack([((codes << (24 - 8 * b)) >> 24).to(dtype) * s for b in range(4)], dim=1)
+        return q.flatten(1)[:, :in_features]
 
     def one_row(self, x):
         """x (1, in_features) fp32 -> (1, out_features) fp32, on a CPU."""
@@ -283,8 +283,13 @@ class Int4Linear(PackedLinear):
 
     @staticmethod
     def unpack(codes, scales, in_features: int, dtype):
-        q = torch.stack([(codes >> (4 * b)) & 15 for b in range(8)], dim=2).view(*scales.shape, -1)
-        return ((q.to(dtype) - 8) * scales[..., None].to(dtype)).flatten(1)[:, :in_features]
+        """As Int8Linear.unpack: each nibble plane turned into dtype and scaled (by its group's scale) before the
+        eight are stacked."""
+        rows, blocks, _ = codes.shape
+        s = scales.to(dtype).view(rows, blocks, -1, 1)          # (rows, blocks, groups per block, 1)
+        groups = s.shape[2]
+        planes = [(((codes >> (4 * b)) & 15).to(dtype) - 8) * s[:, :, b * groups // 8] for b in range(8)]
+        return torch.stack(planes, dim=2).flatten(1)[:, :in_features]
 
     def one_row(self, x):
         blocks, n = self.codes.shape[1:]
@@ -395,6 +400,17 @@ def _pack_later(weight: torch.Tensor) -> Future:
 
 _packers: ThreadPoolExecutor | None = None
 _waiting: threading.BoundedSemaphore | None = None
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()     # asked once: the compiled decode step cannot ask
+
+
+def _fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in fp32 on a CPU: oneDNN's, where PyTorch carries it, runs a few to a hundred rows by a block 10-25%
+    faster than MKL's GEMM (F.linear's) and needs no padding of the rows to a multiple of 8 (docs/speed.md)."""
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
 
 
 def _scratch(n: int) -> torch.Tensor:

@@ -47,8 +47,8 @@ def test_each_group_is_rounded_to_its_own_scale(group_size):
 @pytest.mark.parametrize("mode,group_size", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("bf16", 0)])
 def test_packed_products_equal_the_unpacked_weights(mode, group_size):
     """A layer big enough for the compiled one-row kernel (a decode step, and row by row up to one_row_max rows) and
-    the unpacked blocks (a prefill, its rows padded to a multiple of 8): each equals x @ W.T with W the layer's own
-    unpacked weights, to fp32 rounding."""
+    the unpacked blocks (a prefill: compiled unpacking, oneDNN's product): each equals x @ W.T with W the layer's own
+    unpacked weights (eager), to fp32 rounding."""
     g = torch.Generator().manual_seed(2)
     lin = nn.Linear(1100, 1000)
     with torch.no_grad():
