@@ -67,6 +67,19 @@ def test_packed_products_equal_the_unpacked_weights(mode, group_size):
         t.numel() * t.element_size() for n, t in m.named_buffers() if n != "bias")
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_blocks_multiply_through_onednn_or_without_it(onednn, monkeypatch):
+    """The several-row product, block by block: through oneDNN where PyTorch carries it, F.linear where not (an
+    ARM build without it); either gives x @ W.T, for row counts that are no multiple of 8 and a last short block."""
+    monkeypatch.setattr(quantize, "_ONEDNN", onednn)
+    g = torch.Generator().manual_seed(5)
+    m = quantize.Bf16Linear((torch.randn(quantize.BLOCK_ROWS + 3, 1024, generator=g) * 0.05).bfloat16())
+    w = m.unpacked(0, m.out_features, torch.float32)
+    for rows in (5, 13):
+        x = torch.randn(rows, 1024, generator=g)
+        torch.testing.assert_close(m.blocks(x), x @ w.T, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_long_rows_meet_several_weight_rows_at_once(mode):
     """Inputs longer than LONG_INPUTS (LLaMA's down projection: 11,008): the one-row kernel takes several rows of W
