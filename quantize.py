@@ -17,8 +17,8 @@ one row:
                            32-bit words, each byte / nibble (bf16: each half) masked in place, turned into fp32 and
                            summed against the row in registers, so the weights cross the memory bus once a row, in
                            their packed size; a row too long for the L1 cache meets several rows of W per load.
-  many rows (prefill)      int8 with bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows' inputs
-                           permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
+  many rows (prefill)      int8 with up to 32 bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows'
+                           inputs permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
                            stays in the cache, and each block is multiplied by oneDNN's fp32 GEMM: an AVX2 CPU has no
                            bf16 arithmetic, and its fp32 GEMM runs several times faster than a bf16 one.
 On a GPU the weights are unpacked in the matmul's dtype and multiplied by F.linear; compiled (chat.py's fast path),
@@ -206,6 +206,7 @@ def finish_packing(model: nn.Module):
 
 class Int8Linear(PackedLinear):
     """Symmetric int8 with one scale per output row (scales in the original weight's dtype)."""
+    pack_rows_max = 32  # bf16 rows up to this many go through PyTorch's int8 kernel (cpu_product), more in blocks
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(weight, bias)
@@ -225,10 +226,11 @@ class Int8Linear(PackedLinear):
             self.scales[start:start + len(w)] = scales
 
     def cpu_product(self, rows):
-        """Several bf16 rows (a prefill, a batch): PyTorch's int8 x bf16 kernel reads the codes as they are packed,
-        once, if the rows' inputs come in the packed order (input b * in/4 + j at 4j + b): several times faster
-        than unpacking blocks to fp32. One row, or fp32 rows (for which that kernel is slow): the base's ways."""
-        if rows.dtype != torch.bfloat16 or len(rows) == 1 or self.in_features % 4:
+        """A few bf16 rows (a short prefill, a batch): PyTorch's int8 x bf16 kernel reads the codes as they are
+        packed, if the rows' inputs come in the packed order (input b * in/4 + j at 4j + b): faster than unpacking
+        blocks to fp32 up to pack_rows_max rows (its time grows with the rows, 4 at a time; the blocks' GEMM less).
+        One row, more rows, or fp32 rows (for which that kernel is slow): the base's ways."""
+        if rows.dtype != torch.bfloat16 or not 1 < len(rows) <= self.pack_rows_max or self.in_features % 4:
             return super().cpu_product(rows)
         if len(rows) % 4 == 1 and self.fused:   # that kernel takes rows 4 at a time: a lone last row costs a pass
             return torch.cat([self.cpu_product(rows[:-1]), self.one_row(rows[-1:].float()).to(rows.dtype)])

@@ -117,6 +117,20 @@ def test_int8_several_bf16_rows_go_through_pytorchs_kernel_in_the_packed_order(s
         assert torch.equal(got.view(-1, 1024)[-1], rows.view(-1, 1024)[-1])
 
 
+def test_int8_many_bf16_rows_go_through_the_blocks(monkeypatch):
+    """Past pack_rows_max bf16 rows (a long prefill), PyTorch's int8 kernel, whose time grows with the rows, gives way
+    to the unpacked blocks; up to it, the blocks are not used. Either gives x @ W.T."""
+    g = torch.Generator().manual_seed(6)
+    m = quantize.Int8Linear((torch.randn(512, 1024, generator=g) * 0.05).bfloat16())
+    deq, calls = m.unpacked(0, 512, torch.float32), []
+    blocks = quantize.PackedLinear.blocks
+    monkeypatch.setattr(quantize.PackedLinear, "blocks", lambda self, x: calls.append(len(x)) or blocks(self, x))
+    for n in (m.pack_rows_max, m.pack_rows_max + 1):
+        x = torch.randn(n, 1024, generator=g).bfloat16()
+        torch.testing.assert_close(m(x).float(), x.float() @ deq.T, atol=2e-2, rtol=1e-2)
+    assert calls == [m.pack_rows_max + 1]
+
+
 def test_the_decoder_is_quantized_and_its_logits_barely_move(tokenizer):
     """LoRA merged, then every linear layer of the decoder (self-attention, MLP, cross-attention blocks) and
     lm_head in int8; the ViT and the perceiver untouched; the logits within 1% (relative) of the merged model's."""
