@@ -117,7 +117,10 @@ def dtype_of(args, device: str, parameters: int) -> tuple[torch.dtype, str]:
     if parameters * 4 < SMALL_MODEL_BYTES:
         return torch.float32, (f"dtype fp32 (the default on a CPU for a small model, {gb:.2f} GB in fp32: its "
                                f"decoding is bound by calls, not bytes; --dtype to choose)")
-    if args.int8 or getattr(args, "int4", False) or not quantize.fbgemm_fp16():
+    if args.int8 or getattr(args, "int4", False):
+        return torch.bfloat16, ("dtype bf16 for what is not quantized (the default beside --int8 / --int4 on a CPU: "
+                                "their several-row kernels take bf16 rows; --dtype to choose)")
+    if not quantize.fbgemm_fp16():
         return torch.bfloat16, (f"dtype bf16 (the default on a CPU for a large model, {gb:.1f} GB in fp32: decoding "
                                 f"reads every weight per token, and bf16 reads half the bytes; --dtype to choose)")
     return torch.float16, (f"dtype fp16 (the default on an x86 CPU for a large model, {gb:.1f} GB in fp32: decoding "
