@@ -408,8 +408,8 @@ _ONEDNN = torch.backends.mkldnn.is_available()     # asked once: the compiled de
 
 
 def _fp32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T in fp32 on a CPU: oneDNN's, where PyTorch carries it, runs a few to a hundred rows by a block 10-25%
-    faster than MKL's GEMM (F.linear's) and needs no padding of the rows to a multiple of 8 (docs/speed.md)."""
+    """x @ w.T in fp32 on a CPU: oneDNN's, where PyTorch carries it, beat MKL's GEMM (F.linear's) at most row
+    counts from a few to a hundred, and needs no padding of the rows to a multiple of 8 (docs/speed.md)."""
     if _ONEDNN:
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
