@@ -17,10 +17,11 @@ one row:
                            32-bit words, each byte / nibble (bf16: each half) masked in place, turned into fp32 and
                            summed against the row in registers, so the weights cross the memory bus once a row, in
                            their packed size; a row too long for the L1 cache meets several rows of W per load.
-  many rows (prefill)      int8 with up to 32 bf16 rows: PyTorch's _weight_int8pack_mm on the packed codes, the rows'
-                           inputs permuted to their order. Otherwise blocks of rows are unpacked into an fp32 buffer that
-                           stays in the cache, and each block is multiplied by oneDNN's fp32 GEMM: an AVX2 CPU has no
-                           bf16 arithmetic, and its fp32 GEMM runs several times faster than a bf16 one.
+  many rows (prefill)      int8 with a few bf16 rows (Int8Linear.pack_rows_max): PyTorch's _weight_int8pack_mm on the
+                           packed codes, the rows' inputs permuted to their order. Otherwise blocks of rows are
+                           unpacked into an fp32 buffer that stays in the cache, and each block is multiplied by
+                           oneDNN's fp32 GEMM: an AVX2 CPU has no bf16 arithmetic, and its fp32 GEMM runs several times
+                           faster than a bf16 one.
 On a GPU the weights are unpacked in the matmul's dtype and multiplied by F.linear; compiled (chat.py's fast path),
 inductor fuses the unpacking into the matmul's loads.
 
